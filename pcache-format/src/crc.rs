@@ -1,0 +1,147 @@
+//! The RFC v1 CRC (spec §2.4).
+//!
+//! Every RFC checksum is the kernel's `crc32(seed, buf, len)` with seed 0:
+//! the reflected CRC-32 polynomial `0x04C11DB7`, a register that starts at
+//! zero and no final inversion. It is neither the zlib CRC (which starts at
+//! `0xFFFFFFFF` and inverts) nor JAMCRC. One consequence matters for
+//! recovery: the CRC of an all-zero buffer is zero, so an all-zero record
+//! passes its CRC check and only semantic checks can tell it means nothing.
+//!
+//! ```
+//! assert_eq!(pcache_format::crc::crc32(b"123456789"), 0x2DFD_2D88);
+//! assert_eq!(pcache_format::crc::crc32(&[0u8; 4096]), 0);
+//! ```
+
+use crc::{Algorithm, Crc, Table};
+
+/// The RFC CRC as a `crc` crate algorithm.
+pub const PCACHE_CRC32: Algorithm<u32> = Algorithm {
+    width: 32,
+    poly: 0x04C1_1DB7,
+    init: 0,
+    refin: true,
+    refout: true,
+    xorout: 0,
+    check: 0x2DFD_2D88,
+    residue: 0,
+};
+
+/// Slice-by-16 tables: data CRCs cover up to 4 MiB per key.
+static CRC: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&PCACHE_CRC32);
+
+/// CRC of `data`.
+pub fn crc32(data: &[u8]) -> u32 {
+    CRC.checksum(data)
+}
+
+/// A CRC computed over several pieces, equal to [`crc32`] of their
+/// concatenation.
+#[derive(Clone)]
+pub struct Crc32 {
+    digest: crc::Digest<'static, u32, Table<16>>,
+}
+
+impl core::fmt::Debug for Crc32 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Crc32").finish_non_exhaustive()
+    }
+}
+
+impl Default for Crc32 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Crc32 {
+    /// An empty CRC.
+    pub fn new() -> Self {
+        Self { digest: CRC.digest() }
+    }
+
+    /// Adds `data`.
+    pub fn update(&mut self, data: &[u8]) {
+        self.digest.update(data);
+    }
+
+    /// The CRC of everything added.
+    pub fn finish(self) -> u32 {
+        self.digest.finalize()
+    }
+}
+
+/// CRC of a metadata record copy: every byte after the 4-byte CRC field.
+/// Copies shorter than the field hash to zero.
+pub fn meta_crc(copy: &[u8]) -> u32 {
+    crc32(copy.get(4..).unwrap_or(&[]))
+}
+
+/// Stored CRC field (the first 4 bytes, little-endian) of a record copy, or
+/// `None` if the copy is shorter than 4 bytes.
+pub fn stored_crc(copy: &[u8]) -> Option<u32> {
+    let b = copy.get(..4)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Computes the CRC of `copy` (all bytes after the CRC field) and stores it
+/// in the first 4 bytes. Does nothing on a copy shorter than 4 bytes.
+pub fn seal(copy: &mut [u8]) {
+    let crc = meta_crc(copy);
+    if let Some(field) = copy.get_mut(..4) {
+        field.copy_from_slice(&crc.to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_value() {
+        assert_eq!(crc32(b"123456789"), 0x2DFD_2D88);
+    }
+
+    #[test]
+    fn zeros_hash_to_zero() {
+        // Spec §5 example 5: data CRC of 4096 zero bytes.
+        assert_eq!(crc32(&[0u8; 4096]), 0);
+    }
+
+    #[test]
+    fn identity_with_zlib_crc() {
+        // rfc_crc(d) = zlib(d) ^ zlib(zeros(len(d))), with zlib computed here
+        // by the catalog's ISO-HDLC algorithm.
+        let zlib = Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+        let data = b"pcache persistent memory cache";
+        let zeros = [0u8; 30];
+        assert_eq!(crc32(data), zlib.checksum(data) ^ zlib.checksum(&zeros));
+    }
+
+    #[test]
+    fn pieces_equal_whole() {
+        let data: [u8; 100] = core::array::from_fn(|i| (i * 7) as u8);
+        let mut c = Crc32::new();
+        c.update(&data[..33]);
+        c.update(&data[33..]);
+        assert_eq!(c.finish(), crc32(&data));
+    }
+
+    #[test]
+    fn seal_then_verify() {
+        let mut rec = [0u8; 16];
+        rec[4] = 1;
+        seal(&mut rec);
+        assert_eq!(stored_crc(&rec), Some(meta_crc(&rec)));
+        // Spec §5 example 2: tail {seq 1, cache_seg_id 0, seg_off 0}.
+        assert_eq!(stored_crc(&rec), Some(0x9BA5_4C6F));
+    }
+
+    #[test]
+    fn short_copies_do_not_panic() {
+        assert_eq!(meta_crc(&[1, 2, 3]), 0);
+        assert_eq!(stored_crc(&[1, 2, 3]), None);
+        let mut short = [1u8, 2];
+        seal(&mut short);
+        assert_eq!(short, [1, 2]);
+    }
+}

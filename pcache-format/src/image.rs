@@ -1,0 +1,685 @@
+//! A read-only scan of a whole device: what `pcache inspect` shows and what
+//! `pcache check` verifies.
+//!
+//! The scan never stops at the first problem: it records each one as a
+//! [`Finding`] with where it is, and goes on with whatever can still be read.
+//! Findings are *problems* (the image is damaged or inconsistent) or *notes*
+//! (something a crash leaves behind and recovery handles, such as a torn copy
+//! that was not the current one, or a kset torn at the end of the log).
+
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::backing::BackingDevInfo;
+use crate::consts::{META_ENTRIES, SB_OFF, SB_SIZE};
+use crate::ctrl::CachePos;
+use crate::error::{Error, ErrorKind, Record};
+use crate::kset::{Key, KsetRecord};
+use crate::layout::Layout;
+use crate::media::{
+    ChainWalk, KsetBuf, Pair, ReadError, ReadMedia, Tails, read, read_backing, read_gen, read_kset,
+    read_meta_segment_info, read_tails,
+};
+use crate::meta::{CopyInfo, MetaRecord};
+use crate::segment::MetaSegmentInfo;
+use crate::superblock::Superblock;
+
+/// What to scan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanOptions {
+    /// Walk every cache's key log from its key tail.
+    pub walk_logs: bool,
+    /// Verify the data CRC of every live key of caches that keep them.
+    pub verify_data: bool,
+}
+
+impl Default for ScanOptions {
+    fn default() -> Self {
+        Self { walk_logs: true, verify_data: true }
+    }
+}
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// Left by a crash and handled by recovery; nothing is lost.
+    Note,
+    /// The image is damaged or inconsistent.
+    Problem,
+}
+
+/// Where a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// The device as a whole.
+    Device,
+    /// The superblock.
+    Superblock,
+    /// The meta segment's info.
+    MetaSegment,
+    /// A backing-table entry.
+    Backing {
+        /// Entry id.
+        id: u32,
+    },
+    /// A segment of a cache's chain.
+    Segment {
+        /// Backing-table entry id.
+        backing: u32,
+        /// Cache segment index.
+        cache_seg: u32,
+        /// Device segment number.
+        dev_seg: u32,
+    },
+    /// A position in a cache's key log.
+    Log {
+        /// Backing-table entry id.
+        backing: u32,
+        /// Cache segment index.
+        cache_seg: u32,
+        /// Offset in the segment's data area.
+        seg_off: u32,
+    },
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Location::Device => f.write_str("device"),
+            Location::Superblock => f.write_str("superblock"),
+            Location::MetaSegment => f.write_str("meta segment"),
+            Location::Backing { id } => write!(f, "backing {id}"),
+            Location::Segment { backing, cache_seg, dev_seg } => {
+                write!(f, "backing {backing}, cache segment {cache_seg} (device segment {dev_seg})")
+            }
+            Location::Log { backing, cache_seg, seg_off } => {
+                write!(f, "backing {backing}, key log at segment {cache_seg} offset {seg_off:#x}")
+            }
+        }
+    }
+}
+
+/// What a finding is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issue {
+    /// A record failed to decode.
+    Record(Error),
+    /// The device failed to read.
+    Media(String),
+    /// A segment belongs to two chains.
+    SegmentShared {
+        /// The other backing entry whose chain holds it.
+        other: u32,
+    },
+    /// The last segment of a chain links on to another one.
+    ChainTooLong {
+        /// The segment it links to.
+        next: u32,
+    },
+    /// A running entry's cache does not fit the device.
+    CacheTooLarge {
+        /// Its first segment.
+        seg_id: u32,
+        /// Its number of segments.
+        n_segs: u32,
+        /// Segments of the device.
+        seg_num: u16,
+    },
+    /// Two running entries name the same backing path.
+    PathShared {
+        /// The other entry.
+        other: u32,
+    },
+    /// A LAST kset leads back to a segment the log already went through.
+    LogLoop {
+        /// The segment it names.
+        next: u32,
+    },
+    /// The log has a record without the kset magic where a kset or a
+    /// terminator must be.
+    LogGarbage {
+        /// The magic found.
+        magic: u64,
+    },
+    /// The dirty tail is not on the log that starts at the key tail.
+    DirtyTailNotInLog {
+        /// The dirty tail.
+        seg: u32,
+        /// Its offset.
+        off: u32,
+    },
+    /// A key claims a newer generation than its segment has.
+    KeyFromFuture {
+        /// Index of the key in its kset.
+        key: u32,
+        /// The key's `seg_gen`.
+        key_gen: u64,
+        /// The segment's generation.
+        seg_gen: u64,
+    },
+    /// A key's data does not match its CRC.
+    DataCrc {
+        /// Index of the key in its kset.
+        key: u32,
+        /// The CRC in the key.
+        stored: u32,
+        /// The CRC of the cached data.
+        computed: u32,
+    },
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Issue::Record(e) => e.fmt(f),
+            Issue::Media(e) => write!(f, "read error: {e}"),
+            Issue::SegmentShared { other } => write!(f, "segment also belongs to the chain of backing {other}"),
+            Issue::ChainTooLong { next } => write!(f, "chain links on to segment {next} past its n_segs segments"),
+            Issue::CacheTooLarge { seg_id, n_segs, seg_num } => {
+                write!(
+                    f,
+                    "cache of {n_segs} segments from segment {seg_id} does not fit a device of {seg_num} segments"
+                )
+            }
+            Issue::PathShared { other } => write!(f, "same backing path as backing {other}"),
+            Issue::LogLoop { next } => write!(f, "LAST kset leads back to segment {next}, already in the log"),
+            Issue::LogGarbage { magic } => {
+                write!(f, "no kset and no terminator where the log continues (magic {magic:#018x})")
+            }
+            Issue::DirtyTailNotInLog { seg, off } => {
+                write!(f, "dirty tail (segment {seg} offset {off:#x}) is not on the log from the key tail")
+            }
+            Issue::KeyFromFuture { key, key_gen, seg_gen } => {
+                write!(f, "key {key} has generation {key_gen}, newer than its segment's {seg_gen}")
+            }
+            Issue::DataCrc { key, stored, computed } => {
+                write!(f, "key {key}: data CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")
+            }
+        }
+    }
+}
+
+/// One thing the scan found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Problem or note.
+    pub severity: Severity,
+    /// Where.
+    pub location: Location,
+    /// What.
+    pub issue: Issue,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.issue)
+    }
+}
+
+/// The superblock as found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuperblockReport {
+    /// The struct as stored, if the device is large enough to hold one.
+    pub raw: Option<Superblock>,
+    /// The CRC computed over the superblock area.
+    pub computed_crc: u32,
+    /// Why the superblock is unusable, if it is.
+    pub error: Option<Error>,
+}
+
+impl SuperblockReport {
+    /// Whether the stored CRC matches the area.
+    pub fn crc_ok(&self) -> bool {
+        self.raw.is_some_and(|sb| sb.crc.get() == self.computed_crc)
+    }
+}
+
+/// One segment of a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentReport {
+    /// Device segment number.
+    pub dev_seg: u32,
+    /// The copies of its segment info.
+    pub info_copies: [CopyInfo; 2],
+    /// Its generation, if readable.
+    pub gen_: Option<u64>,
+}
+
+/// What a walk of a key log found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogReport {
+    /// Ksets with keys.
+    pub ksets: u64,
+    /// LAST ksets.
+    pub last_ksets: u64,
+    /// Keys in those ksets, every one counted (later keys may overwrite
+    /// earlier ones).
+    pub keys: u64,
+    /// Of those, keys without CLEAN (and not stale).
+    pub dirty_keys: u64,
+    /// Of those, CLEAN keys (and not stale).
+    pub clean_keys: u64,
+    /// Keys whose segment was reclaimed since (older generation).
+    pub stale_keys: u64,
+    /// Where the log ends (the next kset goes there): segment and offset.
+    pub end: (u32, u32),
+    /// Whether the dirty tail was met on the way.
+    pub dirty_tail_reached: bool,
+}
+
+/// A backing-table entry in use and its cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingReport {
+    /// Entry id.
+    pub id: u32,
+    /// Which copy is current.
+    pub copy: u8,
+    /// Both copies.
+    pub copies: [CopyInfo; 2],
+    /// The entry.
+    pub info: BackingDevInfo,
+    /// The chain, as far as it could be read, in cache-segment order.
+    pub chain: Vec<SegmentReport>,
+    /// Whether all `n_segs` segments were read.
+    pub chain_complete: bool,
+    /// The key tail, if readable.
+    pub key_tail: Option<CachePos>,
+    /// The dirty tail, if readable.
+    pub dirty_tail: Option<CachePos>,
+    /// The key log, if walked.
+    pub log: Option<LogReport>,
+}
+
+/// Everything a scan found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Size of the device.
+    pub device_size: u64,
+    /// The superblock.
+    pub superblock: SuperblockReport,
+    /// The layout, if the superblock gave a usable `seg_num`.
+    pub layout: Option<Layout>,
+    /// The meta segment's info, if the scan got that far.
+    pub meta: Option<Pair<MetaSegmentInfo>>,
+    /// Entries in use.
+    pub backings: Vec<BackingReport>,
+    /// Problems and notes, in the order found.
+    pub findings: Vec<Finding>,
+}
+
+impl Report {
+    /// Number of problems (notes are not problems).
+    pub fn problems(&self) -> usize {
+        self.findings.iter().filter(|f| f.severity == Severity::Problem).count()
+    }
+
+    /// Whether the superblock is valid.
+    pub fn superblock_ok(&self) -> bool {
+        self.superblock.error.is_none()
+    }
+}
+
+struct Scanner<'m, M: ReadMedia + ?Sized> {
+    m: &'m M,
+    opts: ScanOptions,
+    findings: Vec<Finding>,
+}
+
+impl<M: ReadMedia + ?Sized> Scanner<'_, M> {
+    fn push(&mut self, severity: Severity, location: Location, issue: Issue) {
+        self.findings.push(Finding { severity, location, issue });
+    }
+
+    fn problem(&mut self, location: Location, issue: Issue) {
+        self.push(Severity::Problem, location, issue);
+    }
+
+    fn read_error(&mut self, location: Location, e: ReadError<M::Error>) {
+        let issue = match e {
+            ReadError::Format(e) => Issue::Record(e),
+            media => Issue::Media(media.to_string()),
+        };
+        self.problem(location, issue);
+    }
+
+    /// Notes a copy that is not the current one and has a bad CRC.
+    fn stale_copies<R: MetaRecord>(&mut self, location: Location, pair: &Pair<R>) {
+        let Ok(latest) = &pair.latest else { return };
+        for (i, c) in pair.copies.iter().enumerate() {
+            if i != usize::from(latest.copy) && !c.crc_ok() {
+                let e = Error::new(R::RECORD, ErrorKind::BadCrc { stored: c.stored_crc, computed: c.computed_crc });
+                self.push(Severity::Note, location, Issue::Record(e.in_copy(i as u8)));
+            }
+        }
+    }
+}
+
+/// Scans a device.
+///
+/// ```
+/// use pcache_format::image::{scan, ScanOptions};
+/// use pcache_format::Superblock;
+/// // A sparse picture of a fresh 512 MiB format: superblock, zeroed segment 0.
+/// let mut img = vec![0u8; 32 << 20];
+/// img[4096..8192].copy_from_slice(&Superblock::encode_area(1));
+/// let report = scan(&img[..], ScanOptions::default());
+/// assert!(report.superblock_ok());
+/// // Segment 0 is all zeros: its info copies have valid CRCs but no meaning.
+/// assert_eq!(report.problems(), 1);
+/// ```
+pub fn scan<M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions) -> Report {
+    let mut s = Scanner { m, opts, findings: Vec::new() };
+    let mut report = Report {
+        device_size: m.size(),
+        superblock: SuperblockReport { raw: None, computed_crc: 0, error: None },
+        layout: None,
+        meta: None,
+        backings: Vec::new(),
+        findings: Vec::new(),
+    };
+    report.layout = scan_superblock(&mut s, &mut report.superblock);
+    if let Some(layout) = report.layout {
+        match read_meta_segment_info(m, &layout) {
+            Ok(pair) => {
+                if let Err(e) = pair.latest {
+                    s.problem(Location::MetaSegment, Issue::Record(e));
+                }
+                s.stale_copies(Location::MetaSegment, &pair);
+                report.meta = Some(pair);
+            }
+            Err(e) => s.read_error(Location::MetaSegment, e),
+        }
+        report.backings = scan_backings(&mut s, &layout);
+    }
+    report.findings = s.findings;
+    report
+}
+
+fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, sb: &mut SuperblockReport) -> Option<Layout> {
+    let size = s.m.size();
+    if size < SB_OFF + SB_SIZE as u64 {
+        let e = Error::truncated(Record::Superblock, SB_SIZE, size.saturating_sub(SB_OFF) as usize);
+        sb.error = Some(e);
+        s.problem(Location::Device, Issue::Record(e));
+        return None;
+    }
+    let mut area = vec![0u8; SB_SIZE];
+    if let Err(e) = read(s.m, SB_OFF, &mut area) {
+        s.read_error(Location::Superblock, e);
+        return None;
+    }
+    let raw = Superblock::read(&area).ok()?;
+    sb.raw = Some(raw);
+    sb.computed_crc = Superblock::computed_crc(&area);
+    if let Err(e) = raw.validate(sb.computed_crc) {
+        sb.error = Some(e);
+        s.problem(Location::Superblock, Issue::Record(e));
+        // Without the magic this is no pcache image; with a big-endian one
+        // every other field would be misread. Otherwise show what can be.
+        if matches!(e.kind, ErrorKind::BadMagic { .. } | ErrorKind::BigEndian) {
+            return None;
+        }
+    }
+    match Layout::new(raw.seg_num.get(), size) {
+        Ok(layout) => Some(layout),
+        Err(e) => {
+            if sb.error.is_none() {
+                sb.error = Some(e);
+            }
+            s.problem(Location::Superblock, Issue::Record(e));
+            None
+        }
+    }
+}
+
+fn scan_backings<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, layout: &Layout) -> Vec<BackingReport> {
+    let mut backings: Vec<BackingReport> = Vec::new();
+    // Which backing owns each device segment.
+    let mut owner: Vec<Option<u32>> = vec![None; usize::from(layout.seg_num())];
+    for id in 0..META_ENTRIES {
+        let loc = Location::Backing { id };
+        let pair = match read_backing(s.m, layout, id) {
+            Ok(p) => p,
+            Err(e) => {
+                s.read_error(loc, e);
+                continue;
+            }
+        };
+        let latest = match pair.latest {
+            Ok(l) => l,
+            Err(e) => {
+                s.problem(loc, Issue::Record(e));
+                continue;
+            }
+        };
+        if !latest.record.is_running() {
+            continue;
+        }
+        s.stale_copies(loc, &pair);
+        if let Some(other) = backings.iter().find(|b| b.info.path() == latest.record.path()) {
+            s.problem(loc, Issue::PathShared { other: other.id });
+        }
+        let mut b = BackingReport {
+            id,
+            copy: latest.copy,
+            copies: pair.copies,
+            info: latest.record,
+            chain: Vec::new(),
+            chain_complete: false,
+            key_tail: None,
+            dirty_tail: None,
+            log: None,
+        };
+        scan_cache(s, layout, &mut owner, &mut b);
+        backings.push(b);
+    }
+    backings
+}
+
+fn scan_cache<M: ReadMedia + ?Sized>(
+    s: &mut Scanner<'_, M>,
+    layout: &Layout,
+    owner: &mut [Option<u32>],
+    b: &mut BackingReport,
+) {
+    let ci = b.info.cache_info;
+    let (first, n_segs) = (ci.seg_id.get(), ci.n_segs.get());
+    let loc = Location::Backing { id: b.id };
+    if first == 0 || first >= u32::from(layout.seg_num()) || n_segs >= u32::from(layout.seg_num()) {
+        s.problem(loc, Issue::CacheTooLarge { seg_id: first, n_segs, seg_num: layout.seg_num() });
+        return;
+    }
+    let mut walk = ChainWalk::new(first, n_segs);
+    while let Some(step) = walk.next(s.m, layout) {
+        let step = match step {
+            Ok(step) => step,
+            Err(e) => {
+                let at = Location::Segment { backing: b.id, cache_seg: walk.current_index(), dev_seg: walk.current() };
+                s.read_error(at, e);
+                return;
+            }
+        };
+        let dev_seg = step.dev_seg;
+        let at = Location::Segment { backing: b.id, cache_seg: step.index, dev_seg };
+        let slot = &mut owner[dev_seg as usize];
+        if let Some(other) = *slot {
+            s.problem(at, Issue::SegmentShared { other });
+            return;
+        }
+        *slot = Some(b.id);
+        let info_pair = Pair { copies: step.copies, latest: Ok(step.info) };
+        s.stale_copies(at, &info_pair);
+        let gen_ = match read_gen(s.m, layout, dev_seg) {
+            Ok(pair) => {
+                s.stale_copies(at, &pair);
+                match pair.latest {
+                    Ok(l) => Some(l.record.gen_.get()),
+                    Err(e) => {
+                        s.problem(at, Issue::Record(e));
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                s.read_error(at, e);
+                None
+            }
+        };
+        b.chain.push(SegmentReport { dev_seg, info_copies: step.copies, gen_ });
+    }
+    if let Some(next) = walk.dangling_next() {
+        s.problem(loc, Issue::ChainTooLong { next });
+    }
+    b.chain_complete = b.chain.len() as u32 == n_segs;
+    if !b.chain_complete {
+        return;
+    }
+    let tails = match read_tails(s.m, layout, first, n_segs) {
+        Ok(t) => t,
+        Err(e) => {
+            s.read_error(loc, e);
+            return;
+        }
+    };
+    let Tails { key_tail, dirty_tail } = tails;
+    for pair in [&key_tail, &dirty_tail] {
+        s.stale_copies(loc, pair);
+        match &pair.latest {
+            Ok(_) => {}
+            Err(e) => s.problem(loc, Issue::Record(*e)),
+        }
+    }
+    b.key_tail = key_tail.latest.ok().map(|l| l.record);
+    b.dirty_tail = dirty_tail.latest.ok().map(|l| l.record);
+    if let (true, Some(kt), Some(dt)) = (s.opts.walk_logs, b.key_tail, b.dirty_tail) {
+        b.log = Some(scan_log(s, layout, b, pos(&kt), pos(&dt)));
+    }
+}
+
+fn pos(p: &CachePos) -> (u32, u32) {
+    (p.cache_seg_id.get(), p.seg_off.get())
+}
+
+fn scan_log<M: ReadMedia + ?Sized>(
+    s: &mut Scanner<'_, M>,
+    layout: &Layout,
+    b: &BackingReport,
+    key_tail: (u32, u32),
+    dirty_tail: (u32, u32),
+) -> LogReport {
+    let n_segs = b.chain.len() as u32;
+    let dev_size = b.info.dev_size.get().checked_mul(512).filter(|&s| s > 0).unwrap_or(u64::MAX);
+    let data_crc = b.info.cache_info.data_crc();
+    let mut log = LogReport::default();
+    let mut visited = vec![false; b.chain.len()];
+    let mut buf: KsetBuf = [0; crate::consts::KSET_ONMEDIA_SIZE_MAX];
+    let mut data = Vec::new();
+    let (mut seg, mut off) = key_tail;
+    visited[seg as usize] = true;
+    loop {
+        let at = Location::Log { backing: b.id, cache_seg: seg, seg_off: off };
+        if (seg, off) == dirty_tail {
+            log.dirty_tail_reached = true;
+        }
+        let dev_seg = b.chain[seg as usize].dev_seg;
+        match read_kset(s.m, layout, dev_seg, off, n_segs, &mut buf) {
+            Err(ReadError::Format(e)) if torn_at_log_end(&e) => {
+                s.push(Severity::Note, at, Issue::Record(e));
+                break;
+            }
+            Err(e) => {
+                s.read_error(at, e);
+                break;
+            }
+            Ok(KsetRecord::End { magic: 0 }) => break,
+            Ok(KsetRecord::End { magic }) => {
+                s.problem(at, Issue::LogGarbage { magic });
+                break;
+            }
+            Ok(KsetRecord::Last { next_cache_seg }) => {
+                log.last_ksets += 1;
+                let seen = &mut visited[next_cache_seg as usize];
+                if *seen {
+                    s.problem(at, Issue::LogLoop { next: next_cache_seg });
+                    break;
+                }
+                *seen = true;
+                (seg, off) = (next_cache_seg, 0);
+            }
+            Ok(KsetRecord::Keys { keys }) => {
+                log.ksets += 1;
+                let size = crate::kset::kset_size(keys.len()) as u32;
+                for (i, key) in keys.iter().enumerate() {
+                    scan_key(s, layout, b, &mut log, at, i as u32, key, dev_size, data_crc, &mut data);
+                }
+                off += size;
+            }
+        }
+    }
+    log.end = (seg, off);
+    if !log.dirty_tail_reached {
+        let at = Location::Backing { id: b.id };
+        s.problem(at, Issue::DirtyTailNotInLog { seg: dirty_tail.0, off: dirty_tail.1 });
+    }
+    log
+}
+
+/// Errors a crash can leave at the end of the log: the newest kset half
+/// written (its CRC bad, or its key count not yet stored).
+fn torn_at_log_end(e: &Error) -> bool {
+    e.record == Record::Kset
+        && matches!(e.kind, ErrorKind::BadCrc { .. } | ErrorKind::OutOfRange { field: "key_num", found: 0, .. })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn scan_key<M: ReadMedia + ?Sized>(
+    s: &mut Scanner<'_, M>,
+    layout: &Layout,
+    b: &BackingReport,
+    log: &mut LogReport,
+    at: Location,
+    index: u32,
+    key: &Key,
+    dev_size: u64,
+    data_crc: bool,
+    data: &mut Vec<u8>,
+) {
+    log.keys += 1;
+    if let Err(e) = key.check_in(b.chain.len() as u32, dev_size) {
+        s.problem(at, Issue::Record(e.at_index(index)));
+        return;
+    }
+    let seg = &b.chain[key.cache_seg_id.get() as usize];
+    let Some(seg_gen) = seg.gen_ else { return };
+    let key_gen = key.seg_gen.get();
+    if key_gen < seg_gen {
+        log.stale_keys += 1;
+        return;
+    }
+    if key_gen > seg_gen {
+        s.problem(at, Issue::KeyFromFuture { key: index, key_gen, seg_gen });
+        return;
+    }
+    if key.is_dirty() {
+        log.dirty_keys += 1;
+    } else {
+        log.clean_keys += 1;
+    }
+    if data_crc && s.opts.verify_data {
+        let len = key.len.get();
+        let off = match layout.data_range(seg.dev_seg, key.cache_seg_off.get(), len) {
+            Ok(off) => off,
+            Err(e) => return s.problem(at, Issue::Record(e)),
+        };
+        data.resize(len as usize, 0);
+        if let Err(e) = read(s.m, off, data) {
+            return s.read_error(at, e);
+        }
+        let computed = crate::crc::crc32(data);
+        if computed != key.data_crc.get() {
+            s.problem(at, Issue::DataCrc { key: index, stored: key.data_crc.get(), computed });
+        }
+    }
+}

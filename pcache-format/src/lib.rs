@@ -1,0 +1,88 @@
+//! The pcache on-media format, RFC v1: persistent memory used as a
+//! write-back cache in front of slower block devices.
+//!
+//! This crate knows bytes, never I/O. It gives tools that read or write
+//! pcache devices every record of the format as a `#[repr(C)]` struct of
+//! explicitly little-endian fields (so a struct's layout is its own
+//! documentation, and big-endian hosts read the same bytes), the CRC, the
+//! double-copy selection rules, the device layout, and decoders that
+//! validate every value before it can become an index or an offset. It never
+//! panics on any input, and record parsing needs no allocator.
+//!
+//! ```text
+//! device                         records                        module
+//! 0x1000 superblock area         Superblock                     superblock
+//! 0x4000 segment 0               MetaSegmentInfo                segment
+//!        backing table           BackingDevInfo + CacheInfo     backing
+//! segment i (a cache segment)    SegmentInfo                    segment
+//!        control page            CacheSegGen, CachePos tails    ctrl
+//!        data area               cached data, ksets of Keys     kset
+//! ```
+//!
+//! # Example: decode a superblock and pick the current copy of a record
+//!
+//! ```
+//! use pcache_format::{encode_copy, read_latest, CachePos, Superblock};
+//!
+//! let area = Superblock::encode_area(63);
+//! let sb = Superblock::decode(&area)?;
+//! assert_eq!(sb.seg_num.get(), 63);
+//!
+//! // Two copies of a log tail; the writer overwrote the older one (copy 1).
+//! let mut pair = [0u8; 32];
+//! encode_copy(&CachePos::new(0, 0), 1, &mut pair[..16])?;
+//! encode_copy(&CachePos::new(0, 4096), 2, &mut pair[16..])?;
+//! let tail = read_latest::<CachePos>(&pair)?;
+//! assert_eq!((tail.copy, tail.record.seg_off.get()), (1, 4096));
+//! # Ok::<(), pcache_format::Error>(())
+//! ```
+//!
+//! # Features
+//!
+//! * `alloc` — the [`image`] module: a scan of a whole device that collects
+//!   every problem it finds (what `pcache inspect` and `pcache check` print);
+//!   the [`sparse`] module: a sparse in-memory image and a reference writer
+//!   for tests and tools.
+//! * `std` (default) — implies `alloc`.
+//! * `arbitrary` — `Arbitrary` for every record, built from raw bytes.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod backing;
+pub mod consts;
+pub mod crc;
+pub mod ctrl;
+pub mod error;
+#[cfg(feature = "alloc")]
+pub mod image;
+pub mod kset;
+pub mod layout;
+pub mod media;
+pub mod meta;
+pub mod segment;
+#[cfg(feature = "alloc")]
+pub mod sparse;
+pub mod superblock;
+
+#[cfg(feature = "arbitrary")]
+mod arbitrary_impls;
+
+pub use backing::{BackingDevInfo, BackingState, CacheFlags, CacheInfo};
+pub use consts::*;
+pub use ctrl::{CacheCtrl, CachePos, CacheSegCtrl, CacheSegGen};
+pub use error::{Error, ErrorKind, Record};
+pub use kset::{
+    Key, KeyFlags, KsetFlags, KsetHeader, KsetRecord, TERMINATOR, decode_kset, encode_kset, encode_last, kset_size,
+};
+pub use layout::{FormatPlan, Layout};
+pub use media::{ReadError, ReadMedia};
+pub use meta::{
+    CopyInfo, Latest, MetaHeader, MetaRecord, decode_copy, encode_copy, find_latest, find_oldest, next_seq,
+    read_latest, seq_after,
+};
+pub use segment::{MetaSegmentInfo, SegmentInfo, SegmentInfoFlags, SegmentState, SegmentType};
+pub use superblock::{SbFlags, Superblock};

@@ -1,0 +1,377 @@
+//! The metadata header and the double-copy protocol (spec §2.3, §2.5).
+//!
+//! Every mutable metadata record is kept twice, at a fixed stride: 4 KiB for
+//! segment infos and backing-table entries, 16 bytes for generation records
+//! and tails. Each copy opens with a [`MetaHeader`] whose `crc` covers every
+//! byte of the copy after the CRC field and whose `seq` orders the copies.
+//! A writer overwrites the *oldest* copy with the next sequence number, so a
+//! torn write can only damage the copy that was not current.
+//!
+//! The selection rules below are those of the RFC, exactly:
+//!
+//! * [`seq_after`]: `a` is after `b` when `(a - b) as i8 > 0` (u8 wrap).
+//!   (The spec's example "5 is not after 200" is wrong: 5 is 61 steps
+//!   after 200; the rule itself is what the RFC code does.)
+//! * [`find_latest`]: copies with a bad CRC are skipped; the first valid copy
+//!   is kept and replaced only by a copy strictly after it (ties go to copy 0).
+//! * [`find_oldest`]: the first copy with a bad CRC is the oldest; otherwise
+//!   copy 0 unless copy 1 is strictly older (ties go to copy 0).
+//! * [`next_seq`]: the latest valid sequence plus one, or 1 if no copy is valid.
+
+use zerocopy::byteorder::little_endian::{U16, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::consts::META_INDEX_MAX;
+use crate::crc::{meta_crc, seal, stored_crc};
+use crate::error::{Error, ErrorKind, Record};
+
+/// Header of every double-buffered record (8 bytes).
+///
+/// ```text
+///  0        4     5         6      8
+///  +--------+-----+---------+------+
+///  | crc    | seq | version | res  |
+///  | le32   | u8  | u8 (0)  | le16 |
+///  +--------+-----+---------+------+
+/// ```
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct MetaHeader {
+    /// CRC of the copy, every byte after this field.
+    pub crc: U32,
+    /// Sequence number of this copy.
+    pub seq: u8,
+    /// Never set by the RFC; written as 0.
+    pub version: u8,
+    /// Reserved, 0.
+    pub res: U16,
+}
+
+static_assertions::const_assert_eq!(core::mem::size_of::<MetaHeader>(), 8);
+static_assertions::const_assert_eq!(core::mem::offset_of!(MetaHeader, seq), 4);
+static_assertions::const_assert_eq!(core::mem::offset_of!(MetaHeader, version), 5);
+static_assertions::const_assert_eq!(core::mem::offset_of!(MetaHeader, res), 6);
+
+/// `true` if sequence number `a` is after `b`: `a` lies 1 to 127 steps
+/// ahead of `b`, counting with u8 wrap-around. So 1 is after 255, 5 is after
+/// 200 (61 steps ahead), and 5 is not after 100 (95 steps behind).
+///
+/// ```
+/// use pcache_format::seq_after;
+/// assert!(seq_after(1, 255));
+/// assert!(seq_after(5, 200));
+/// assert!(!seq_after(5, 100));
+/// assert!(!seq_after(7, 7));
+/// assert!(!seq_after(128, 0) && !seq_after(0, 128));
+/// ```
+pub const fn seq_after(a: u8, b: u8) -> bool {
+    (a.wrapping_sub(b) as i8) > 0
+}
+
+/// What one copy of a double-buffered record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyInfo {
+    /// The copy lies wholly inside the bytes given (and the stride can hold a header).
+    pub complete: bool,
+    /// CRC stored in the copy (0 if incomplete).
+    pub stored_crc: u32,
+    /// CRC computed over the copy (0 if incomplete).
+    pub computed_crc: u32,
+    /// Sequence number stored in the copy (0 if incomplete).
+    pub seq: u8,
+}
+
+impl CopyInfo {
+    /// The copy is complete and its CRC matches.
+    pub const fn crc_ok(&self) -> bool {
+        self.complete && self.stored_crc == self.computed_crc
+    }
+}
+
+/// The bytes of copy `index` in `copies`, if it lies wholly inside them.
+pub fn copy_bytes(copies: &[u8], stride: usize, index: usize) -> Option<&[u8]> {
+    if stride < core::mem::size_of::<MetaHeader>() {
+        return None;
+    }
+    let start = index.checked_mul(stride)?;
+    copies.get(start..start.checked_add(stride)?)
+}
+
+/// Reads copy `index` of the copies laid out at `stride` in `copies`.
+pub fn copy_info(copies: &[u8], stride: usize, index: usize) -> CopyInfo {
+    match copy_bytes(copies, stride, index) {
+        Some(copy) => CopyInfo {
+            complete: true,
+            stored_crc: stored_crc(copy).unwrap_or(0),
+            computed_crc: meta_crc(copy),
+            seq: copy[4],
+        },
+        None => CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0 },
+    }
+}
+
+/// Both copies.
+pub fn copy_infos(copies: &[u8], stride: usize) -> [CopyInfo; META_INDEX_MAX] {
+    [copy_info(copies, stride, 0), copy_info(copies, stride, 1)]
+}
+
+/// Index of the latest copy with a valid CRC, or `None` if neither is valid.
+pub fn find_latest(copies: &[u8], stride: usize) -> Option<usize> {
+    latest_of(&copy_infos(copies, stride))
+}
+
+fn latest_of(infos: &[CopyInfo; META_INDEX_MAX]) -> Option<usize> {
+    let mut latest: Option<usize> = None;
+    for (i, info) in infos.iter().enumerate() {
+        if !info.crc_ok() {
+            continue;
+        }
+        match latest {
+            Some(l) if !seq_after(info.seq, infos[l].seq) => {}
+            _ => latest = Some(i),
+        }
+    }
+    latest
+}
+
+/// Index of the copy a writer overwrites: the first copy with a bad CRC,
+/// otherwise the older one (ties go to copy 0).
+pub fn find_oldest(copies: &[u8], stride: usize) -> usize {
+    let infos = copy_infos(copies, stride);
+    let mut oldest: Option<usize> = None;
+    for (i, info) in infos.iter().enumerate() {
+        if !info.crc_ok() {
+            return i;
+        }
+        match oldest {
+            Some(o) if !seq_after(infos[o].seq, info.seq) => {}
+            _ => oldest = Some(i),
+        }
+    }
+    oldest.unwrap_or(0)
+}
+
+/// Sequence number for the next write: the latest valid sequence plus one
+/// (mod 256), or 1 if no copy is valid.
+pub fn next_seq(copies: &[u8], stride: usize) -> u8 {
+    let infos = copy_infos(copies, stride);
+    match latest_of(&infos) {
+        Some(l) => infos[l].seq.wrapping_add(1),
+        None => 1,
+    }
+}
+
+/// A double-buffered record type.
+///
+/// `COPY_SIZE` is both the stride between the two copies and the number of
+/// bytes each copy's CRC covers (from byte 4): 4096 for segment infos and
+/// backing-table entries, 16 for generation records and tails.
+pub trait MetaRecord: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {
+    /// Which record this is, for errors.
+    const RECORD: Record;
+    /// Size of one copy, and the stride between copies.
+    const COPY_SIZE: usize;
+    /// The header.
+    fn header(&self) -> &MetaHeader;
+    /// The header, to set its sequence number and CRC.
+    fn header_mut(&mut self) -> &mut MetaHeader;
+    /// Checks that need nothing but the record itself: known flags, known
+    /// state and type values, lengths within their limits.
+    fn check(&self) -> Result<(), Error>;
+}
+
+/// The record found in one copy, with where it was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Latest<R> {
+    /// Which copy (0 or 1).
+    pub copy: u8,
+    /// The record.
+    pub record: R,
+}
+
+/// Encodes `record` as one whole copy with sequence `seq`: the record's
+/// bytes, zeros up to `R::COPY_SIZE`, and the CRC over all of it.
+///
+/// `out` must be exactly `R::COPY_SIZE` bytes long.
+pub fn encode_copy<R: MetaRecord>(record: &R, seq: u8, out: &mut [u8]) -> Result<(), Error> {
+    let size = core::mem::size_of::<R>();
+    if out.len() != R::COPY_SIZE || size > R::COPY_SIZE {
+        return Err(Error::truncated(R::RECORD, R::COPY_SIZE, out.len()));
+    }
+    let mut rec = *record;
+    let header = rec.header_mut();
+    header.seq = seq;
+    header.crc = U32::new(0);
+    out[..size].copy_from_slice(rec.as_bytes());
+    out[size..].fill(0);
+    seal(out);
+    Ok(())
+}
+
+/// Decodes one copy: its CRC, then [`MetaRecord::check`].
+pub fn decode_copy<R: MetaRecord>(copy: &[u8]) -> Result<R, Error> {
+    if copy.len() < R::COPY_SIZE {
+        return Err(Error::truncated(R::RECORD, R::COPY_SIZE, copy.len()));
+    }
+    let copy = &copy[..R::COPY_SIZE];
+    let stored = stored_crc(copy).unwrap_or(0);
+    let computed = meta_crc(copy);
+    if stored != computed {
+        return Err(Error::new(R::RECORD, ErrorKind::BadCrc { stored, computed }));
+    }
+    let (record, _) =
+        R::read_from_prefix(copy).map_err(|_| Error::truncated(R::RECORD, core::mem::size_of::<R>(), copy.len()))?;
+    record.check()?;
+    Ok(record)
+}
+
+/// Selects the latest copy by the rules of [`find_latest`] and decodes it.
+///
+/// Errors with [`ErrorKind::NoValidCopy`] if neither CRC is valid; if the
+/// latest copy fails [`MetaRecord::check`], the error names that copy (the
+/// other copy is not used: it is older).
+pub fn read_latest<R: MetaRecord>(copies: &[u8]) -> Result<Latest<R>, Error> {
+    let infos = copy_infos(copies, R::COPY_SIZE);
+    let Some(index) = latest_of(&infos) else {
+        let crcs = [(infos[0].stored_crc, infos[0].computed_crc), (infos[1].stored_crc, infos[1].computed_crc)];
+        if copies.len() < R::COPY_SIZE * META_INDEX_MAX {
+            return Err(Error::truncated(R::RECORD, R::COPY_SIZE * META_INDEX_MAX, copies.len()));
+        }
+        return Err(Error::new(R::RECORD, ErrorKind::NoValidCopy { crcs }));
+    };
+    let copy = copy_bytes(copies, R::COPY_SIZE, index).unwrap_or(&[]);
+    let record = decode_copy::<R>(copy).map_err(|e| e.in_copy(index as u8))?;
+    Ok(Latest { copy: index as u8, record })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Two 16-byte copies with the given sequence numbers and validity.
+    fn pair(c0: Option<u8>, c1: Option<u8>) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for (i, c) in [c0, c1].into_iter().enumerate() {
+            let copy = &mut b[i * 16..(i + 1) * 16];
+            copy[4] = c.unwrap_or(0x5a);
+            copy[8] = 0xee; // non-zero payload so that a bad CRC is really bad
+            seal(copy);
+            if c.is_none() {
+                copy[0] ^= 1;
+            }
+        }
+        b
+    }
+
+    #[test]
+    fn latest_prefers_strictly_after_and_ties_go_to_copy_0() {
+        assert_eq!(find_latest(&pair(Some(1), Some(2)), 16), Some(1));
+        assert_eq!(find_latest(&pair(Some(2), Some(1)), 16), Some(0));
+        assert_eq!(find_latest(&pair(Some(7), Some(7)), 16), Some(0));
+        assert_eq!(find_latest(&pair(Some(255), Some(0)), 16), Some(1));
+        assert_eq!(find_latest(&pair(Some(0), Some(255)), 16), Some(0));
+        assert_eq!(find_latest(&pair(None, Some(3)), 16), Some(1));
+        assert_eq!(find_latest(&pair(Some(3), None), 16), Some(0));
+        assert_eq!(find_latest(&pair(None, None), 16), None);
+    }
+
+    #[test]
+    fn oldest_is_first_bad_copy_then_strictly_older() {
+        assert_eq!(find_oldest(&pair(None, None), 16), 0);
+        assert_eq!(find_oldest(&pair(Some(1), None), 16), 1);
+        assert_eq!(find_oldest(&pair(None, Some(1)), 16), 0);
+        assert_eq!(find_oldest(&pair(Some(1), Some(2)), 16), 0);
+        assert_eq!(find_oldest(&pair(Some(2), Some(1)), 16), 1);
+        assert_eq!(find_oldest(&pair(Some(9), Some(9)), 16), 0);
+        assert_eq!(find_oldest(&pair(Some(0), Some(255)), 16), 1);
+    }
+
+    #[test]
+    fn next_seq_continues_from_media() {
+        assert_eq!(next_seq(&pair(None, None), 16), 1);
+        assert_eq!(next_seq(&pair(Some(41), Some(40)), 16), 42);
+        assert_eq!(next_seq(&pair(Some(255), None), 16), 0);
+        // All-zero copies are valid (CRC 0) with seq 0.
+        assert_eq!(next_seq(&[0u8; 32], 16), 1);
+    }
+
+    #[test]
+    fn short_input_and_tiny_stride_do_not_panic() {
+        assert_eq!(find_latest(&[], 16), None);
+        assert_eq!(find_latest(&[0u8; 31], 16), Some(0));
+        assert_eq!(find_oldest(&[0u8; 31], 16), 1);
+        assert_eq!(find_latest(&[0u8; 32], 4), None);
+        assert_eq!(find_oldest(&[0u8; 32], 0), 0);
+        assert_eq!(next_seq(&[0u8; 8], usize::MAX), 1);
+        assert!(!copy_info(&[0u8; 32], usize::MAX, 1).complete);
+    }
+
+    proptest! {
+        #[test]
+        fn seq_after_is_antisymmetric(a: u8, b: u8) {
+            prop_assert!(!(seq_after(a, b) && seq_after(b, a)));
+            if a != b && a.wrapping_sub(b) != 128 {
+                prop_assert!(seq_after(a, b) || seq_after(b, a));
+            }
+        }
+
+        #[test]
+        fn seq_after_window(b: u8, d in 1u8..=127) {
+            prop_assert!(seq_after(b.wrapping_add(d), b));
+            prop_assert!(!seq_after(b.wrapping_sub(d), b));
+            prop_assert!(!seq_after(b.wrapping_add(128), b));
+            prop_assert!(!seq_after(b, b));
+        }
+
+        /// Selection against a plain model of the rules.
+        #[test]
+        fn selection_matches_model(c0: Option<u8>, c1: Option<u8>) {
+            let b = pair(c0, c1);
+            let model_latest = match (c0, c1) {
+                (None, None) => None,
+                (Some(_), None) => Some(0),
+                (None, Some(_)) => Some(1),
+                (Some(s0), Some(s1)) => Some(if (s1.wrapping_sub(s0) as i8) > 0 { 1 } else { 0 }),
+            };
+            let model_oldest = match (c0, c1) {
+                (None, _) => 0,
+                (Some(_), None) => 1,
+                (Some(s0), Some(s1)) => if (s0.wrapping_sub(s1) as i8) > 0 { 1 } else { 0 },
+            };
+            prop_assert_eq!(find_latest(&b, 16), model_latest);
+            prop_assert_eq!(find_oldest(&b, 16), model_oldest);
+            let model_next = model_latest.map(|i| [c0, c1][i].unwrap().wrapping_add(1)).unwrap_or(1);
+            prop_assert_eq!(next_seq(&b, 16), model_next);
+        }
+
+        /// Writing `next_seq` into the oldest copy makes that copy the latest,
+        /// whatever the pair held before, except two valid copies exactly 128
+        /// apart: neither is after the other, a state the protocol itself
+        /// never produces (its copies differ by one).
+        #[test]
+        fn update_protocol_makes_new_copy_latest(c0: Option<u8>, c1: Option<u8>) {
+            if let (Some(a), Some(b)) = (c0, c1) {
+                prop_assume!(a.wrapping_sub(b) != 128);
+            }
+            let mut b = pair(c0, c1);
+            let seq = next_seq(&b, 16);
+            let target = find_oldest(&b, 16);
+            let copy = &mut b[target * 16..(target + 1) * 16];
+            copy.fill(0);
+            copy[4] = seq;
+            copy[8] = 0x77;
+            seal(copy);
+            prop_assert_eq!(find_latest(&b, 16), Some(target));
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..100), stride in 0usize..64) {
+            let latest = find_latest(&data, stride);
+            let oldest = find_oldest(&data, stride);
+            let _ = next_seq(&data, stride);
+            prop_assert!(latest.is_none_or(|l| l < 2));
+            prop_assert!(oldest < 2);
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Round trips of every record, and decoders fed arbitrary bytes.
+
+use pcache_format::*;
+use proptest::prelude::*;
+use zerocopy::FromBytes;
+
+fn round_trip<R: MetaRecord + PartialEq + std::fmt::Debug>(record: R, seq: u8) -> Result<(), TestCaseError> {
+    let mut copy = vec![0u8; R::COPY_SIZE];
+    encode_copy(&record, seq, &mut copy).unwrap();
+    let back: R = decode_copy(&copy).unwrap();
+    prop_assert_eq!(back.header().seq, seq);
+    let mut expected = record;
+    expected.header_mut().seq = seq;
+    expected.header_mut().crc = back.header().crc;
+    prop_assert_eq!(back, expected);
+    // Both copies: the one with the later sequence is selected.
+    let mut pair = vec![0u8; 2 * R::COPY_SIZE];
+    encode_copy(&record, seq, &mut pair[..R::COPY_SIZE]).unwrap();
+    encode_copy(&record, seq.wrapping_add(1), &mut pair[R::COPY_SIZE..]).unwrap();
+    prop_assert_eq!(read_latest::<R>(&pair).unwrap().copy, 1);
+    Ok(())
+}
+
+fn path() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(1u8..=255, 1..=255)
+}
+
+proptest! {
+    #[test]
+    fn segment_info(seg in 1u32.., next in proptest::option::of(1u32..), seq: u8) {
+        round_trip(SegmentInfo::data(seg, next), seq)?;
+    }
+
+    #[test]
+    fn meta_segment_info(seq: u8) {
+        round_trip(MetaSegmentInfo::default(), seq)?;
+    }
+
+    #[test]
+    fn backing_dev_info(id in 0u32..2047, path in path(), sectors: u64, seg in 1u32..65535,
+                        n in 1u32..=CACHE_SEGS_MAX, gc in 0u16..=90, crc: bool, seq: u8) {
+        let flags = if crc { CacheFlags::DATA_CRC } else { CacheFlags::empty() };
+        let info = BackingDevInfo::running(id, &path, sectors, CacheInfo::new(seg, n, gc, flags)).unwrap();
+        prop_assert_eq!(info.path(), &path[..]);
+        round_trip(info, seq)?;
+        round_trip(BackingDevInfo::free(id), seq)?;
+    }
+
+    #[test]
+    fn gen_and_pos(gen_: u64, seg: u32, off in 0u32..CACHE_SEG_DATA_SIZE, seq: u8) {
+        round_trip(CacheSegGen::new(gen_), seq)?;
+        round_trip(CachePos::new(seg, off), seq)?;
+    }
+
+    #[test]
+    fn superblock(seg_num in 1u16..) {
+        let area = Superblock::encode_area(seg_num);
+        let sb = Superblock::decode(&area).unwrap();
+        prop_assert_eq!(sb.seg_num.get(), seg_num);
+        prop_assert_eq!(sb.version.get(), VERSION);
+        prop_assert_eq!(sb.magic.get(), MAGIC);
+    }
+
+    #[test]
+    fn kset(keys in proptest::collection::vec(
+        (0u64..1 << 40, 1u32..=8192, any::<bool>(), any::<u32>(), 0u32..CACHE_SEG_DATA_SIZE - 8192, any::<u64>(), any::<u32>()),
+        1..=KSET_KEYS_MAX)) {
+        let keys: Vec<Key> = keys.into_iter().map(|(off, len, clean, seg, seg_off, g, crc)| {
+            let off = off & !CACHE_SUBTREE_SIZE_MASK; // slice start: any len up to 8 KiB fits
+            let flags = if clean { KeyFlags::CLEAN } else { KeyFlags::empty() };
+            let mut k = Key::new(off, len, flags, seg, seg_off, g);
+            k.data_crc = crc.into();
+            k
+        }).collect();
+        let mut buf = vec![0u8; KSET_ONMEDIA_SIZE_MAX + 7];
+        let size = encode_kset(&keys, &mut buf).unwrap();
+        prop_assert_eq!(size, kset_size(keys.len()));
+        prop_assert_eq!(decode_kset(&buf).unwrap(), KsetRecord::Keys { keys: &keys });
+    }
+
+    #[test]
+    fn last_kset(next: u32) {
+        let last = encode_last(next);
+        prop_assert_eq!(decode_kset(&last).unwrap(), KsetRecord::Last { next_cache_seg: next });
+    }
+
+    /// No decoder panics, whatever the bytes.
+    #[test]
+    fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..6000)) {
+        let _ = Superblock::decode(&bytes);
+        let _ = decode_kset(&bytes);
+        let _ = decode_copy::<SegmentInfo>(&bytes);
+        let _ = decode_copy::<BackingDevInfo>(&bytes);
+        let _ = read_latest::<MetaSegmentInfo>(&bytes);
+        let _ = read_latest::<CachePos>(&bytes);
+        let _ = read_latest::<CacheSegGen>(&bytes);
+        if let Ok((key, _)) = Key::read_from_prefix(&bytes) {
+            let _ = key.check();
+            let _ = key.check_in(u32::MAX, u64::MAX);
+        }
+    }
+
+    /// A valid kset with any one byte after its magic changed is refused.
+    #[test]
+    fn kset_one_byte_flipped(at in 16usize..64, bit in 0u8..8) {
+        let key = Key::new(4096, 4096, KeyFlags::empty(), 1, 0, 0);
+        let mut buf = [0u8; 64];
+        encode_kset(&[key], &mut buf).unwrap();
+        buf[at] ^= 1 << bit;
+        prop_assert!(decode_kset(&buf).is_err());
+    }
+}
+
+#[test]
+fn both_copies_bad() {
+    let mut pair = vec![0u8; 2 * SEG_INFO_SIZE];
+    encode_copy(&SegmentInfo::data(3, None), 1, &mut pair[..SEG_INFO_SIZE]).unwrap();
+    encode_copy(&SegmentInfo::data(3, None), 2, &mut pair[SEG_INFO_SIZE..]).unwrap();
+    pair[100] ^= 1;
+    pair[SEG_INFO_SIZE + 100] ^= 1;
+    let err = read_latest::<SegmentInfo>(&pair).unwrap_err();
+    assert!(matches!(err.kind, ErrorKind::NoValidCopy { .. }), "{err}");
+    assert_eq!(err.record, Record::SegmentInfo);
+    assert!(err.to_string().starts_with("segment info: no valid copy"));
+    // One byte short of the second copy: it counts as bad.
+    let err = read_latest::<SegmentInfo>(&pair[..2 * SEG_INFO_SIZE - 1]).unwrap_err();
+    assert!(matches!(err.kind, ErrorKind::Truncated { .. }));
+}
+
+#[test]
+fn one_copy_bad_falls_back_to_the_other() {
+    let mut pair = vec![0u8; 2 * SEG_INFO_SIZE];
+    encode_copy(&SegmentInfo::data(3, Some(4)), 7, &mut pair[..SEG_INFO_SIZE]).unwrap();
+    encode_copy(&SegmentInfo::data(3, None), 8, &mut pair[SEG_INFO_SIZE..]).unwrap();
+    assert_eq!(read_latest::<SegmentInfo>(&pair).unwrap().record.next(), None);
+    pair[SEG_INFO_SIZE + 4000] ^= 0x80; // a bit in the zero tail of copy 1
+    let latest = read_latest::<SegmentInfo>(&pair).unwrap();
+    assert_eq!((latest.copy, latest.record.next()), (0, Some(4)));
+}
