@@ -1,0 +1,417 @@
+//! Real persistent memory: a shared mapping of a DAX device, a file on a DAX
+//! filesystem, or an ordinary file or block device standing in for pmem.
+//!
+//! | what is opened | how it is mapped | how stores become durable |
+//! |---|---|---|
+//! | device DAX (`/dev/daxX.Y`) | whole device, `MAP_SHARED` | cache-line write-back + `sfence` |
+//! | file on a DAX filesystem | `MAP_SHARED_VALIDATE \| MAP_SYNC` | cache-line write-back + `sfence` |
+//! | ordinary file or block device | `MAP_SHARED` (page cache) | `msync` of the flushed ranges at fence time |
+//!
+//! `PCACHE_FORCE_PMEM=1` treats any mapping as pmem (cache-line write-back,
+//! no `msync`): it is for benchmarks and tests of the flush paths, and is not
+//! durable across power loss on a device that is not pmem.
+//!
+//! Every writable open takes an exclusive advisory lock (`flock`) on the
+//! device, so a second process gets [`PmemError::Busy`] and touches nothing;
+//! read-only opens take a shared lock, so they never read a device another
+//! process is changing.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::flush::{self, FlushConfig, FlushInstr};
+use crate::pmem::{Pmem, PmemError, check_range};
+
+/// How a device is mapped, in the words shown to users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MapMode {
+    /// A device-DAX character device, mapped whole.
+    DeviceDax,
+    /// A file on a DAX filesystem, mapped with `MAP_SYNC`.
+    FileDaxSync,
+    /// An ordinary file or block device through the page cache; durable by `msync`.
+    Emulated,
+    /// An ordinary mapping treated as pmem because `PCACHE_FORCE_PMEM` is set.
+    ForcedPmem,
+}
+
+impl fmt::Display for MapMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MapMode::DeviceDax => "device DAX",
+            MapMode::FileDaxSync => "file DAX, MAP_SYNC",
+            MapMode::Emulated => "emulated pmem: msync",
+            MapMode::ForcedPmem => "forced pmem: cache flushes without msync (not power-safe)",
+        })
+    }
+}
+
+/// How to open a device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DaxOptions {
+    /// Map read-only, under a shared lock.
+    pub read_only: bool,
+    /// Skip the advisory lock (for tests of locking itself).
+    pub no_lock: bool,
+    /// Use this flush instruction instead of the detected one.
+    pub flush: Option<FlushInstr>,
+    /// Use (or not) non-temporal stores instead of the default.
+    pub movnt: Option<bool>,
+    /// Treat the mapping as pmem whatever it is (default: `PCACHE_FORCE_PMEM`).
+    pub force_pmem: Option<bool>,
+}
+
+/// A shared mapping of a whole pmem device.
+pub struct DaxMapping {
+    ptr: NonNull<u8>,
+    len: u64,
+    mode: MapMode,
+    flush: FlushConfig,
+    path: PathBuf,
+    read_only: bool,
+    id: u64,
+    _file: File,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value until drop;
+// every access goes through range-checked copies, so sharing the pointer
+// between threads is as safe as sharing a `&[AtomicU8]` would be.
+unsafe impl Send for DaxMapping {}
+// SAFETY: as above.
+unsafe impl Sync for DaxMapping {}
+
+impl fmt::Debug for DaxMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DaxMapping")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .field("mode", &self.mode)
+            .field("flush", &self.flush)
+            .finish()
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// Ranges this thread flushed on emulated mappings and has not fenced:
+    /// (mapping id, page-aligned start, end).
+    static PENDING_MSYNC: RefCell<Vec<(u64, usize, usize)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> PmemError {
+    PmemError::Io { op, path: path.to_path_buf(), source }
+}
+
+fn unsupported(path: &Path, reason: impl Into<String>) -> PmemError {
+    PmemError::Unsupported { path: path.to_path_buf(), reason: reason.into() }
+}
+
+/// Reads a small sysfs file, trimmed.
+fn sysfs(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// Whether every pmem region's persistence domain includes the CPU caches
+/// (eADR): then cache-line write-back is unnecessary.
+pub fn platform_has_eadr() -> bool {
+    let Ok(dir) = std::fs::read_dir("/sys/bus/nd/devices") else { return false };
+    let mut regions = 0;
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("region") {
+            continue;
+        }
+        regions += 1;
+        let domain = sysfs(&format!("{}/persistence_domain", entry.path().display()));
+        if domain.as_deref() != Some("cpu_cache") {
+            return false;
+        }
+    }
+    regions > 0
+}
+
+/// The pid holding a `flock` on the file with this device and inode, from
+/// `/proc/locks` (best effort).
+fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+    locks.lines().filter(|l| !l.contains("->")).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok()).flatten()
+    })
+}
+
+/// Size and kind of the device behind `file`.
+fn probe(file: &File, path: &Path) -> Result<(u64, bool), PmemError> {
+    let meta = file.metadata().map_err(|e| io_err("stat", path, e))?;
+    let ft = meta.file_type();
+    if ft.is_file() {
+        return Ok((meta.len(), false));
+    }
+    if ft.is_block_device() {
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+        // points at a live local.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+        if rc != 0 {
+            return Err(io_err("ioctl BLKGETSIZE64", path, io::Error::last_os_error()));
+        }
+        return Ok((size, false));
+    }
+    if ft.is_char_device() {
+        let rdev = meta.rdev();
+        let base = format!("/sys/dev/char/{}:{}", libc::major(rdev), libc::minor(rdev));
+        let subsystem = std::fs::read_link(format!("{base}/subsystem")).ok();
+        let is_dax = subsystem.as_ref().and_then(|p| p.file_name()).is_some_and(|n| n == "dax");
+        if !is_dax {
+            return Err(unsupported(path, "a character device that is not device DAX"));
+        }
+        let size = sysfs(&format!("{base}/size")).and_then(|s| s.parse().ok());
+        let size =
+            size.ok_or_else(|| unsupported(path, format!("cannot read the size of this device DAX from {base}/size")))?;
+        return Ok((size, true));
+    }
+    Err(unsupported(path, "not a file, block device or device DAX"))
+}
+
+/// `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+impl DaxMapping {
+    /// Opens and maps the whole of `path`.
+    pub fn open(path: impl AsRef<Path>, opts: &DaxOptions) -> Result<Self, PmemError> {
+        let path = path.as_ref();
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!opts.read_only).custom_flags(libc::O_CLOEXEC);
+        let file = oo.open(path).map_err(|e| io_err("open", path, e))?;
+        if !opts.no_lock {
+            let op = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+            // SAFETY: flock on an fd we own; no memory is passed.
+            if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    let meta = file.metadata().ok();
+                    let holder = meta.and_then(|m| lock_holder(m.dev(), m.ino()));
+                    return Err(PmemError::Busy { path: path.to_path_buf(), holder });
+                }
+                return Err(io_err("flock", path, err));
+            }
+        }
+        let (len, device_dax) = probe(&file, path)?;
+        if len == 0 {
+            return Err(unsupported(path, "the device is empty (0 bytes)"));
+        }
+        let map_len = usize::try_from(len).map_err(|_| unsupported(path, "too large to map on this host"))?;
+        let prot = if opts.read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
+        let fd = file.as_raw_fd();
+        let map = |flags: libc::c_int| {
+            // SAFETY: a new mapping of `map_len` bytes of our own fd at an
+            // address the kernel picks; nothing existing is replaced.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), map_len, prot, flags, fd, 0) };
+            if p == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(p) }
+        };
+        let (addr, mut mode) = if device_dax {
+            (map(libc::MAP_SHARED).map_err(|e| io_err("mmap device DAX", path, e))?, MapMode::DeviceDax)
+        } else if opts.read_only || !file.metadata().map(|m| m.file_type().is_file()).unwrap_or(false) {
+            (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, MapMode::Emulated)
+        } else {
+            match map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
+                Ok(p) => (p, MapMode::FileDaxSync),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) => {
+                    (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, MapMode::Emulated)
+                }
+                Err(e) => return Err(io_err("mmap MAP_SYNC", path, e)),
+            }
+        };
+        let force =
+            opts.force_pmem.unwrap_or_else(|| std::env::var("PCACHE_FORCE_PMEM").is_ok_and(|v| v.trim() == "1"));
+        if mode == MapMode::Emulated && force {
+            mode = MapMode::ForcedPmem;
+        }
+        let eadr = matches!(mode, MapMode::DeviceDax | MapMode::FileDaxSync) && platform_has_eadr();
+        let mut flush = FlushConfig::detect(eadr);
+        if let Some(instr) = opts.flush {
+            flush.instr = instr;
+        }
+        if let Some(movnt) = opts.movnt {
+            flush.movnt = movnt && cfg!(target_arch = "x86_64");
+        }
+        if mode == MapMode::Emulated {
+            // The page cache is DRAM: write-back instructions achieve
+            // nothing there, msync does the work.
+            flush = FlushConfig { instr: FlushInstr::None, movnt: false };
+        }
+        let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| unsupported(path, "mmap returned a null mapping"))?;
+        Ok(Self {
+            ptr,
+            len,
+            mode,
+            flush,
+            path: path.to_path_buf(),
+            read_only: opts.read_only,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            _file: file,
+        })
+    }
+
+    /// How the device is mapped.
+    pub fn mode(&self) -> MapMode {
+        self.mode
+    }
+
+    /// The flush configuration in use.
+    pub fn flush_config(&self) -> FlushConfig {
+        self.flush
+    }
+
+    /// The device path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn check(&self, off: u64, len: u64) -> Result<*mut u8, PmemError> {
+        check_range(off, len, self.len)?;
+        // SAFETY: `off + len <= self.len`, so `off` is inside the mapping
+        // (or one past its end when len is 0).
+        Ok(unsafe { self.ptr.as_ptr().add(off as usize) })
+    }
+
+    fn check_writable(&self, off: u64, len: u64) -> Result<*mut u8, PmemError> {
+        if self.read_only {
+            return Err(io_err("write", &self.path, io::Error::from_raw_os_error(libc::EROFS)));
+        }
+        self.check(off, len)
+    }
+
+    fn note_msync(&self, p: *const u8, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let start = p as usize & !(page_size() - 1);
+        let end = p as usize + len;
+        PENDING_MSYNC.with(|pending| pending.borrow_mut().push((self.id, start, end)));
+    }
+
+    fn msync_pending(&self) -> Result<(), PmemError> {
+        let mut mine: Vec<(usize, usize)> = PENDING_MSYNC.with(|pending| {
+            let mut pending = pending.borrow_mut();
+            let mut mine = Vec::new();
+            pending.retain(|&(id, s, e)| {
+                if id == self.id {
+                    mine.push((s, e));
+                    false
+                } else {
+                    true
+                }
+            });
+            mine
+        });
+        mine.sort_unstable();
+        let mut i = 0;
+        while i < mine.len() {
+            let (start, mut end) = mine[i];
+            i += 1;
+            while i < mine.len() && mine[i].0 <= end {
+                end = end.max(mine[i].1);
+                i += 1;
+            }
+            // SAFETY: the range was derived from an in-bounds access to this
+            // live mapping, its start rounded down to a page boundary inside
+            // the (page-aligned) mapping.
+            let rc = unsafe { libc::msync(start as *mut libc::c_void, end - start, libc::MS_SYNC) };
+            if rc != 0 {
+                return Err(io_err("msync", &self.path, io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory arguments.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as usize } else { 4096 }
+}
+
+impl Drop for DaxMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `open`; no reference
+        // into it can outlive `self` because none is ever handed out.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+impl Pmem for DaxMapping {
+    fn size(&self) -> u64 {
+        self.len
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), PmemError> {
+        let p = self.check(off, buf.len() as u64)?;
+        // SAFETY: `p..p + buf.len()` is inside the mapping (checked above)
+        // and `buf` is a distinct DRAM buffer.
+        unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), PmemError> {
+        let p = self.check_writable(off, data.len() as u64)?;
+        // SAFETY: `p..p + data.len()` is inside the writable mapping
+        // (checked above) and `data` is a distinct DRAM buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
+    }
+
+    fn flush(&self, off: u64, len: u64) -> Result<(), PmemError> {
+        let p = self.check(off, len)?;
+        if self.mode == MapMode::Emulated {
+            self.note_msync(p, len as usize);
+        } else {
+            // SAFETY: the range is inside the live mapping (checked above).
+            unsafe { self.flush.flush(p, len as usize) };
+        }
+        Ok(())
+    }
+
+    fn fence(&self) -> Result<(), PmemError> {
+        flush::fence();
+        if self.mode == MapMode::Emulated {
+            self.msync_pending()?;
+        }
+        Ok(())
+    }
+
+    fn copy_nodrain(&self, off: u64, src: &[u8]) -> Result<(), PmemError> {
+        let p = self.check_writable(off, src.len() as u64)?;
+        if self.mode == MapMode::Emulated {
+            // SAFETY: as in `write`.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+            self.note_msync(p, src.len());
+        } else {
+            // SAFETY: the destination range is inside the writable mapping
+            // (checked above) and `src` is a distinct DRAM buffer.
+            unsafe { self.flush.copy_nodrain(p, src) };
+        }
+        Ok(())
+    }
+
+    fn zero_nodrain(&self, off: u64, len: u64) -> Result<(), PmemError> {
+        self.check_writable(off, len)?;
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64);
+            self.copy_nodrain(off + done, &ZEROS[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,85 @@
+//! Formatting a device (spec §2.7 step 3), with persist points that leave
+//! it either formatted or recognisably not formatted at every crash.
+
+use pcache_format::{
+    CACHE_DEV_INFO_OFF, FormatPlan, Layout, MAGIC, MetaSegmentInfo, SB_OFF, SB_SIZE, SEG_INFO_SIZE, SEG_SIZE,
+    SEGMENTS_OFF, Superblock, encode_copy,
+};
+
+use crate::pmem::{Pmem, PmemError};
+
+/// Why a device could not be formatted.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    /// The device is too small.
+    #[error("the device holds {size} bytes; pcache needs at least {min} (512 MiB)")]
+    TooSmall {
+        /// Its size.
+        size: u64,
+        /// The minimum.
+        min: u64,
+    },
+    /// The device already holds a pcache superblock.
+    #[error("the device already holds a pcache superblock ({seg_num} segments); formatting destroys every cache on it")]
+    AlreadyFormatted {
+        /// Segments of the existing format, as stored.
+        seg_num: u16,
+    },
+    /// The device failed.
+    #[error(transparent)]
+    Pmem(#[from] PmemError),
+}
+
+/// What `format` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Formatted {
+    /// The layout written.
+    pub plan: FormatPlan,
+    /// A previous pcache format was overwritten.
+    pub overwrote: bool,
+}
+
+/// Reads the superblock area and returns the stored `seg_num` if it holds
+/// the pcache magic (valid CRC or not).
+pub fn existing_format<P: Pmem + ?Sized>(pmem: &P) -> Result<Option<u16>, PmemError> {
+    if pmem.size() < SB_OFF + SB_SIZE as u64 {
+        return Ok(None);
+    }
+    let mut area = [0u8; SB_SIZE];
+    pmem.read(SB_OFF, &mut area)?;
+    let sb = Superblock::read(&area).ok();
+    Ok(sb.filter(|sb| sb.magic.get() == MAGIC).map(|sb| sb.seg_num.get()))
+}
+
+/// Formats `pmem` with the RFC v1 layout: zeroes the reserved area and
+/// segment 0 (the backing table), writes the meta segment info, and writes
+/// the superblock last.
+///
+/// Refuses a device under 512 MiB, and a device that already holds a
+/// pcache superblock unless `force`. With `force`, the old superblock is
+/// invalidated (and made durable) before anything else changes, so a crash
+/// midway leaves an unformatted device, never a half-formatted one that
+/// looks valid.
+pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, FormatError> {
+    let plan = Layout::plan(pmem.size())
+        .map_err(|_| FormatError::TooSmall { size: pmem.size(), min: pcache_format::CACHE_DEV_SIZE_MIN })?;
+    let existing = existing_format(pmem)?;
+    if let (Some(seg_num), false) = (existing, force) {
+        return Err(FormatError::AlreadyFormatted { seg_num });
+    }
+    if existing.is_some() {
+        pmem.zero_persist(SB_OFF, SB_SIZE as u64)?;
+    }
+    // The reserved area and all of segment 0: empty backing table.
+    pmem.zero_nodrain(CACHE_DEV_INFO_OFF, SEGMENTS_OFF - CACHE_DEV_INFO_OFF + SEG_SIZE)?;
+    let mut copy = [0u8; SEG_INFO_SIZE];
+    encode_copy(&MetaSegmentInfo::default(), 1, &mut copy).map_err(|_| PmemError::OutOfBounds {
+        off: SEGMENTS_OFF,
+        len: SEG_INFO_SIZE as u64,
+        size: pmem.size(),
+    })?;
+    pmem.copy_nodrain(SEGMENTS_OFF, &copy)?;
+    pmem.fence()?;
+    pmem.copy_persist(SB_OFF, &Superblock::encode_area(plan.layout.seg_num()))?;
+    Ok(Formatted { plan, overwrote: existing.is_some() })
+}

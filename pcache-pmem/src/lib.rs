@@ -1,0 +1,16 @@
+//! Persistent memory for pcache: the [`Pmem`] interface every pmem access
+//! goes through, the real mapping ([`DaxMapping`]) with cache-line
+//! persistence, a simulated persistence domain for crash testing
+//! ([`SimPmem`]), and device formatting.
+#![warn(missing_docs)]
+
+pub mod dax;
+pub mod flush;
+pub mod format;
+pub mod pmem;
+pub mod sim;
+
+pub use dax::{DaxMapping, DaxOptions, MapMode};
+pub use flush::{FlushConfig, FlushInstr};
+pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, check_range};
+pub use sim::{CrashState, CrashStrategy, SimEvent, SimEventKind, SimHook, SimPmem};

@@ -1,0 +1,144 @@
+//! The persistence interface every pmem access goes through.
+//!
+//! Two rules, as for any memory shared with someone else:
+//!
+//! 1. No `&`/`&mut` reference into the device outlives a call: reads copy out
+//!    and writes copy in, through range-checked offsets.
+//! 2. A store is durable only after its cache lines are flushed *and* a later
+//!    fence completes. [`Pmem::persist`] does both; [`Pmem::copy_persist`]
+//!    copies, flushes and fences; the `_nodrain` variants leave the fence to
+//!    the caller so that several ranges can share one.
+//!
+//! The trait is generic, so code written against it is monomorphised: the
+//! real mapping ([`crate::DaxMapping`]) pays nothing for the simulator
+//! ([`crate::SimPmem`]) existing.
+
+use std::path::PathBuf;
+
+/// Size of a CPU cache line, the unit of flushing.
+pub const CACHE_LINE: u64 = 64;
+
+/// A failed pmem access.
+#[derive(Debug, thiserror::Error)]
+pub enum PmemError {
+    /// The access does not lie inside the device.
+    #[error("access of {len} bytes at {off:#x} is outside the {size}-byte device")]
+    OutOfBounds {
+        /// Offset of the access.
+        off: u64,
+        /// Length of the access.
+        len: u64,
+        /// Size of the device.
+        size: u64,
+    },
+    /// A system call on the device failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("open", "mmap", "msync", ...).
+        op: &'static str,
+        /// The device.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Another process holds the device.
+    #[error("{} is in use by another process{}", path.display(), holder.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    Busy {
+        /// The device.
+        path: PathBuf,
+        /// The process holding it, if known.
+        holder: Option<u32>,
+    },
+    /// The device cannot be used as pmem.
+    #[error("{}: {reason}", path.display())]
+    Unsupported {
+        /// The device.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The media reported an uncorrectable error in this range.
+    #[error("media error reading {len} bytes at {off:#x}")]
+    Media {
+        /// Offset of the failed read.
+        off: u64,
+        /// Length of the failed read.
+        len: u64,
+    },
+}
+
+/// Persistent memory, byte-addressed.
+///
+/// Implementations are shared between threads; callers write disjoint
+/// ranges concurrently (two threads storing to the same bytes at once get
+/// one of the two values, as with real memory).
+pub trait Pmem: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Copies `buf.len()` bytes at `off` into `buf`.
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), PmemError>;
+
+    /// Stores `data` at `off` through the CPU cache. Not durable until the
+    /// lines are flushed and fenced.
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), PmemError>;
+
+    /// Writes back the cache lines covering `[off, off + len)`. Durable only
+    /// after the next [`Pmem::fence`].
+    fn flush(&self, off: u64, len: u64) -> Result<(), PmemError>;
+
+    /// Waits until every flush and non-temporal store issued before it by
+    /// this thread is durable.
+    fn fence(&self) -> Result<(), PmemError>;
+
+    /// Stores `src` at `off` so that it is durable after the next fence:
+    /// non-temporal stores for blocks of 256 bytes and more, cached stores
+    /// and cache-line write-back below that.
+    fn copy_nodrain(&self, off: u64, src: &[u8]) -> Result<(), PmemError>;
+
+    /// Zeroes `[off, off + len)` so that it is durable after the next fence.
+    fn zero_nodrain(&self, off: u64, len: u64) -> Result<(), PmemError>;
+
+    /// Flush, then fence.
+    fn persist(&self, off: u64, len: u64) -> Result<(), PmemError> {
+        self.flush(off, len)?;
+        self.fence()
+    }
+
+    /// [`Pmem::copy_nodrain`], then fence: `src` is durable on return.
+    fn copy_persist(&self, off: u64, src: &[u8]) -> Result<(), PmemError> {
+        self.copy_nodrain(off, src)?;
+        self.fence()
+    }
+
+    /// [`Pmem::zero_nodrain`], then fence.
+    fn zero_persist(&self, off: u64, len: u64) -> Result<(), PmemError> {
+        self.zero_nodrain(off, len)?;
+        self.fence()
+    }
+}
+
+/// Checks that `[off, off + len)` lies inside a device of `size` bytes.
+pub fn check_range(off: u64, len: u64, size: u64) -> Result<(), PmemError> {
+    match off.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(PmemError::OutOfBounds { off, len, size }),
+    }
+}
+
+/// A [`Pmem`] seen as a [`pcache_format::ReadMedia`], to scan it with the
+/// format crate.
+#[derive(Debug)]
+pub struct AsMedia<'a, P: ?Sized>(pub &'a P);
+
+impl<P: Pmem + ?Sized> pcache_format::ReadMedia for AsMedia<'_, P> {
+    type Error = PmemError;
+
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), PmemError> {
+        self.0.read(off, buf)
+    }
+}
