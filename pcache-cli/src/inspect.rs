@@ -1,0 +1,220 @@
+//! `pcache inspect`: what a device holds, as text or JSON.
+
+use std::path::Path;
+
+use pcache_format::image::{BackingReport, Report, ScanOptions, Severity, scan};
+use pcache_format::{CopyInfo, SEG_SIZE};
+use pcache_pmem::{AsMedia, DaxMapping, DaxOptions};
+use serde_json::{Value, json};
+
+use crate::units::{human, ranges};
+
+/// Opens `device` read-only (under a shared lock) and scans it.
+pub fn open_and_scan(cmd: &str, device: &Path, opts: ScanOptions) -> Result<(DaxMapping, Report), u8> {
+    let map = DaxMapping::open(device, &DaxOptions { read_only: true, ..DaxOptions::default() }).map_err(|e| {
+        eprintln!("pcache {cmd}: {e}");
+        2
+    })?;
+    let report = scan(&AsMedia(&map), opts);
+    Ok((map, report))
+}
+
+pub fn run(device: &Path, json: bool) -> u8 {
+    let Ok((map, report)) = open_and_scan("inspect", device, ScanOptions { walk_logs: true, verify_data: false })
+    else {
+        return 2;
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&to_json(device, &map, &report)).unwrap_or_default());
+    } else {
+        print_text(device, &map, &report);
+    }
+    if report.superblock_ok() { 0 } else { 1 }
+}
+
+fn copy_json(c: &CopyInfo) -> Value {
+    json!({ "seq": c.seq, "crc": format!("{:#010x}", c.stored_crc), "crc_ok": c.crc_ok() })
+}
+
+fn pos_json(p: Option<pcache_format::CachePos>) -> Value {
+    match p {
+        Some(p) => json!({ "seg": p.cache_seg_id.get(), "off": p.seg_off.get() }),
+        None => Value::Null,
+    }
+}
+
+fn backing_json(b: &BackingReport) -> Value {
+    let ci = &b.info.cache_info;
+    let log = b.log.as_ref().map(|l| {
+        json!({
+            "ksets": l.ksets, "last_ksets": l.last_ksets, "keys": l.keys,
+            "dirty_keys": l.dirty_keys, "clean_keys": l.clean_keys, "stale_keys": l.stale_keys,
+            "end": { "seg": l.end.0, "off": l.end.1 }, "dirty_tail_reached": l.dirty_tail_reached,
+        })
+    });
+    json!({
+        "id": b.id,
+        "state": "running",
+        "path": String::from_utf8_lossy(b.info.path()),
+        "dev_size": b.info.dev_size.get() * 512,
+        "copy": b.copy,
+        "copies": b.copies.iter().map(copy_json).collect::<Vec<_>>(),
+        "cache": {
+            "seg_id": ci.seg_id.get(),
+            "n_segs": ci.n_segs.get(),
+            "gc_percent": ci.gc_percent.get(),
+            "data_crc": ci.data_crc(),
+        },
+        "chain": b.chain.iter().map(|s| s.dev_seg).collect::<Vec<_>>(),
+        "chain_complete": b.chain_complete,
+        "gens": b.chain.iter().map(|s| s.gen_).collect::<Vec<_>>(),
+        "key_tail": pos_json(b.key_tail),
+        "dirty_tail": pos_json(b.dirty_tail),
+        "log": log,
+    })
+}
+
+fn findings_json(r: &Report, severity: Severity) -> Vec<String> {
+    r.findings.iter().filter(|f| f.severity == severity).map(|f| f.to_string()).collect()
+}
+
+fn to_json(device: &Path, map: &DaxMapping, r: &Report) -> Value {
+    let sb = &r.superblock;
+    let superblock = sb.raw.map(|raw| {
+        json!({
+            "magic": format!("{:#018x}", raw.magic.get()),
+            "version": raw.version.get(),
+            "flags": raw.flags.get(),
+            "seg_num": raw.seg_num.get(),
+            "crc": format!("{:#010x}", raw.crc.get()),
+            "crc_computed": format!("{:#010x}", sb.computed_crc),
+            "crc_ok": sb.crc_ok(),
+            "ok": sb.error.is_none(),
+            "error": sb.error.map(|e| e.to_string()),
+        })
+    });
+    let meta = r.meta.as_ref().map(|m| {
+        json!({
+            "copies": m.copies.iter().map(copy_json).collect::<Vec<_>>(),
+            "current": m.latest.as_ref().ok().map(|l| l.copy),
+            "error": m.latest.as_ref().err().map(|e| e.to_string()),
+        })
+    });
+    json!({
+        "device": device.display().to_string(),
+        "size": r.device_size,
+        "mapping": map.mode().to_string(),
+        "superblock": superblock,
+        "meta": meta,
+        "backings": r.backings.iter().map(backing_json).collect::<Vec<_>>(),
+        "problems": findings_json(r, Severity::Problem),
+        "notes": findings_json(r, Severity::Note),
+    })
+}
+
+fn copies_text(copies: &[CopyInfo; 2], current: Option<u8>) -> String {
+    let one = |i: usize| {
+        let c = &copies[i];
+        let state = if !c.crc_ok() {
+            "bad CRC"
+        } else if current == Some(i as u8) {
+            "current"
+        } else {
+            "older"
+        };
+        format!("copy {i} seq {} ({state})", c.seq)
+    };
+    format!("{}, {}", one(0), one(1))
+}
+
+fn print_text(device: &Path, map: &DaxMapping, r: &Report) {
+    println!("device      {}", device.display());
+    println!("size        {} ({} bytes)", human(r.device_size), r.device_size);
+    println!("mapping     {}", map.mode());
+    println!();
+    let sb = &r.superblock;
+    match (sb.raw, sb.error) {
+        (None, Some(e)) => println!("superblock  unusable: {e}"),
+        (None, None) => println!("superblock  unreadable"),
+        (Some(raw), Some(e)) if matches!(e.kind, pcache_format::ErrorKind::BadMagic { .. }) => {
+            println!("superblock  none: not a pcache device ({:#018x} where the magic belongs)", raw.magic.get());
+        }
+        (Some(raw), err) => {
+            match err {
+                None => println!("superblock  ok"),
+                Some(e) => println!("superblock  UNUSABLE: {e}"),
+            }
+            println!("  magic     {:#018x}", raw.magic.get());
+            println!("  version   {}", raw.version.get());
+            println!("  flags     {:#06x}", raw.flags.get());
+            let segs = raw.seg_num.get();
+            println!(
+                "  seg_num   {segs} (segment 0 holds the backing table; {} for caches)",
+                human(u64::from(segs.saturating_sub(1)) * SEG_SIZE)
+            );
+            let crc_state =
+                if sb.crc_ok() { "ok".to_string() } else { format!("MISMATCH, computed {:#010x}", sb.computed_crc) };
+            println!("  crc       {:#010x} ({crc_state})", raw.crc.get());
+        }
+    }
+    if let Some(meta) = &r.meta {
+        println!();
+        let current = meta.latest.as_ref().ok().map(|l| l.copy);
+        println!("meta segment  {}", copies_text(&meta.copies, current));
+        if let Err(e) = &meta.latest {
+            println!("  UNUSABLE: {e}");
+        }
+    }
+    if r.layout.is_some() {
+        println!("backings      {} in use of {}", r.backings.len(), pcache_format::META_ENTRIES);
+    }
+    for b in &r.backings {
+        print_backing(b);
+    }
+    let problems = r.problems();
+    let notes = r.findings.len() - problems;
+    println!();
+    if r.findings.is_empty() {
+        println!("no problems found");
+    } else {
+        println!("{problems} problem(s), {notes} note(s):");
+        for f in &r.findings {
+            let tag = if f.severity == Severity::Problem { "problem" } else { "note" };
+            println!("  {tag}: {f}");
+        }
+    }
+}
+
+fn print_backing(b: &BackingReport) {
+    let ci = &b.info.cache_info;
+    println!();
+    println!("backing {}  {}  running", b.id, String::from_utf8_lossy(b.info.path()));
+    println!("  entry       {}", copies_text(&b.copies, Some(b.copy)));
+    let sectors = b.info.dev_size.get();
+    if sectors > 0 {
+        println!("  size        {}", human(sectors * 512));
+    }
+    let n = ci.n_segs.get();
+    println!(
+        "  cache       {n} segments ({}) from segment {}, gc {} %, data crc {}",
+        human(u64::from(n) * SEG_SIZE),
+        ci.seg_id.get(),
+        ci.gc_percent.get(),
+        if ci.data_crc() { "on" } else { "off" }
+    );
+    let chain: Vec<u32> = b.chain.iter().map(|s| s.dev_seg).collect();
+    let complete = if b.chain_complete { String::new() } else { format!("  (INCOMPLETE: {} of {n})", chain.len()) };
+    println!("  chain       {}{complete}", ranges(&chain));
+    let pos = |p: Option<pcache_format::CachePos>| match p {
+        Some(p) => format!("segment {} offset {:#x}", p.cache_seg_id.get(), p.seg_off.get()),
+        None => "unreadable".to_string(),
+    };
+    println!("  key_tail    {}", pos(b.key_tail));
+    println!("  dirty_tail  {}", pos(b.dirty_tail));
+    if let Some(l) = &b.log {
+        println!(
+            "  key log     {} ksets ({} LAST), {} keys: {} dirty, {} clean, {} stale; ends at segment {} offset {:#x}",
+            l.ksets, l.last_ksets, l.keys, l.dirty_keys, l.clean_keys, l.stale_keys, l.end.0, l.end.1
+        );
+    }
+}

@@ -1,0 +1,62 @@
+//! `pcache`: format, inspect and check persistent-memory cache devices.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod check;
+mod format;
+mod inspect;
+mod units;
+
+/// Persistent memory as a crash-safe write-back cache for block devices.
+#[derive(Debug, Parser)]
+#[command(name = "pcache", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Format a pmem device (or an ordinary file standing in for one).
+    Format {
+        /// Device DAX (/dev/daxX.Y), a file on a DAX filesystem, a block
+        /// device, or an ordinary file.
+        device: PathBuf,
+        /// Create DEVICE as a sparse file of this size (e.g. 1G, 512M).
+        #[arg(long, value_parser = units::parse_size)]
+        size: Option<u64>,
+        /// Overwrite an existing pcache format, destroying every cache on it.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show what a device holds: superblock, backing table, caches, key logs.
+    Inspect {
+        /// The device.
+        device: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every record of a device, read-only. Exit status: 0 clean,
+    /// 1 problems found, 2 the device could not be read.
+    Check {
+        /// The device.
+        device: PathBuf,
+        /// Skip verifying the data CRCs of cached data (faster).
+        #[arg(long)]
+        no_data: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Format { device, size, force } => format::run(&device, size, force),
+        Command::Inspect { device, json } => inspect::run(&device, json),
+        Command::Check { device, no_data } => check::run(&device, !no_data),
+    };
+    ExitCode::from(code)
+}

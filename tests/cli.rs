@@ -1,0 +1,282 @@
+//! End-to-end tests of the `pcache` command line: format, inspect, check,
+//! run as a user runs them, on ordinary files standing in for pmem.
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use pcache_format::sparse::{ImageBuilder, SparseImage};
+use pcache_format::{ReadMedia, SB_OFF};
+use serde_json::Value;
+
+fn pcache(args: &[&str]) -> Output {
+    pcache_env(args, &[])
+}
+
+fn pcache_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run pcache")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exit code")
+}
+
+struct Dir {
+    dir: tempfile::TempDir,
+}
+
+impl Dir {
+    fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn inspect_json(dev: &Path) -> (i32, Value) {
+    let o = pcache(&["inspect", "--json", s(dev)]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(&o)));
+    (code(&o), v)
+}
+
+fn flip_byte(path: &Path, off: u64) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], off).unwrap();
+}
+
+/// Writes a sparse image into a new file of the same size.
+fn write_image(img: &SparseImage, path: &Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(img.size()).unwrap();
+    let mut page = [0u8; 4096];
+    for off in img.written_pages() {
+        img.read_at(off, &mut page).unwrap();
+        f.write_all_at(&page, off).unwrap();
+    }
+}
+
+#[test]
+fn format_a_sparse_file_then_inspect() {
+    let d = Dir::new();
+    let dev = d.path("pmem.img");
+    let o = pcache(&["format", s(&dev), "--size", "1G"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("63 of 16 MiB"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("emulated pmem: msync"), "{}", stdout(&o));
+    let meta = std::fs::metadata(&dev).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 < 64 << 20, "the file should stay sparse");
+    }
+
+    let (rc, v) = inspect_json(&dev);
+    assert_eq!(rc, 0);
+    assert_eq!(v["superblock"]["magic"], "0x65b05efa96c596ef");
+    assert_eq!(v["superblock"]["version"], 1);
+    assert_eq!(v["superblock"]["seg_num"], 63);
+    assert_eq!(v["superblock"]["crc_ok"], true);
+    assert_eq!(v["backings"], serde_json::json!([]));
+    assert_eq!(v["meta"]["current"], 0);
+
+    let text = pcache(&["inspect", s(&dev)]);
+    assert_eq!(code(&text), 0);
+    assert!(stdout(&text).contains("superblock  ok"), "{}", stdout(&text));
+    assert!(stdout(&text).contains("no problems found"));
+
+    let check = pcache(&["check", s(&dev)]);
+    assert_eq!(code(&check), 0, "{}", stdout(&check));
+}
+
+#[test]
+fn flipped_superblock_byte_is_reported() {
+    let d = Dir::new();
+    let dev = d.path("pmem.img");
+    assert_eq!(code(&pcache(&["format", s(&dev), "--size", "1G"])), 0);
+    flip_byte(&dev, SB_OFF + 3000);
+    let (rc, v) = inspect_json(&dev);
+    assert_ne!(rc, 0);
+    assert_eq!(v["superblock"]["crc_ok"], false);
+    assert!(v["superblock"]["error"].as_str().unwrap().contains("CRC mismatch"));
+    // inspect still shows what it can.
+    assert_eq!(v["superblock"]["seg_num"], 63);
+    assert!(v["meta"].is_object());
+    let text = pcache(&["inspect", s(&dev)]);
+    assert!(stdout(&text).contains("CRC mismatch"), "{}", stdout(&text));
+    let check = pcache(&["check", s(&dev)]);
+    assert_eq!(code(&check), 1, "{}", stdout(&check));
+    assert!(stdout(&check).contains("problem: superblock: CRC mismatch"), "{}", stdout(&check));
+}
+
+#[test]
+fn refusals_are_clear_and_touch_nothing() {
+    let d = Dir::new();
+    // Too small.
+    let small = d.path("small.img");
+    let o = pcache(&["format", s(&small), "--size", "511M"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("at least 536870912 (512 MiB)"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("small.img"), "{}", stderr(&o));
+    let (rc, v) = inspect_json(&small);
+    assert_eq!(rc, 1);
+    assert_eq!(v["superblock"]["magic"], "0x0000000000000000");
+
+    // Already formatted: refused without --force, done with it.
+    let dev = d.path("pmem.img");
+    assert_eq!(code(&pcache(&["format", s(&dev), "--size", "1G"])), 0);
+    let o = pcache(&["format", s(&dev)]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stderr(&o).contains("already holds a pcache superblock") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    let o = pcache(&["format", "--force", s(&dev)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("previous pcache format was overwritten"));
+
+    // --size that disagrees with an existing file.
+    let o = pcache(&["format", s(&dev), "--size", "2G", "--force"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("exists with 1.00 GiB"), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&dev).unwrap().len(), 1 << 30);
+
+    // Missing file without --size; a directory; a bad size.
+    let o = pcache(&["format", s(&d.path("nope"))]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("does not exist; give --size"), "{}", stderr(&o));
+    let o = pcache(&["format", s(d.dir.path())]);
+    assert_eq!(code(&o), 1);
+    let o = pcache(&["format", s(&d.path("x")), "--size", "12Q"]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("unknown size unit"), "{}", stderr(&o));
+    let o = pcache(&["inspect", s(&d.path("nope"))]);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("No such file"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_device_held_by_another_process_is_refused() {
+    let d = Dir::new();
+    let dev = d.path("pmem.img");
+    assert_eq!(code(&pcache(&["format", s(&dev), "--size", "1G"])), 0);
+    let head = |path: &Path| {
+        let mut b = vec![0u8; 3 * 4096];
+        std::fs::File::open(path).unwrap().read_exact_at(&mut b, 0).unwrap();
+        b
+    };
+    let before = head(&dev);
+    // This test process holds the device as `pcache attach` would.
+    let holder = std::fs::OpenOptions::new().read(true).write(true).open(&dev).unwrap();
+    // SAFETY: flock on a file this test owns.
+    assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    for args in [vec!["format", "--force", s(&dev)], vec!["inspect", s(&dev)], vec!["check", s(&dev)]] {
+        let o = pcache(&args);
+        assert_ne!(code(&o), 0, "{args:?}");
+        let msg = stderr(&o);
+        assert!(msg.contains("is in use by another process"), "{args:?}: {msg}");
+        assert!(msg.contains(&format!("pid {}", std::process::id())), "{args:?}: {msg}");
+    }
+    assert_eq!(head(&dev), before);
+    drop(holder);
+    assert_eq!(code(&pcache(&["check", s(&dev)])), 0);
+}
+
+#[test]
+fn flush_paths_are_selected_by_environment() {
+    let cpu = pcache_pmem::flush::cpu_features();
+    let d = Dir::new();
+    let dev = d.path("pmem.img");
+    let mut cases = vec![(vec![], "flush: none", "emulated pmem: msync")];
+    let forced = ("PCACHE_FORCE_PMEM", "1");
+    if cpu.clwb {
+        cases.push((vec![forced], "flush: clwb", "forced pmem"));
+    }
+    if cpu.clflushopt {
+        cases.push((vec![forced, ("PCACHE_NO_CLWB", "1")], "flush: clflushopt", "forced pmem"));
+    }
+    if cpu.clflush {
+        cases.push((
+            vec![forced, ("PCACHE_NO_CLWB", "1"), ("PCACHE_NO_CLFLUSHOPT", "1"), ("PCACHE_NO_MOVNT", "1")],
+            "flush: clflush",
+            "forced pmem",
+        ));
+    }
+    cases.push((vec![forced, ("PCACHE_NO_FLUSH", "1")], "flush: none", "forced pmem"));
+    for (i, (env, flush, mode)) in cases.into_iter().enumerate() {
+        let size = if i == 0 { vec!["--size", "1G"] } else { vec!["--force"] };
+        let mut args = vec!["format", s(&dev)];
+        args.extend(size);
+        let o = pcache_env(&args, &env);
+        assert_eq!(code(&o), 0, "{env:?}: {}", stderr(&o));
+        assert!(stdout(&o).contains(flush), "{env:?}: {}", stdout(&o));
+        assert!(stdout(&o).contains(mode), "{env:?}: {}", stdout(&o));
+        let check = pcache(&["check", s(&dev)]);
+        assert_eq!(code(&check), 0, "{env:?}: {}", stdout(&check));
+    }
+}
+
+#[test]
+fn caches_are_inspected_and_checked() {
+    let d = Dir::new();
+    let dev = d.path("pmem.img");
+    let mut b = ImageBuilder::format(1 << 30).unwrap();
+    let mut c = b.add_cache(0, b"/srv/disk.img", 1 << 30, 6, true).unwrap();
+    c.write(&mut b, 0, &[0xaa; 4096], false).unwrap();
+    c.write(&mut b, 65536, &[0xbb; 8192], true).unwrap();
+    c.close(&mut b).unwrap();
+    let data_area = b.layout().data_offset(c.chain()[1]).unwrap();
+    write_image(b.image(), &dev);
+
+    let (rc, v) = inspect_json(&dev);
+    assert_eq!(rc, 0, "{v}");
+    let bk = &v["backings"][0];
+    assert_eq!(bk["id"], 0);
+    assert_eq!(bk["state"], "running");
+    assert_eq!(bk["path"], "/srv/disk.img");
+    assert_eq!(bk["cache"]["seg_id"], 1);
+    assert_eq!(bk["cache"]["n_segs"], 6);
+    assert_eq!(bk["cache"]["gc_percent"], 70);
+    assert_eq!(bk["cache"]["data_crc"], true);
+    assert_eq!(bk["key_tail"], serde_json::json!({"seg": 0, "off": 0}));
+    assert_eq!(bk["dirty_tail"], serde_json::json!({"seg": 0, "off": 0}));
+    assert_eq!(bk["chain"], serde_json::json!([1, 2, 3, 4, 5, 6]));
+    let text = stdout(&pcache(&["inspect", s(&dev)]));
+    assert!(text.contains("backing 0  /srv/disk.img  running"), "{text}");
+    assert!(text.contains("chain       1-6"), "{text}");
+    assert!(text.contains("2 keys: 1 dirty, 1 clean"), "{text}");
+
+    let o = pcache(&["check", s(&dev)]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert!(stdout(&o).contains("2 key(s) checked: 0 problem(s)"), "{}", stdout(&o));
+
+    // Damage cached data: check finds it, inspect (which does not read data) does not fail.
+    flip_byte(&dev, data_area + 4096 + 7);
+    let o = pcache(&["check", s(&dev)]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    assert!(stdout(&o).contains("key 1: data CRC mismatch"), "{}", stdout(&o));
+    assert_eq!(code(&pcache(&["check", "--no-data", s(&dev)])), 0);
+    assert_eq!(code(&pcache(&["inspect", s(&dev)])), 0);
+}

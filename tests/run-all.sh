@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs every test of the project: unit, property and end-to-end tests of the
+# workspace, then each fuzz target for a bounded time.
+#
+#   bash tests/run-all.sh            # FUZZ_SECONDS=20 per target by default
+#   FUZZ_SECONDS=300 bash tests/run-all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo test (workspace, all features)"
+cargo test --workspace --all-features
+
+echo "== fuzz targets, ${FUZZ_SECONDS:-20} s each"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "cargo-fuzz is not installed; installing it (cargo install cargo-fuzz --locked)"
+  cargo install cargo-fuzz --locked
+fi
+bash fuzz/run.sh "${FUZZ_SECONDS:-20}"
