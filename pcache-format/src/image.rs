@@ -214,7 +214,11 @@ pub struct Finding {
 
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.location, self.issue)
+        match (&self.location, &self.issue) {
+            // The error names its record already.
+            (Location::Device | Location::Superblock | Location::MetaSegment, Issue::Record(e)) => e.fmt(f),
+            (location, issue) => write!(f, "{location}: {issue}"),
+        }
     }
 }
 

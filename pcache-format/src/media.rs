@@ -231,11 +231,11 @@ pub fn read_cache_segment_info<M: ReadMedia + ?Sized>(
     if info.seg_id.get() != dev_seg {
         return Err(fail(Error::mismatch(R, "seg_id", info.seg_id.get().into(), dev_seg.into())));
     }
-    if let Some(next) = info.next() {
-        if next == 0 || next >= u32::from(layout.seg_num()) {
-            let max = u64::from(layout.seg_num()) - 1;
-            return Err(fail(Error::out_of_range(R, "next_seg", next.into(), 1, max)));
-        }
+    if let Some(next) = info.next()
+        && (next == 0 || next >= u32::from(layout.seg_num()))
+    {
+        let max = u64::from(layout.seg_num()) - 1;
+        return Err(fail(Error::out_of_range(R, "next_seg", next.into(), 1, max)));
     }
     Ok(Found { copies: pair.copies, latest })
 }
@@ -397,11 +397,11 @@ pub fn read_kset<'b, M: ReadMedia + ?Sized>(
         read(m, base + KSET_HEADER_SIZE as u64, &mut buf[KSET_HEADER_SIZE..size])?;
     }
     let record = decode_kset(&buf[..])?;
-    if let KsetRecord::Last { next_cache_seg } = record {
-        if next_cache_seg >= n_segs {
-            let max = u64::from(n_segs).saturating_sub(1);
-            return Err(Error::out_of_range(R, "next_cache_seg_id", next_cache_seg.into(), 0, max).into());
-        }
+    if let KsetRecord::Last { next_cache_seg } = record
+        && next_cache_seg >= n_segs
+    {
+        let max = u64::from(n_segs).saturating_sub(1);
+        return Err(Error::out_of_range(R, "next_cache_seg_id", next_cache_seg.into(), 0, max).into());
     }
     Ok(record)
 }

@@ -69,7 +69,7 @@ fn flipped_superblock_byte_is_a_problem_and_the_rest_still_shows() {
     assert!(!r.superblock.crc_ok());
     let p = problems(&r);
     assert_eq!(p.len(), 1, "{p:?}");
-    assert!(p[0].starts_with("superblock: superblock: CRC mismatch"), "{p:?}");
+    assert!(p[0].starts_with("superblock: CRC mismatch"), "{p:?}");
     assert_eq!(r.backings.len(), 1);
 }
 

@@ -4,12 +4,17 @@
 //! ([`SimPmem`]), and device formatting.
 #![warn(missing_docs)]
 
+pub mod backing;
+pub mod cache;
 pub mod dax;
 pub mod flush;
 pub mod format;
 pub mod pmem;
+pub mod records;
 pub mod sim;
 
+pub use backing::{BackingDev, BackingError, FileBacking, MemBacking};
+pub use cache::{Cache, CacheDev, CacheOptions, EngineError, StartReport, Stats};
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};
 pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, check_range};

@@ -1,0 +1,238 @@
+//! The slow device behind a cache: a file or a block device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A failed backing-device operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {}: {source}", path.display())]
+pub struct BackingError {
+    /// What was being done.
+    pub op: &'static str,
+    /// The device.
+    pub path: PathBuf,
+    /// The error.
+    pub source: io::Error,
+}
+
+/// The device a cache sits in front of. pcache keeps no metadata on it.
+pub trait BackingDev: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `off`.
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError>;
+    /// Writes `data` at `off`.
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError>;
+    /// Makes every completed write durable (`fdatasync`).
+    fn sync(&self) -> Result<(), BackingError>;
+    /// The path, as recorded in the backing table.
+    fn path(&self) -> &Path;
+}
+
+impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        (**self).read_at(off, buf)
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
+        (**self).write_at(off, data)
+    }
+
+    fn sync(&self) -> Result<(), BackingError> {
+        (**self).sync()
+    }
+
+    fn path(&self) -> &Path {
+        (**self).path()
+    }
+}
+
+/// A file or block device, through `pread`/`pwrite`/`fdatasync`.
+#[derive(Debug)]
+pub struct FileBacking {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+/// `_IOR(0x12, 114, size_t)`.
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+impl FileBacking {
+    /// Opens `path` read-write. A block device is opened `O_EXCL`, so it
+    /// cannot be in use by a mounted filesystem at the same time. The
+    /// recorded path is `path` made absolute (symlinks are kept: a stable
+    /// `/dev/disk/by-id/...` name stays stable).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, BackingError> {
+        let path = path.as_ref();
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let err = |op, source| BackingError { op, path: abs.clone(), source };
+        let meta = std::fs::metadata(path).map_err(|e| err("open", e))?;
+        let block = meta.file_type().is_block_device();
+        if !block && !meta.is_file() {
+            return Err(err("open", io::Error::new(io::ErrorKind::InvalidInput, "not a file or block device")));
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(true).custom_flags(libc::O_CLOEXEC | if block { libc::O_EXCL } else { 0 });
+        let file = oo.open(path).map_err(|e| err("open", e))?;
+        let size = if block {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
+            // points at a live local.
+            if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) } != 0 {
+                return Err(err("ioctl BLKGETSIZE64", io::Error::last_os_error()));
+            }
+            size
+        } else {
+            meta.len()
+        };
+        Ok(Self { file, path: abs, size })
+    }
+
+    fn err(&self, op: &'static str, source: io::Error) -> BackingError {
+        BackingError { op, path: self.path.clone(), source }
+    }
+
+    fn check(&self, op: &'static str, off: u64, len: usize) -> Result<(), BackingError> {
+        match off.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(self.err(
+                op,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{len} bytes at {off} pass the end ({})", self.size),
+                ),
+            )),
+        }
+    }
+}
+
+impl BackingDev for FileBacking {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        self.check("read", off, buf.len())?;
+        self.file.read_exact_at(buf, off).map_err(|e| self.err("read", e))
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
+        self.check("write", off, data.len())?;
+        self.file.write_all_at(data, off).map_err(|e| self.err("write", e))
+    }
+
+    fn sync(&self) -> Result<(), BackingError> {
+        self.file.sync_data().map_err(|e| self.err("fdatasync", e))
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A backing device in memory, for tests and examples.
+#[derive(Debug)]
+pub struct MemBacking {
+    data: Mutex<Vec<u8>>,
+    path: PathBuf,
+}
+
+impl MemBacking {
+    /// `size` zero bytes, recorded under `path`.
+    pub fn new(path: impl Into<PathBuf>, size: u64) -> Self {
+        Self { data: Mutex::new(vec![0; size as usize]), path: path.into() }
+    }
+
+    /// A copy of the contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn range(
+        &self,
+        op: &'static str,
+        off: u64,
+        len: usize,
+        size: usize,
+    ) -> Result<std::ops::Range<usize>, BackingError> {
+        let start = usize::try_from(off).ok();
+        match start.and_then(|s| Some(s..s.checked_add(len)?)).filter(|r| r.end <= size) {
+            Some(r) => Ok(r),
+            None => Err(BackingError {
+                op,
+                path: self.path.clone(),
+                source: io::Error::new(io::ErrorKind::InvalidInput, "past the end"),
+            }),
+        }
+    }
+}
+
+impl BackingDev for MemBacking {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).len() as u64
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        let data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.range("read", off, buf.len(), data.len())?;
+        buf.copy_from_slice(&data[r]);
+        Ok(())
+    }
+
+    fn write_at(&self, off: u64, src: &[u8]) -> Result<(), BackingError> {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let len = data.len();
+        let r = self.range("write", off, src.len(), len)?;
+        data[r].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), BackingError> {
+        Ok(())
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_backing_round_trip_and_bounds() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(8192).unwrap();
+        let b = FileBacking::open(f.path()).unwrap();
+        assert_eq!(b.size(), 8192);
+        assert!(b.path().is_absolute());
+        b.write_at(4090, b"hello world").unwrap();
+        b.sync().unwrap();
+        let mut buf = [0u8; 11];
+        b.read_at(4090, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello world");
+        assert!(b.read_at(8190, &mut buf).is_err());
+        assert!(b.write_at(u64::MAX, b"x").is_err());
+        assert!(FileBacking::open("/dev/null").is_err());
+        assert!(FileBacking::open("/nonexistent/x").is_err());
+    }
+
+    #[test]
+    fn mem_backing_bounds() {
+        let m = MemBacking::new("/mem", 100);
+        m.write_at(90, &[1; 10]).unwrap();
+        assert!(m.write_at(91, &[1; 10]).is_err());
+        assert!(m.read_at(u64::MAX, &mut [0; 1]).is_err());
+        assert_eq!(m.contents()[95], 1);
+    }
+}

@@ -1,0 +1,405 @@
+//! The in-memory index of one 4 MiB slice of a backing device: an ordered
+//! map from backing offset to where the data is cached.
+//!
+//! Keys never overlap. Inserting a key fixes up the keys it overlaps so that
+//! the new key wins (spec §2.9.4), in the six cases of the RFC's walk:
+//!
+//! ```text
+//!   existing T = [ts, te), new K = [ks, ke)
+//!   te <= ks                    T before K             untouched
+//!   ts >= ke                    T after K              untouched
+//!   ts >= ks, te <= ke          T inside K             deleted
+//!   ts >= ks, te >  ke          T covers K's tail      cut to [ke, te) (placeholder: deleted)
+//!   ts <  ks, te >  ke          T contains K           split into [ts, ks) and [ke, te)
+//!                                                      (placeholder: cut to [ts, ks))
+//!   ts <  ks, te <= ke          T covers K's head      cut to [ts, ks)
+//! ```
+//!
+//! A placeholder (EMPTY key) marks a read miss in flight. One overlapped at
+//! its head is deleted rather than cut: its data will arrive for its
+//! original offset, and cutting it would cache that data at the wrong place
+//! (the RFC's bug, fixed upstream).
+
+use std::collections::BTreeMap;
+
+/// A placeholder for a read miss in flight (never persisted).
+pub const EMPTY: u8 = 1;
+/// Data filled from the backing device: nothing to write back.
+pub const CLEAN: u8 = 2;
+
+/// An indexed key: where the data of `[off, off + len)` is cached. The
+/// offset is the map key.
+///
+/// The key's data CRC (when the cache keeps them) covers the data as
+/// written, `orig_len` bytes starting `orig_delta` bytes before `seg_off`:
+/// cutting a key's front moves `seg_off` but not the CRC's extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IKey {
+    /// Generation of the segment when the data was allocated.
+    pub seg_gen: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Cache segment index (for a placeholder: its fill id).
+    pub cache_seg: u32,
+    /// Offset of the data in the segment's data area.
+    pub seg_off: u32,
+    /// CRC of the data as written (0 when the cache keeps no CRCs).
+    pub crc: u32,
+    /// Bytes cut from the front since the key was written.
+    pub orig_delta: u32,
+    /// Length as written.
+    pub orig_len: u32,
+    /// [`EMPTY`], [`CLEAN`].
+    pub flags: u8,
+}
+
+impl IKey {
+    /// A placeholder of `len` bytes for fill `id`.
+    pub fn placeholder(len: u32, id: u32) -> Self {
+        Self { seg_gen: 0, len, cache_seg: id, seg_off: 0, crc: 0, orig_delta: 0, orig_len: len, flags: EMPTY }
+    }
+
+    /// Whether this is a placeholder.
+    pub fn is_empty(&self) -> bool {
+        self.flags & EMPTY != 0
+    }
+
+    /// Whether the data must be written back.
+    pub fn is_dirty(&self) -> bool {
+        self.flags & (EMPTY | CLEAN) == 0
+    }
+
+    fn cut_front(&mut self, n: u32) {
+        self.len -= n;
+        if !self.is_empty() {
+            self.seg_off += n;
+            self.orig_delta += n;
+        }
+    }
+}
+
+/// Changes to the counters of an index.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delta {
+    /// Keys with data (not placeholders).
+    pub keys: i64,
+    /// Bytes of dirty keys.
+    pub dirty_bytes: i64,
+    /// Bytes of clean keys.
+    pub clean_bytes: i64,
+}
+
+impl Delta {
+    fn account(&mut self, k: &IKey, sign: i64) {
+        if k.is_empty() {
+            return;
+        }
+        self.keys += sign;
+        if k.is_dirty() {
+            self.dirty_bytes += sign * i64::from(k.len);
+        } else {
+            self.clean_bytes += sign * i64::from(k.len);
+        }
+    }
+}
+
+/// What a range of a read maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// Cached: `len` bytes at `off` come from `key`, starting `skip` bytes
+    /// into it.
+    Hit {
+        /// Backing offset.
+        off: u64,
+        /// Length.
+        len: u32,
+        /// The key.
+        key: IKey,
+        /// Offset of `off` inside the key.
+        skip: u32,
+    },
+    /// Not cached.
+    Miss {
+        /// Backing offset.
+        off: u64,
+        /// Length.
+        len: u32,
+    },
+    /// A read miss of another request is filling this range.
+    Pending {
+        /// Backing offset.
+        off: u64,
+        /// Length.
+        len: u32,
+        /// The fill.
+        id: u32,
+    },
+}
+
+/// The index of one slice.
+#[derive(Debug, Default)]
+pub struct Slice {
+    map: BTreeMap<u64, IKey>,
+}
+
+impl Slice {
+    /// Number of entries (keys and placeholders).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the slice holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Every entry, in offset order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &IKey)> {
+        self.map.iter().map(|(o, k)| (*o, k))
+    }
+
+    /// The entry at exactly `off`.
+    pub fn get(&self, off: u64) -> Option<&IKey> {
+        self.map.get(&off)
+    }
+
+    fn put(&mut self, off: u64, key: IKey, d: &mut Delta) {
+        d.account(&key, 1);
+        if let Some(old) = self.map.insert(off, key) {
+            d.account(&old, -1);
+        }
+    }
+
+    fn take(&mut self, off: u64, d: &mut Delta) -> Option<IKey> {
+        let k = self.map.remove(&off)?;
+        d.account(&k, -1);
+        Some(k)
+    }
+
+    /// Removes the entry at `off`.
+    pub fn remove(&mut self, off: u64, d: &mut Delta) -> Option<IKey> {
+        self.take(off, d)
+    }
+
+    /// Inserts `key` at `off`; every overlapped part of existing keys is
+    /// cut away so the new key wins.
+    pub fn insert(&mut self, ks: u64, key: IKey, d: &mut Delta) {
+        let ke = ks + u64::from(key.len);
+        // A key starting before K that reaches into it.
+        if let Some((&ts, &t)) = self.map.range(..ks).next_back() {
+            let te = ts + u64::from(t.len);
+            if te > ks {
+                let mut head = t;
+                head.len = (ks - ts) as u32;
+                self.put(ts, head, d);
+                if te > ke && !t.is_empty() {
+                    let mut tail = t;
+                    tail.cut_front((ke - ts) as u32);
+                    self.put(ke, tail, d);
+                }
+            }
+        }
+        // Keys starting inside K.
+        let inside: Vec<u64> = self.map.range(ks..ke).map(|(o, _)| *o).collect();
+        for ts in inside {
+            let Some(t) = self.take(ts, d) else { continue };
+            let te = ts + u64::from(t.len);
+            if te > ke && !t.is_empty() {
+                let mut tail = t;
+                tail.cut_front((ke - ts) as u32);
+                self.put(ke, tail, d);
+            }
+        }
+        self.put(ks, key, d);
+    }
+
+    /// Removes the keys `stale` says are stale among those overlapping
+    /// `[ks, ke)`; returns how many.
+    pub fn drop_stale(&mut self, ks: u64, ke: u64, stale: impl Fn(&IKey) -> bool, d: &mut Delta) -> usize {
+        let found: Vec<u64> = self.overlapping(ks, ke).filter(|(_, k)| stale(k)).map(|(o, _)| o).collect();
+        for o in &found {
+            self.take(*o, d);
+        }
+        found.len()
+    }
+
+    /// Entries overlapping `[ks, ke)`, in order.
+    pub fn overlapping(&self, ks: u64, ke: u64) -> impl Iterator<Item = (u64, IKey)> + '_ {
+        let before = self.map.range(..ks).next_back().filter(|(o, k)| **o + u64::from(k.len) > ks);
+        before.into_iter().chain(self.map.range(ks..ke)).map(|(o, k)| (*o, *k))
+    }
+
+    /// How `[ks, ke)` maps onto the index: hits, misses and pending fills,
+    /// in order, covering the range exactly.
+    pub fn lookup(&self, ks: u64, ke: u64) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        let mut at = ks;
+        for (ts, t) in self.overlapping(ks, ke) {
+            let start = ts.max(ks);
+            let end = (ts + u64::from(t.len)).min(ke);
+            if start > at {
+                pieces.push(Piece::Miss { off: at, len: (start - at) as u32 });
+            }
+            let len = (end - start) as u32;
+            pieces.push(if t.is_empty() {
+                Piece::Pending { off: start, len, id: t.cache_seg }
+            } else {
+                Piece::Hit { off: start, len, key: t, skip: (start - ts) as u32 }
+            });
+            at = end;
+        }
+        if at < ke {
+            pieces.push(Piece::Miss { off: at, len: (ke - at) as u32 });
+        }
+        pieces
+    }
+
+    /// Removes clean keys from `[ks, ke)`, cutting those that cross its ends.
+    pub fn drop_clean(&mut self, ks: u64, ke: u64, d: &mut Delta) {
+        let clean: Vec<(u64, IKey)> =
+            self.overlapping(ks, ke).filter(|(_, k)| !k.is_empty() && !k.is_dirty()).collect();
+        for (ts, t) in clean {
+            let te = ts + u64::from(t.len);
+            self.take(ts, d);
+            if ts < ks {
+                let mut head = t;
+                head.len = (ks - ts) as u32;
+                self.put(ts, head, d);
+            }
+            if te > ke {
+                let mut tail = t;
+                tail.cut_front((ke - ts) as u32);
+                self.put(ke, tail, d);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(len: u32, seg: u32, seg_off: u32) -> IKey {
+        IKey { seg_gen: 0, len, cache_seg: seg, seg_off, crc: 0, orig_delta: 0, orig_len: len, flags: 0 }
+    }
+
+    fn entries(s: &Slice) -> Vec<(u64, u32, u32, u32)> {
+        s.iter().map(|(o, k)| (o, k.len, k.cache_seg, k.seg_off)).collect()
+    }
+
+    fn with(existing: (u64, u32), new: (u64, u32)) -> Slice {
+        let mut s = Slice::default();
+        let mut d = Delta::default();
+        s.insert(existing.0, key(existing.1, 1, 1000), &mut d);
+        s.insert(new.0, key(new.1, 2, 0), &mut d);
+        s
+    }
+
+    #[test]
+    fn six_cases() {
+        // T before K, and T after K: untouched.
+        assert_eq!(entries(&with((0, 100), (100, 50))), vec![(0, 100, 1, 1000), (100, 50, 2, 0)]);
+        assert_eq!(entries(&with((200, 100), (100, 100))), vec![(100, 100, 2, 0), (200, 100, 1, 1000)]);
+        // T inside K: deleted (also when equal).
+        assert_eq!(entries(&with((120, 10), (100, 50))), vec![(100, 50, 2, 0)]);
+        assert_eq!(entries(&with((100, 50), (100, 50))), vec![(100, 50, 2, 0)]);
+        // T covers K's tail: cut to [ke, te), data location advanced.
+        assert_eq!(entries(&with((120, 100), (100, 50))), vec![(100, 50, 2, 0), (150, 70, 1, 1030)]);
+        // T contains K: split, the tail's location advanced by ke - ts.
+        assert_eq!(entries(&with((0, 300), (100, 50))), vec![(0, 100, 1, 1000), (100, 50, 2, 0), (150, 150, 1, 1150)]);
+        // T covers K's head: cut to [ts, ks).
+        assert_eq!(entries(&with((0, 120), (100, 50))), vec![(0, 100, 1, 1000), (100, 50, 2, 0)]);
+        assert_eq!(entries(&with((0, 150), (100, 50))), vec![(0, 100, 1, 1000), (100, 50, 2, 0)]);
+    }
+
+    #[test]
+    fn placeholders_are_deleted_or_cut_back_never_moved() {
+        let mut s = Slice::default();
+        let mut d = Delta::default();
+        s.insert(120, IKey::placeholder(100, 7), &mut d);
+        s.insert(100, key(50, 2, 0), &mut d);
+        assert_eq!(entries(&s), vec![(100, 50, 2, 0)], "overlapped at its head: deleted");
+        let mut s = Slice::default();
+        s.insert(0, IKey::placeholder(300, 7), &mut d);
+        s.insert(100, key(50, 2, 0), &mut d);
+        assert_eq!(entries(&s), vec![(0, 100, 7, 0), (100, 50, 2, 0)], "containing: cut back, not split");
+    }
+
+    #[test]
+    fn cut_keys_remember_their_crc_extent() {
+        let mut s = Slice::default();
+        let mut d = Delta::default();
+        s.insert(0, key(300, 1, 1000), &mut d);
+        s.insert(0, key(100, 2, 0), &mut d);
+        let k = s.get(100).unwrap();
+        assert_eq!((k.seg_off, k.orig_delta, k.orig_len), (1100, 100, 300));
+    }
+
+    #[test]
+    fn lookup_pieces() {
+        let mut s = Slice::default();
+        let mut d = Delta::default();
+        s.insert(100, key(100, 1, 0), &mut d);
+        s.insert(300, IKey::placeholder(50, 9), &mut d);
+        let p = s.lookup(50, 400);
+        assert_eq!(
+            p,
+            vec![
+                Piece::Miss { off: 50, len: 50 },
+                Piece::Hit { off: 100, len: 100, key: key(100, 1, 0), skip: 0 },
+                Piece::Miss { off: 200, len: 100 },
+                Piece::Pending { off: 300, len: 50, id: 9 },
+                Piece::Miss { off: 350, len: 50 },
+            ]
+        );
+        assert_eq!(s.lookup(150, 160), vec![Piece::Hit { off: 150, len: 10, key: key(100, 1, 0), skip: 50 }]);
+    }
+
+    #[test]
+    fn counters_follow_changes() {
+        let mut s = Slice::default();
+        let mut d = Delta::default();
+        s.insert(0, key(300, 1, 0), &mut d);
+        let mut clean = key(100, 1, 0);
+        clean.flags = CLEAN;
+        s.insert(1000, clean, &mut d);
+        s.insert(100, key(50, 2, 0), &mut d);
+        assert_eq!(d, Delta { keys: 4, dirty_bytes: 300, clean_bytes: 100 });
+        s.drop_clean(0, 2000, &mut d);
+        assert_eq!(d, Delta { keys: 3, dirty_bytes: 300, clean_bytes: 0 });
+    }
+
+    proptest! {
+        /// Any sequence of inserts leaves an index that maps every byte to
+        /// the newest key covering it, at the right place in its data.
+        #[test]
+        fn index_matches_byte_model(ops in proptest::collection::vec((0u64..2000, 1u32..400), 1..60)) {
+            let mut s = Slice::default();
+            let mut d = Delta::default();
+            // model[b] = (writer index, offset of b in that writer's data)
+            let mut model: Vec<Option<(u32, u32)>> = vec![None; 2400];
+            for (i, (off, len)) in ops.iter().enumerate() {
+                s.insert(*off, key(*len, i as u32, 0), &mut d);
+                for b in 0..*len {
+                    model[(*off + u64::from(b)) as usize] = Some((i as u32, b));
+                }
+            }
+            let mut seen: Vec<Option<(u32, u32)>> = vec![None; 2400];
+            let mut prev_end = 0;
+            let mut keys = 0i64;
+            let mut bytes = 0i64;
+            for (o, k) in s.iter() {
+                prop_assert!(o >= prev_end, "overlap at {}", o);
+                prev_end = o + u64::from(k.len);
+                keys += 1;
+                bytes += i64::from(k.len);
+                for b in 0..k.len {
+                    seen[(o + u64::from(b)) as usize] = Some((k.cache_seg, k.seg_off + b));
+                }
+            }
+            prop_assert_eq!(seen, model);
+            prop_assert_eq!(d, Delta { keys, dirty_bytes: bytes, clean_bytes: 0 });
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Loading an existing cache: its chain, generations, tails, and the replay
+//! of its key log (spec §2.8.1, §2.9.13). Loading only reads, so it also
+//! serves read-only inspection.
+
+use std::collections::BTreeMap;
+
+use pcache_format::media::{ChainWalk, read_gen, read_kset, read_tails};
+use pcache_format::{BackingDevInfo, CACHE_SUBTREE_SHIFT, ErrorKind, KsetRecord, Layout, Record};
+
+use super::EngineError;
+use super::dev::format_err;
+use super::index::{CLEAN, Delta, IKey, Slice};
+use crate::pmem::{AsMedia, Pmem};
+
+/// A position in the key log: cache segment index and offset in its data area.
+pub type LogPos = (u32, u32);
+
+/// What replay went through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayStats {
+    /// Ksets with keys.
+    pub ksets: u64,
+    /// LAST ksets.
+    pub last_ksets: u64,
+    /// Keys read.
+    pub keys: u64,
+    /// Keys dropped because their segment was reclaimed since.
+    pub stale_keys: u64,
+    /// The log ended at a kset torn by a crash (its CRC bad).
+    pub torn_end: bool,
+}
+
+/// Everything loading a cache rebuilds.
+#[derive(Debug)]
+pub struct Loaded {
+    /// Device segment of each cache segment.
+    pub dev_segs: Vec<u32>,
+    /// Generation of each cache segment.
+    pub gens: Vec<u64>,
+    /// Keys in the log referencing each cache segment.
+    pub refs: Vec<u32>,
+    /// Cache segments in use (key log or referenced data).
+    pub used: Vec<bool>,
+    /// The index, by slice.
+    pub slices: BTreeMap<u64, Slice>,
+    /// Counters of the index.
+    pub delta: Delta,
+    /// Oldest kset still owned.
+    pub key_tail: LogPos,
+    /// Oldest kset not written back.
+    pub dirty_tail: LogPos,
+    /// Where the next kset goes.
+    pub key_head: LogPos,
+    /// The segments the log runs through, in order from the key tail.
+    pub log_segs: Vec<u32>,
+    /// What replay saw.
+    pub replay: ReplayStats,
+}
+
+fn corrupt(at: LogPos, what: impl std::fmt::Display) -> EngineError {
+    EngineError::Corrupt(format!("key log at segment {} offset {:#x}: {what} (run `pcache check`)", at.0, at.1))
+}
+
+/// Errors a crash leaves at the end of the log: the newest kset torn.
+fn torn(e: &pcache_format::Error) -> bool {
+    e.record == Record::Kset
+        && matches!(e.kind, ErrorKind::BadCrc { .. } | ErrorKind::OutOfRange { field: "key_num", found: 0, .. })
+}
+
+/// Loads the cache of backing entry `info` for a backing device of
+/// `dev_size` bytes. Every on-media value is checked before use; a damaged
+/// cache is refused with the place and the reason, except for the one
+/// thing a crash leaves behind, a torn newest kset, which ends the log.
+pub fn load<P: Pmem + ?Sized>(
+    pmem: &P,
+    layout: &Layout,
+    info: &BackingDevInfo,
+    dev_size: u64,
+) -> Result<Loaded, EngineError> {
+    let media = AsMedia(pmem);
+    let ci = info.cache_info;
+    let n_segs = ci.n_segs.get();
+    let mut dev_segs = Vec::with_capacity(n_segs as usize);
+    let mut walk = ChainWalk::new(ci.seg_id.get(), n_segs);
+    while let Some(step) = walk.next(&media, layout) {
+        dev_segs.push(step.map_err(format_err)?.dev_seg);
+    }
+    let mut gens = Vec::with_capacity(dev_segs.len());
+    for (i, &seg) in dev_segs.iter().enumerate() {
+        let pair = read_gen(&media, layout, seg).map_err(format_err)?;
+        let g =
+            pair.latest.map_err(|e| EngineError::Corrupt(format!("cache segment {i} (device segment {seg}): {e}")))?;
+        gens.push(g.record.gen_.get());
+    }
+    let tails = read_tails(&media, layout, dev_segs[0], n_segs).map_err(format_err)?;
+    let pos = |p: Result<pcache_format::Latest<pcache_format::CachePos>, pcache_format::Error>| {
+        p.map(|l| (l.record.cache_seg_id.get(), l.record.seg_off.get()))
+            .map_err(|e| EngineError::Corrupt(e.to_string()))
+    };
+    let key_tail = pos(tails.key_tail.latest)?;
+    let dirty_tail = pos(tails.dirty_tail.latest)?;
+
+    let n = n_segs as usize;
+    let mut refs = vec![0u32; n];
+    let mut used = vec![false; n];
+    let mut in_log = vec![false; n];
+    let mut log_segs = vec![key_tail.0];
+    let mut slices: BTreeMap<u64, Slice> = BTreeMap::new();
+    let mut delta = Delta::default();
+    let mut replay = ReplayStats::default();
+    let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
+    let mut at = key_tail;
+    let mut dirty_reached = false;
+    in_log[at.0 as usize] = true;
+    loop {
+        if at == dirty_tail {
+            dirty_reached = true;
+        }
+        let record = match read_kset(&media, layout, dev_segs[at.0 as usize], at.1, n_segs, &mut buf) {
+            Ok(r) => r,
+            Err(pcache_format::ReadError::Format(e)) if torn(&e) => {
+                replay.torn_end = true;
+                break;
+            }
+            Err(e) => return Err(corrupt(at, format_err(e))),
+        };
+        match record {
+            KsetRecord::End { magic: 0 } => break,
+            KsetRecord::End { magic } => {
+                return Err(corrupt(at, format!("no kset and no terminator (magic {magic:#018x})")));
+            }
+            KsetRecord::Last { next_cache_seg } => {
+                replay.last_ksets += 1;
+                let seen = &mut in_log[next_cache_seg as usize];
+                if *seen {
+                    return Err(corrupt(at, format!("LAST kset leads back to segment {next_cache_seg}")));
+                }
+                *seen = true;
+                log_segs.push(next_cache_seg);
+                at = (next_cache_seg, 0);
+            }
+            KsetRecord::Keys { keys } => {
+                replay.ksets += 1;
+                for (i, k) in keys.iter().enumerate() {
+                    replay.keys += 1;
+                    k.check_in(n_segs, dev_size).map_err(|e| corrupt(at, e.at_index(i as u32)))?;
+                    let seg = k.cache_seg_id.get() as usize;
+                    used[seg] = true;
+                    refs[seg] += 1;
+                    let (kg, sg) = (k.seg_gen.get(), gens[seg]);
+                    if kg < sg {
+                        replay.stale_keys += 1;
+                        continue;
+                    }
+                    if kg > sg {
+                        return Err(corrupt(at, format!("key {i} has generation {kg}, newer than its segment's {sg}")));
+                    }
+                    let len = k.len.get();
+                    let ikey = IKey {
+                        seg_gen: kg,
+                        len,
+                        cache_seg: seg as u32,
+                        seg_off: k.cache_seg_off.get(),
+                        crc: k.data_crc.get(),
+                        orig_delta: 0,
+                        orig_len: len,
+                        flags: if k.is_dirty() { 0 } else { CLEAN },
+                    };
+                    let off = k.off.get();
+                    slices.entry(off >> CACHE_SUBTREE_SHIFT).or_default().insert(off, ikey, &mut delta);
+                }
+                at.1 += pcache_format::kset_size(keys.len()) as u32;
+            }
+        }
+    }
+    if !dirty_reached {
+        return Err(EngineError::Corrupt(format!(
+            "the dirty tail (segment {} offset {:#x}) is not on the key log (run `pcache check`)",
+            dirty_tail.0, dirty_tail.1
+        )));
+    }
+    for (i, (&log, &r)) in in_log.iter().zip(&refs).enumerate() {
+        if log && r > 0 {
+            return Err(EngineError::Corrupt(format!(
+                "cache segment {i} is both in the key log and referenced by keys"
+            )));
+        }
+    }
+    for &s in &log_segs {
+        used[s as usize] = true;
+    }
+    Ok(Loaded { dev_segs, gens, refs, used, slices, delta, key_tail, dirty_tail, key_head: at, log_segs, replay })
+}
