@@ -280,3 +280,40 @@ fn caches_are_inspected_and_checked() {
     assert_eq!(code(&pcache(&["check", "--no-data", s(&dev)])), 0);
     assert_eq!(code(&pcache(&["inspect", s(&dev)])), 0);
 }
+
+#[test]
+fn engine_caches_show_live_keys() {
+    use pcache_pmem::{Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, FileBacking};
+    let d = Dir::new();
+    let dev = d.path("pmem.img");
+    let disk = d.path("disk.img");
+    assert_eq!(code(&pcache(&["format", s(&dev), "--size", "1G"])), 0);
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    {
+        let map = DaxMapping::open(&dev, &DaxOptions::default()).unwrap();
+        let cdev = CacheDev::open(map).unwrap();
+        let opts = CacheOptions { cache_size: Some(256 << 20), data_crc: true, ..Default::default() };
+        let (cache, _) = Cache::start(cdev, FileBacking::open(&disk).unwrap(), &opts).unwrap();
+        cache.write(0, &[1u8; 8192], false).unwrap();
+        cache.write(0, &[2u8; 8192], false).unwrap(); // overwrites the first key
+        cache.write(1 << 20, &[3u8; 4096], false).unwrap();
+        let mut buf = [0u8; 4096];
+        cache.read(2 << 20, &mut buf).unwrap(); // a miss, cached clean
+        cache.stop().unwrap();
+    }
+    let (rc, v) = inspect_json(&dev);
+    assert_eq!(rc, 0, "{v}");
+    let b = &v["backings"][0];
+    assert_eq!(b["path"], s(&disk));
+    assert_eq!(b["dev_size"], 64 << 20);
+    assert_eq!(b["cache"]["n_segs"], 16);
+    assert_eq!(b["cache"]["data_crc"], true);
+    assert_eq!(b["log"]["keys"], 4, "{b}");
+    assert_eq!(b["keys"]["dirty"], 2, "{b}");
+    assert_eq!(b["keys"]["clean"], 1, "{b}");
+    assert_eq!(b["keys"]["dirty_bytes"], 8192 + 4096);
+    let text = stdout(&pcache(&["inspect", s(&dev)]));
+    assert!(text.contains("live keys   2 dirty (12.00 KiB), 1 clean (4.00 KiB)"), "{text}");
+    let o = pcache(&["check", s(&dev)]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+}

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use pcache_format::image::{BackingReport, Report, ScanOptions, Severity, scan};
 use pcache_format::{CopyInfo, SEG_SIZE};
-use pcache_pmem::{AsMedia, DaxMapping, DaxOptions};
+use pcache_pmem::{AsMedia, CacheSummary, DaxMapping, DaxOptions, summarize};
 use serde_json::{Value, json};
 
 use crate::units::{human, ranges};
@@ -19,15 +19,24 @@ pub fn open_and_scan(cmd: &str, device: &Path, opts: ScanOptions) -> Result<(Dax
     Ok((map, report))
 }
 
+/// Live keys of each cache, by a read-only replay (or why it failed).
+type Summaries = Vec<Result<CacheSummary, String>>;
+
+fn summaries(map: &DaxMapping, r: &Report) -> Summaries {
+    let Some(layout) = r.layout else { return Vec::new() };
+    r.backings.iter().map(|b| summarize(map, &layout, &b.info).map_err(|e| e.to_string())).collect()
+}
+
 pub fn run(device: &Path, json: bool) -> u8 {
     let Ok((map, report)) = open_and_scan("inspect", device, ScanOptions { walk_logs: true, verify_data: false })
     else {
         return 2;
     };
+    let sums = summaries(&map, &report);
     if json {
-        println!("{}", serde_json::to_string_pretty(&to_json(device, &map, &report)).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(&to_json(device, &map, &report, &sums)).unwrap_or_default());
     } else {
-        print_text(device, &map, &report);
+        print_text(device, &map, &report, &sums);
     }
     if report.superblock_ok() { 0 } else { 1 }
 }
@@ -43,7 +52,19 @@ fn pos_json(p: Option<pcache_format::CachePos>) -> Value {
     }
 }
 
-fn backing_json(b: &BackingReport) -> Value {
+fn keys_json(sum: Option<&Result<CacheSummary, String>>) -> Value {
+    match sum {
+        Some(Ok(s)) => json!({
+            "dirty": s.dirty_keys, "clean": s.clean_keys,
+            "dirty_bytes": s.dirty_bytes, "clean_bytes": s.clean_bytes,
+            "segments_used": s.segments_used,
+        }),
+        Some(Err(e)) => json!({ "error": e }),
+        None => Value::Null,
+    }
+}
+
+fn backing_json(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) -> Value {
     let ci = &b.info.cache_info;
     let log = b.log.as_ref().map(|l| {
         json!({
@@ -71,6 +92,7 @@ fn backing_json(b: &BackingReport) -> Value {
         "key_tail": pos_json(b.key_tail),
         "dirty_tail": pos_json(b.dirty_tail),
         "log": log,
+        "keys": keys_json(sum),
     })
 }
 
@@ -78,7 +100,7 @@ fn findings_json(r: &Report, severity: Severity) -> Vec<String> {
     r.findings.iter().filter(|f| f.severity == severity).map(|f| f.to_string()).collect()
 }
 
-fn to_json(device: &Path, map: &DaxMapping, r: &Report) -> Value {
+fn to_json(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) -> Value {
     let sb = &r.superblock;
     let superblock = sb.raw.map(|raw| {
         json!({
@@ -106,7 +128,7 @@ fn to_json(device: &Path, map: &DaxMapping, r: &Report) -> Value {
         "mapping": map.mode().to_string(),
         "superblock": superblock,
         "meta": meta,
-        "backings": r.backings.iter().map(backing_json).collect::<Vec<_>>(),
+        "backings": r.backings.iter().enumerate().map(|(i, b)| backing_json(b, sums.get(i))).collect::<Vec<_>>(),
         "problems": findings_json(r, Severity::Problem),
         "notes": findings_json(r, Severity::Note),
     })
@@ -127,7 +149,7 @@ fn copies_text(copies: &[CopyInfo; 2], current: Option<u8>) -> String {
     format!("{}, {}", one(0), one(1))
 }
 
-fn print_text(device: &Path, map: &DaxMapping, r: &Report) {
+fn print_text(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) {
     println!("device      {}", device.display());
     println!("size        {} ({} bytes)", human(r.device_size), r.device_size);
     println!("mapping     {}", map.mode());
@@ -168,8 +190,8 @@ fn print_text(device: &Path, map: &DaxMapping, r: &Report) {
     if r.layout.is_some() {
         println!("backings      {} in use of {}", r.backings.len(), pcache_format::META_ENTRIES);
     }
-    for b in &r.backings {
-        print_backing(b);
+    for (i, b) in r.backings.iter().enumerate() {
+        print_backing(b, sums.get(i));
     }
     let problems = r.problems();
     let notes = r.findings.len() - problems;
@@ -185,7 +207,7 @@ fn print_text(device: &Path, map: &DaxMapping, r: &Report) {
     }
 }
 
-fn print_backing(b: &BackingReport) {
+fn print_backing(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) {
     let ci = &b.info.cache_info;
     println!();
     println!("backing {}  {}  running", b.id, String::from_utf8_lossy(b.info.path()));
@@ -216,5 +238,17 @@ fn print_backing(b: &BackingReport) {
             "  key log     {} ksets ({} LAST), {} keys: {} dirty, {} clean, {} stale; ends at segment {} offset {:#x}",
             l.ksets, l.last_ksets, l.keys, l.dirty_keys, l.clean_keys, l.stale_keys, l.end.0, l.end.1
         );
+    }
+    match sum {
+        Some(Ok(s)) => println!(
+            "  live keys   {} dirty ({}), {} clean ({}); {} of {n} segments in use",
+            s.dirty_keys,
+            human(s.dirty_bytes),
+            s.clean_keys,
+            human(s.clean_bytes),
+            s.segments_used
+        ),
+        Some(Err(e)) => println!("  live keys   unavailable: {e}"),
+        None => {}
     }
 }

@@ -4,6 +4,11 @@
 //! ([`SimPmem`]), and device formatting.
 #![warn(missing_docs)]
 
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod backing;
 pub mod cache;
 pub mod dax;
@@ -14,7 +19,7 @@ pub mod records;
 pub mod sim;
 
 pub use backing::{BackingDev, BackingError, FileBacking, MemBacking};
-pub use cache::{Cache, CacheDev, CacheOptions, EngineError, StartReport, Stats};
+pub use cache::{Cache, CacheDev, CacheOptions, CacheSummary, EngineError, StartReport, Stats, summarize};
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};
 pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, check_range};

@@ -185,13 +185,22 @@ impl Slice {
     /// cut away so the new key wins.
     pub fn insert(&mut self, ks: u64, key: IKey, d: &mut Delta) {
         let ke = ks + u64::from(key.len);
-        // A key starting before K that reaches into it.
-        if let Some((&ts, &t)) = self.map.range(..ks).next_back() {
-            let te = ts + u64::from(t.len);
-            if te > ks {
-                let mut head = t;
-                head.len = (ks - ts) as u32;
-                self.put(ts, head, d);
+        let ends_after = |(ts, t): (&u64, &IKey)| *ts + u64::from(t.len) > ks;
+        // Keys are sorted and disjoint: walking back from K's end, the
+        // overlapping ones come first, and the first that ends before K
+        // starts ends the search. Most inserts overlap nothing.
+        if self.map.range(..ke).next_back().is_some_and(ends_after) {
+            let overlapping: Vec<(u64, IKey)> =
+                self.map.range(..ke).rev().take_while(|e| ends_after(*e)).map(|(o, k)| (*o, *k)).collect();
+            for (ts, t) in overlapping {
+                let te = ts + u64::from(t.len);
+                if ts < ks {
+                    let mut head = t;
+                    head.len = (ks - ts) as u32;
+                    self.put(ts, head, d);
+                } else {
+                    self.take(ts, d);
+                }
                 if te > ke && !t.is_empty() {
                     let mut tail = t;
                     tail.cut_front((ke - ts) as u32);
@@ -199,18 +208,13 @@ impl Slice {
                 }
             }
         }
-        // Keys starting inside K.
-        let inside: Vec<u64> = self.map.range(ks..ke).map(|(o, _)| *o).collect();
-        for ts in inside {
-            let Some(t) = self.take(ts, d) else { continue };
-            let te = ts + u64::from(t.len);
-            if te > ke && !t.is_empty() {
-                let mut tail = t;
-                tail.cut_front((ke - ts) as u32);
-                self.put(ke, tail, d);
-            }
-        }
         self.put(ks, key, d);
+    }
+
+    /// The key that covers all of `[ks, ke)`, if one does.
+    pub fn covering(&self, ks: u64, ke: u64) -> Option<(u64, IKey)> {
+        let (ts, t) = self.map.range(..=ks).next_back()?;
+        (*ts + u64::from(t.len) >= ke).then_some((*ts, *t))
     }
 
     /// Removes the keys `stale` says are stale among those overlapping

@@ -314,6 +314,54 @@ impl<P: Pmem, B: BackingDev> std::fmt::Debug for Cache<P, B> {
     }
 }
 
+/// What a read-only replay of a cache finds: the live keys, after later
+/// keys have overwritten earlier ones and stale keys are dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheSummary {
+    /// Live dirty keys (not yet written back).
+    pub dirty_keys: u64,
+    /// Live clean keys.
+    pub clean_keys: u64,
+    /// Bytes of live dirty keys.
+    pub dirty_bytes: u64,
+    /// Bytes of live clean keys.
+    pub clean_bytes: u64,
+    /// Cache segments in use.
+    pub segments_used: u32,
+    /// Where the next kset goes.
+    pub key_head: LogPos,
+    /// What replay read.
+    pub replay: ReplayStats,
+}
+
+/// Replays the cache of backing entry `info` without changing anything
+/// (for `pcache inspect`).
+pub fn summarize<P: Pmem + ?Sized>(
+    pmem: &P,
+    layout: &pcache_format::Layout,
+    info: &BackingDevInfo,
+) -> Result<CacheSummary, EngineError> {
+    let sectors = info.dev_size.get();
+    let dev_size = if sectors == 0 { u64::MAX } else { sectors.saturating_mul(512) };
+    let loaded = load::load(pmem, layout, info, dev_size)?;
+    let mut s = CacheSummary {
+        segments_used: loaded.used.iter().filter(|u| **u).count() as u32,
+        key_head: loaded.key_head,
+        replay: loaded.replay,
+        ..Default::default()
+    };
+    for (_, k) in loaded.slices.values().flat_map(|slice| slice.iter()) {
+        if k.is_dirty() {
+            s.dirty_keys += 1;
+            s.dirty_bytes += u64::from(k.len);
+        } else {
+            s.clean_keys += 1;
+            s.clean_bytes += u64::from(k.len);
+        }
+    }
+    Ok(s)
+}
+
 fn data_err(e: pcache_format::Error) -> EngineError {
     EngineError::Corrupt(e.to_string())
 }
@@ -548,19 +596,20 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     /// write survives any crash.
     pub fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), EngineError> {
         self.inner.check_range(off, data.len() as u64)?;
+        // With FUA, the ksets the keys went to, and their close counts.
         let mut closes = Vec::new();
         let mut done = 0usize;
         while done < data.len() {
             let at = off + done as u64;
             let slice_end = (at | (CACHE_SUBTREE_SIZE - 1)) + 1;
             let chunk = ((slice_end - at) as usize).min(data.len() - done);
-            let n = self.inner.write_piece(at, &data[done..done + chunk], &mut closes)?;
+            let (n, kset) = self.inner.write_piece(at, &data[done..done + chunk])?;
+            if fua && !closes.contains(&kset) {
+                closes.push(kset);
+            }
             done += n;
         }
-        if fua {
-            self.inner.close_ksets_since(&closes)?;
-        }
-        Ok(())
+        self.inner.close_ksets_since(&closes)
     }
 
     /// Writes `len` zero bytes at `off` (through the cache, like a write).
@@ -903,8 +952,9 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
     // ---- write ----------------------------------------------------------
 
     /// Writes the first part of `data` (inside one slice) that fits one data
-    /// allocation; returns its length.
-    fn write_piece(&self, off: u64, data: &[u8], closes: &mut Vec<(usize, u64)>) -> Result<usize, EngineError> {
+    /// allocation; returns its length, and the kset the key went to with its
+    /// close count at the append.
+    fn write_piece(&self, off: u64, data: &[u8]) -> Result<(usize, (usize, u64)), EngineError> {
         let (seg, seg_off, gen_, len) = self.alloc_data(data.len() as u32)?;
         let piece = &data[..len as usize];
         let stored = self.data_addr(seg, seg_off, len).and_then(|addr| Ok(self.pmem().copy_persist(addr, piece)?));
@@ -921,10 +971,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
                 slice.insert(off, key, &mut d);
                 drop(slice);
                 self.stats.apply(&d);
-                if !closes.contains(&c) {
-                    closes.push(c);
-                }
-                Ok(len as usize)
+                Ok((len as usize, c))
             }
             Err(e) => {
                 drop(slice);
@@ -972,6 +1019,13 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
     /// Reads within one slice; returns (bytes from cache, bytes from backing).
     fn read_chunk(&self, off: u64, out: &mut [u8]) -> Result<(u64, u64), EngineError> {
         let end = off + out.len() as u64;
+        // The common case: one live key covers the whole range.
+        let covering = self.slice(off).covering(off, end).filter(|(_, k)| !k.is_empty() && !self.is_stale(k));
+        if let Some((ts, key)) = covering
+            && self.copy_hit(off, &key, (off - ts) as u32, out)?
+        {
+            return Ok((out.len() as u64, 0));
+        }
         'retry: loop {
             let (pieces, mine) = {
                 let mut slice = self.slice(off);
