@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job without pmem hardware: an ordinary file stands in for pmem.
 # Builds pcache, formats a 1 GiB sparse file, caches a 256 MiB backing file
-# on it, then inspects and checks the device.
+# on it, inspects and checks the device, then detaches the backing file.
 #
 #   bash scripts/demo.sh [DIR]      (default: a new directory under /tmp)
 set -euo pipefail
@@ -17,4 +17,6 @@ run truncate -s 256M "$dir/disk.img"
 run target/release/examples/demo "$dir/pmem.img" "$dir/disk.img"
 run "$pcache" inspect "$dir/pmem.img"
 run "$pcache" check "$dir/pmem.img"
+run "$pcache" detach "$dir/pmem.img" --backing "$dir/disk.img"
+run "$pcache" inspect "$dir/pmem.img"
 echo "The device and the backing file are in $dir."

@@ -266,7 +266,7 @@ fn caches_are_inspected_and_checked() {
     let text = stdout(&pcache(&["inspect", s(&dev)]));
     assert!(text.contains("backing 0  /srv/disk.img  running"), "{text}");
     assert!(text.contains("chain       1-6"), "{text}");
-    assert!(text.contains("2 keys: 1 dirty, 1 clean"), "{text}");
+    assert!(text.contains("2 keys: 1 dirty, 0 written back, 1 clean"), "{text}");
 
     let o = pcache(&["check", s(&dev)]);
     assert_eq!(code(&o), 0, "{}", stdout(&o));
@@ -316,4 +316,47 @@ fn engine_caches_show_live_keys() {
     assert!(text.contains("live keys   2 dirty (12.00 KiB), 1 clean (4.00 KiB)"), "{text}");
     let o = pcache(&["check", s(&dev)]);
     assert_eq!(code(&o), 0, "{}", stdout(&o));
+}
+
+#[test]
+fn detach_writes_everything_back_and_frees_the_cache() {
+    use pcache_pmem::{Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, FileBacking};
+    let d = Dir::new();
+    let dev = d.path("pmem.img");
+    let disk = d.path("disk.img");
+    assert_eq!(code(&pcache(&["format", s(&dev), "--size", "1G"])), 0);
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let mut model = vec![0u8; 64 << 20];
+    {
+        let map = DaxMapping::open(&dev, &DaxOptions::default()).unwrap();
+        let opts = CacheOptions { cache_size: Some(256 << 20), background: false, ..Default::default() };
+        let (cache, _) = Cache::start(CacheDev::open(map).unwrap(), FileBacking::open(&disk).unwrap(), &opts).unwrap();
+        for i in 0..300u64 {
+            let off = (i * 7919 % 16000) * 4096;
+            let data = vec![(i % 250) as u8 + 1; 4096];
+            cache.write(off, &data, false).unwrap();
+            model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        }
+        cache.stop().unwrap(); // graceful: the dirty data stays in the cache
+    }
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0), "nothing written back yet");
+    let (_, v) = inspect_json(&dev);
+    assert_eq!(v["backings"][0]["keys"]["dirty"], 300);
+
+    let o = pcache(&["detach", s(&dev), "--backing", s(&disk)]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert!(stdout(&o).contains("1.17 MiB written back"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("16 segments (256.00 MiB) released"), "{}", stdout(&o));
+    assert!(std::fs::read(&disk).unwrap() == model, "the backing file alone holds every write");
+    let (rc, v) = inspect_json(&dev);
+    assert_eq!(rc, 0);
+    assert_eq!(v["backings"], serde_json::json!([]));
+    assert_eq!(code(&pcache(&["check", s(&dev)])), 0);
+
+    let o = pcache(&["detach", s(&dev), "--backing", s(&disk)]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("holds no cache for") && stderr(&o).contains("it caches: none"), "{}", stderr(&o));
+    let o = pcache(&["detach", s(&dev), "--backing", s(&d.path("missing.img"))]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("must be there"), "{}", stderr(&o));
 }

@@ -69,7 +69,8 @@ fn backing_json(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) -
     let log = b.log.as_ref().map(|l| {
         json!({
             "ksets": l.ksets, "last_ksets": l.last_ksets, "keys": l.keys,
-            "dirty_keys": l.dirty_keys, "clean_keys": l.clean_keys, "stale_keys": l.stale_keys,
+            "dirty_keys": l.dirty_keys, "written_back_keys": l.written_back_keys,
+            "clean_keys": l.clean_keys, "stale_keys": l.stale_keys,
             "end": { "seg": l.end.0, "off": l.end.1 }, "dirty_tail_reached": l.dirty_tail_reached,
         })
     });
@@ -235,8 +236,16 @@ fn print_backing(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) 
     println!("  dirty_tail  {}", pos(b.dirty_tail));
     if let Some(l) = &b.log {
         println!(
-            "  key log     {} ksets ({} LAST), {} keys: {} dirty, {} clean, {} stale; ends at segment {} offset {:#x}",
-            l.ksets, l.last_ksets, l.keys, l.dirty_keys, l.clean_keys, l.stale_keys, l.end.0, l.end.1
+            "  key log     {} ksets ({} LAST), {} keys: {} dirty, {} written back, {} clean, {} stale; ends at segment {} offset {:#x}",
+            l.ksets,
+            l.last_ksets,
+            l.keys,
+            l.dirty_keys,
+            l.written_back_keys,
+            l.clean_keys,
+            l.stale_keys,
+            l.end.0,
+            l.end.1
         );
     }
     match sum {

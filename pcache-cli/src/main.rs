@@ -1,4 +1,4 @@
-//! `pcache`: format, inspect and check persistent-memory cache devices.
+//! `pcache`: format, inspect, check and detach persistent-memory cache devices.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod check;
+mod detach;
 mod format;
 mod inspect;
 mod units;
@@ -49,6 +50,15 @@ enum Command {
         #[arg(long)]
         no_data: bool,
     },
+    /// Write every dirty block of a backing device's cache back to it, then
+    /// give the cache up (offline: the device must not be attached).
+    Detach {
+        /// The pmem device.
+        device: PathBuf,
+        /// The backing device whose cache to give up.
+        #[arg(long)]
+        backing: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +67,7 @@ fn main() -> ExitCode {
         Command::Format { device, size, force } => format::run(&device, size, force),
         Command::Inspect { device, json } => inspect::run(&device, json),
         Command::Check { device, no_data } => check::run(&device, !no_data),
+        Command::Detach { device, backing } => detach::run(&device, &backing),
     };
     ExitCode::from(code)
 }

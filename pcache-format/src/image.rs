@@ -261,8 +261,11 @@ pub struct LogReport {
     /// Keys in those ksets, every one counted (later keys may overwrite
     /// earlier ones).
     pub keys: u64,
-    /// Of those, keys without CLEAN (and not stale).
+    /// Of those, keys without CLEAN from the dirty tail on (not yet
+    /// written back, not stale).
     pub dirty_keys: u64,
+    /// Keys without CLEAN before the dirty tail: written back already.
+    pub written_back_keys: u64,
     /// Of those, CLEAN keys (and not stale).
     pub clean_keys: u64,
     /// Keys whose segment was reclaimed since (older generation).
@@ -666,8 +669,10 @@ fn scan_key<M: ReadMedia + ?Sized>(
         s.problem(at, Issue::KeyFromFuture { key: index, key_gen, seg_gen });
         return;
     }
-    if key.is_dirty() {
+    if key.is_dirty() && log.dirty_tail_reached {
         log.dirty_keys += 1;
+    } else if key.is_dirty() {
+        log.written_back_keys += 1;
     } else {
         log.clean_keys += 1;
     }

@@ -139,6 +139,82 @@ impl BackingDev for FileBacking {
     }
 }
 
+/// A backing device that fails on request: a test double for the faults
+/// a real device has (writes, syncs or reads returning EIO).
+#[derive(Debug)]
+pub struct FaultyBacking<B> {
+    inner: B,
+    fail_writes: std::sync::atomic::AtomicBool,
+    fail_syncs: std::sync::atomic::AtomicBool,
+    fail_reads: std::sync::atomic::AtomicBool,
+    /// Writes, syncs and reads refused so far.
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+impl<B: BackingDev> FaultyBacking<B> {
+    /// `inner`, not failing yet.
+    pub fn new(inner: B) -> Self {
+        Self { inner, fail_writes: false.into(), fail_syncs: false.into(), fail_reads: false.into(), refused: 0.into() }
+    }
+
+    /// Makes every write fail (or work again).
+    pub fn fail_writes(&self, on: bool) {
+        self.fail_writes.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes every sync fail (or work again).
+    pub fn fail_syncs(&self, on: bool) {
+        self.fail_syncs.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Makes every read fail (or work again).
+    pub fn fail_reads(&self, on: bool) {
+        self.fail_reads.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The device behind.
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+
+    fn check(&self, flag: &std::sync::atomic::AtomicBool, op: &'static str) -> Result<(), BackingError> {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            self.refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(BackingError {
+                op,
+                path: self.inner.path().to_path_buf(),
+                source: io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<B: BackingDev> BackingDev for FaultyBacking<B> {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        self.check(&self.fail_reads, "read")?;
+        self.inner.read_at(off, buf)
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
+        self.check(&self.fail_writes, "write")?;
+        self.inner.write_at(off, data)
+    }
+
+    fn sync(&self) -> Result<(), BackingError> {
+        self.check(&self.fail_syncs, "fdatasync")?;
+        self.inner.sync()
+    }
+
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+}
+
 /// A backing device in memory, for tests and examples.
 #[derive(Debug)]
 pub struct MemBacking {

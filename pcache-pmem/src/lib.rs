@@ -18,8 +18,11 @@ pub mod pmem;
 pub mod records;
 pub mod sim;
 
-pub use backing::{BackingDev, BackingError, FileBacking, MemBacking};
-pub use cache::{Cache, CacheDev, CacheOptions, CacheSummary, EngineError, StartReport, Stats, summarize};
+pub use backing::{BackingDev, BackingError, FaultyBacking, FileBacking, MemBacking};
+pub use cache::{
+    Cache, CacheDev, CacheOptions, CacheSummary, DetachReport, EngineError, Health, StartReport, Stats, detach,
+    summarize,
+};
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};
 pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, check_range};

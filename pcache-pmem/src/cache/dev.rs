@@ -140,6 +140,12 @@ impl<P: Pmem> CacheDev<P> {
         free.map(Err).ok_or(EngineError::TableFull)
     }
 
+    /// Reads backing entry `id`.
+    pub(crate) fn read_entry(&self, id: u32) -> Result<BackingDevInfo, EngineError> {
+        let pair = read_backing(&AsMedia(&self.pmem), &self.layout, id).map_err(format_err)?;
+        Ok(pair.latest.map_err(|e| EngineError::Corrupt(format!("backing {id}: {e}")))?.record)
+    }
+
     /// Writes backing entry `id`, durably.
     pub(crate) fn write_entry(&self, id: u32, info: &BackingDevInfo) -> Result<(), EngineError> {
         let _table = lock(&self.table);

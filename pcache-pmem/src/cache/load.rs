@@ -53,11 +53,13 @@ pub struct Loaded {
     pub key_head: LogPos,
     /// The segments the log runs through, in order from the key tail.
     pub log_segs: Vec<u32>,
+    /// Bytes of dirty keys from the dirty tail on: not yet written back.
+    pub dirty_pending: u64,
     /// What replay saw.
     pub replay: ReplayStats,
 }
 
-fn corrupt(at: LogPos, what: impl std::fmt::Display) -> EngineError {
+pub(super) fn corrupt(at: LogPos, what: impl std::fmt::Display) -> EngineError {
     EngineError::Corrupt(format!("key log at segment {} offset {:#x}: {what} (run `pcache check`)", at.0, at.1))
 }
 
@@ -111,6 +113,7 @@ pub fn load<P: Pmem + ?Sized>(
     let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
     let mut at = key_tail;
     let mut dirty_reached = false;
+    let mut dirty_pending = 0u64;
     in_log[at.0 as usize] = true;
     loop {
         if at == dirty_tail {
@@ -156,6 +159,12 @@ pub fn load<P: Pmem + ?Sized>(
                         return Err(corrupt(at, format!("key {i} has generation {kg}, newer than its segment's {sg}")));
                     }
                     let len = k.len.get();
+                    // Keys before the dirty tail were written back: their
+                    // data is clean now.
+                    let dirty = k.is_dirty() && dirty_reached;
+                    if dirty {
+                        dirty_pending += u64::from(len);
+                    }
                     let ikey = IKey {
                         seg_gen: kg,
                         len,
@@ -164,7 +173,7 @@ pub fn load<P: Pmem + ?Sized>(
                         crc: k.data_crc.get(),
                         orig_delta: 0,
                         orig_len: len,
-                        flags: if k.is_dirty() { 0 } else { CLEAN },
+                        flags: if dirty { 0 } else { CLEAN },
                     };
                     let off = k.off.get();
                     slices.entry(off >> CACHE_SUBTREE_SHIFT).or_default().insert(off, ikey, &mut delta);
@@ -189,5 +198,18 @@ pub fn load<P: Pmem + ?Sized>(
     for &s in &log_segs {
         used[s as usize] = true;
     }
-    Ok(Loaded { dev_segs, gens, refs, used, slices, delta, key_tail, dirty_tail, key_head: at, log_segs, replay })
+    Ok(Loaded {
+        dev_segs,
+        gens,
+        refs,
+        used,
+        slices,
+        delta,
+        key_tail,
+        dirty_tail,
+        key_head: at,
+        log_segs,
+        dirty_pending,
+        replay,
+    })
 }

@@ -17,6 +17,8 @@
 //! closes. After [`Cache::flush`], or a FUA write, every write acknowledged
 //! before it survives any crash.
 
+mod bg;
+pub mod detach;
 pub mod dev;
 pub mod index;
 pub mod load;
@@ -36,6 +38,7 @@ use pcache_format::{
     encode_kset, encode_last, kset_size,
 };
 
+pub use detach::{DetachReport, detach};
 pub use dev::CacheDev;
 pub use index::IKey;
 pub use load::{LogPos, ReplayStats};
@@ -115,6 +118,19 @@ pub enum EngineError {
     /// An option out of range.
     #[error("{0}")]
     InvalidOption(String),
+    /// The cache is full and cannot free space: writeback or GC cannot
+    /// make progress.
+    #[error("the cache is full and cannot free space: {0}")]
+    Stalled(String),
+    /// The cache was stopped.
+    #[error("the cache is stopped")]
+    Stopped,
+    /// The device holds no cache for this backing device.
+    #[error("no cache for {} on this device", path.display())]
+    NoCache {
+        /// The backing path.
+        path: PathBuf,
+    },
 }
 
 /// How to start a cache.
@@ -134,6 +150,18 @@ pub struct CacheOptions {
     pub gc_percent: Option<u16>,
     /// An open kset is closed at most this long after its first key.
     pub kset_flush_delay: Duration,
+    /// Run writeback and GC in background threads. Without them nothing is
+    /// written back or reclaimed unless [`Cache::write_back`] and
+    /// [`Cache::gc`] are called (what `detach` and some tests do).
+    pub background: bool,
+    /// Limit writeback to this many bytes a second (`None`: as fast as the
+    /// backing device takes them).
+    pub writeback_rate: Option<u64>,
+    /// A writer waiting for free space gives up after writeback has failed
+    /// for this long without a segment being freed.
+    pub stall_timeout: Duration,
+    /// Verify the engine's invariants after every GC step (slow; for tests).
+    pub self_check: bool,
 }
 
 impl Default for CacheOptions {
@@ -144,6 +172,10 @@ impl Default for CacheOptions {
             data_crc: false,
             gc_percent: None,
             kset_flush_delay: pcache_format::KSET_FLUSH_DELAY,
+            background: true,
+            writeback_rate: None,
+            stall_timeout: Duration::from_secs(30),
+            self_check: false,
         }
     }
 }
@@ -186,16 +218,39 @@ pub struct Stats {
     pub bytes_from_backing: u64,
     /// Keys in the index.
     pub keys: u64,
-    /// Bytes of dirty keys in the index.
-    pub dirty_bytes: u64,
-    /// Bytes of clean keys in the index.
+    /// Bytes the index maps to cached data.
+    pub cached_bytes: u64,
+    /// Bytes of CLEAN keys in the index (filled by read misses).
     pub clean_bytes: u64,
+    /// Bytes written to the cache and not yet written back.
+    pub dirty_bytes: u64,
     /// Cache segments in use.
     pub segments_used: u32,
     /// Segments in the cache.
     pub segments: u32,
     /// Ksets closed since start.
     pub ksets_closed: u64,
+    /// Ksets written back since start.
+    pub ksets_written_back: u64,
+    /// Bytes written to the backing device by writeback since start.
+    pub bytes_written_back: u64,
+    /// Ksets GC consumed since start.
+    pub ksets_collected: u64,
+    /// Segments reclaimed by GC since start.
+    pub segments_freed: u64,
+    /// Writeback attempts that failed (and were retried).
+    pub writeback_errors: u64,
+}
+
+/// Errors of the background work, in words.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// The last writeback error, while writeback keeps failing.
+    pub writeback_failing: Option<String>,
+    /// An error that stopped writeback until the cache is restarted.
+    pub writeback_stopped: Option<String>,
+    /// An error that stopped GC until the cache is restarted.
+    pub gc_stopped: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -209,6 +264,13 @@ struct Counters {
     dirty_bytes: AtomicI64,
     clean_bytes: AtomicI64,
     ksets_closed: AtomicU64,
+    /// Bytes of dirty keys appended and not yet written back.
+    dirty_pending: AtomicI64,
+    ksets_written_back: AtomicU64,
+    bytes_written_back: AtomicU64,
+    ksets_collected: AtomicU64,
+    segments_freed: AtomicU64,
+    writeback_errors: AtomicU64,
 }
 
 impl Counters {
@@ -292,16 +354,74 @@ struct Inner<P, B> {
     key_head: Mutex<LogPos>,
     heads: Vec<Mutex<DataHead>>,
     next_head: AtomicUsize,
+    /// The end of the closed ksets, published after each close so that
+    /// writeback and GC never wait for a close in progress.
+    log_end: AtomicU64,
+    key_tail: Mutex<LogPos>,
+    dirty_tail: Mutex<LogPos>,
+    gc_percent: AtomicU32,
     flush_delay: Duration,
+    background: bool,
+    writeback_rate: Option<u64>,
+    stall_timeout: Duration,
+    self_check: bool,
     stats: Counters,
+    health: Mutex<BgHealth>,
     stopping: AtomicBool,
-    wake: (Mutex<()>, Condvar),
+    /// Wakes the flusher and the background workers.
+    wake: Event,
+    /// Signalled with `seg_map` when a segment is freed.
+    seg_freed: Condvar,
+}
+
+/// Background errors.
+#[derive(Debug, Default)]
+struct BgHealth {
+    writeback_failing_since: Option<Instant>,
+    writeback_last_error: Option<String>,
+    writeback_stopped: Option<String>,
+    gc_stopped: Option<String>,
+}
+
+/// A wake-up signal with a generation count, so that a worker that was
+/// busy when it fired still sees it.
+#[derive(Debug, Default)]
+struct Event {
+    gen_: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Event {
+    fn notify(&self) {
+        *lock(&self.gen_) += 1;
+        self.cv.notify_all();
+    }
+
+    fn current(&self) -> u64 {
+        *lock(&self.gen_)
+    }
+
+    /// Waits until notified after `seen`, or `timeout`.
+    fn wait(&self, seen: u64, timeout: Duration) {
+        let g = lock(&self.gen_);
+        if *g == seen {
+            let _ = self.cv.wait_timeout(g, timeout);
+        }
+    }
+}
+
+fn pack(p: LogPos) -> u64 {
+    (u64::from(p.0) << 32) | u64::from(p.1)
+}
+
+fn unpack(v: u64) -> LogPos {
+    ((v >> 32) as u32, v as u32)
 }
 
 /// A running cache of one backing device.
 pub struct Cache<P: Pmem + 'static, B: BackingDev + 'static> {
     inner: Arc<Inner<P, B>>,
-    flusher: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl<P: Pmem, B: BackingDev> std::fmt::Debug for Cache<P, B> {
@@ -360,6 +480,11 @@ pub fn summarize<P: Pmem + ?Sized>(
         }
     }
     Ok(s)
+}
+
+/// An error about the key log at `at`.
+fn format_err_at(at: LogPos, what: impl std::fmt::Display) -> EngineError {
+    load::corrupt(at, what)
 }
 
 fn data_err(e: pcache_format::Error) -> EngineError {
@@ -551,12 +676,23 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             key_head: Mutex::new(loaded.key_head),
             heads: (0..opts.queues).map(|_| Mutex::new(DataHead::default())).collect(),
             next_head: AtomicUsize::new(0),
+            log_end: AtomicU64::new(pack(loaded.key_head)),
+            key_tail: Mutex::new(loaded.key_tail),
+            dirty_tail: Mutex::new(loaded.dirty_tail),
+            gc_percent: AtomicU32::new(ci.gc_percent.get().into()),
             flush_delay: opts.kset_flush_delay,
+            background: opts.background,
+            writeback_rate: opts.writeback_rate,
+            stall_timeout: opts.stall_timeout,
+            self_check: opts.self_check,
             stats: Counters::default(),
+            health: Mutex::new(BgHealth::default()),
             stopping: AtomicBool::new(false),
-            wake: (Mutex::new(()), Condvar::new()),
+            wake: Event::default(),
+            seg_freed: Condvar::new(),
         });
         inner.stats.apply(&loaded.delta);
+        inner.stats.dirty_pending.store(loaded.dirty_pending as i64, Ordering::Relaxed);
         let report = StartReport {
             id,
             new,
@@ -568,12 +704,22 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             replay: loaded.replay,
             keys: loaded.delta.keys.max(0) as u64,
         };
-        let flusher_inner = inner.clone();
-        let flusher = std::thread::Builder::new()
-            .name(format!("pcache-flush-{id}"))
-            .spawn(move || flusher_inner.flusher())
-            .map_err(|e| EngineError::InvalidOption(format!("cannot start the kset flusher: {e}")))?;
-        Ok((Arc::new(Self { inner, flusher: Mutex::new(Some(flusher)) }), report))
+        let cache = Arc::new(Self { inner: inner.clone(), threads: Mutex::new(Vec::new()) });
+        type Work<P, B> = fn(&Inner<P, B>);
+        let mut workers: Vec<(&str, Work<P, B>)> = vec![("flush", Inner::flusher)];
+        if opts.background {
+            workers.push(("wb", Inner::writeback_worker));
+            workers.push(("gc", Inner::gc_worker));
+        }
+        for (name, work) in workers {
+            let inner = inner.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("pcache-{name}-{id}"))
+                .spawn(move || work(&inner))
+                .map_err(|e| EngineError::InvalidOption(format!("cannot start a worker thread: {e}")))?;
+            lock(&cache.threads).push(t);
+        }
+        Ok((cache, report))
     }
 
     /// Size of the backing device.
@@ -684,28 +830,115 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     pub fn stats(&self) -> Stats {
         let s = &self.inner.stats;
         let map = lock(&self.inner.seg_map);
+        let get = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
         Stats {
             full_hits: s.full_hits.load(Ordering::Relaxed),
             partial_hits: s.partial_hits.load(Ordering::Relaxed),
             misses: s.misses.load(Ordering::Relaxed),
             bytes_from_cache: s.bytes_from_cache.load(Ordering::Relaxed),
             bytes_from_backing: s.bytes_from_backing.load(Ordering::Relaxed),
-            keys: s.keys.load(Ordering::Relaxed).max(0) as u64,
-            dirty_bytes: s.dirty_bytes.load(Ordering::Relaxed).max(0) as u64,
-            clean_bytes: s.clean_bytes.load(Ordering::Relaxed).max(0) as u64,
+            keys: get(&s.keys),
+            cached_bytes: get(&s.dirty_bytes) + get(&s.clean_bytes),
+            clean_bytes: get(&s.clean_bytes),
+            dirty_bytes: get(&s.dirty_pending),
             segments_used: map.count,
             segments: self.inner.n_segs,
             ksets_closed: s.ksets_closed.load(Ordering::Relaxed),
+            ksets_written_back: s.ksets_written_back.load(Ordering::Relaxed),
+            bytes_written_back: s.bytes_written_back.load(Ordering::Relaxed),
+            ksets_collected: s.ksets_collected.load(Ordering::Relaxed),
+            segments_freed: s.segments_freed.load(Ordering::Relaxed),
+            writeback_errors: s.writeback_errors.load(Ordering::Relaxed),
         }
     }
 
-    /// Stops the cache gracefully: stops the flusher and closes every kset.
-    /// The cache stays on the device, warm for the next start. Further
-    /// requests fail.
+    /// Errors of writeback and GC.
+    pub fn health(&self) -> Health {
+        let h = lock(&self.inner.health);
+        Health {
+            writeback_failing: h.writeback_failing_since.and(h.writeback_last_error.clone()),
+            writeback_stopped: h.writeback_stopped.clone(),
+            gc_stopped: h.gc_stopped.clone(),
+        }
+    }
+
+    /// Sets the GC watermark (0..=90 percent of the cache's segments in
+    /// use) and persists it in the backing entry.
+    pub fn set_gc_percent(&self, percent: u16) -> Result<(), EngineError> {
+        if percent > CACHE_GC_PERCENT_MAX {
+            return Err(EngineError::InvalidOption(format!(
+                "gc_percent {percent} out of range (0..={CACHE_GC_PERCENT_MAX})"
+            )));
+        }
+        let inner = &self.inner;
+        let mut info = inner.dev.read_entry(inner.id)?;
+        info.cache_info.gc_percent = percent.into();
+        inner.dev.write_entry(inner.id, &info)?;
+        inner.gc_percent.store(percent.into(), Ordering::SeqCst);
+        inner.wake.notify();
+        Ok(())
+    }
+
+    /// The GC watermark.
+    pub fn gc_percent(&self) -> u16 {
+        self.inner.gc_percent.load(Ordering::SeqCst) as u16
+    }
+
+    /// Closes every kset, then writes every dirty key back to the backing
+    /// device, `fdatasync`s it and persists the dirty tail. Returns the ksets
+    /// written back. `progress` is called with (bytes written back, bytes
+    /// dirty when the call began) as writeback goes.
+    pub fn write_back(&self, mut progress: impl FnMut(u64, u64)) -> Result<u64, EngineError> {
+        self.inner.flush_all()?;
+        let total = self.inner.stats.dirty_pending.load(Ordering::Relaxed).max(0) as u64;
+        let mut ksets = 0;
+        loop {
+            let n = self.inner.writeback_batch(usize::MAX)?;
+            if n == 0 {
+                return Ok(ksets);
+            }
+            ksets += n as u64;
+            let left = self.inner.stats.dirty_pending.load(Ordering::Relaxed).max(0) as u64;
+            progress(total.saturating_sub(left), total);
+        }
+    }
+
+    /// Writes back at most `max` closed ksets (LAST ksets count), syncs the
+    /// backing device and persists the dirty tail; returns how many.
+    pub fn write_back_ksets(&self, max: usize) -> Result<usize, EngineError> {
+        self.inner.writeback_batch(max)
+    }
+
+    /// Runs GC until it can reclaim nothing more (below the watermark, or
+    /// at the dirty tail); returns the ksets consumed.
+    pub fn gc(&self) -> Result<u64, EngineError> {
+        let mut n = 0;
+        while self.inner.gc_step()? {
+            n += 1;
+        }
+        self.inner.clean_stale();
+        Ok(n)
+    }
+
+    /// Checks the engine's invariants between GC steps: every indexed key
+    /// that is not stale points at a segment in use that log keys still
+    /// reference, and the tails and the log end lie in segments in use.
+    /// Slices busy with requests are skipped. Returns the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.inner.check_invariants()
+    }
+
+    /// Stops the cache gracefully: stops the background threads and closes
+    /// every kset. The cache stays on the device, warm for the next start
+    /// (dirty data is written back then). Further requests fail.
     pub fn stop(&self) -> Result<(), EngineError> {
         self.inner.stopping.store(true, Ordering::SeqCst);
-        self.inner.wake.1.notify_all();
-        if let Some(t) = lock(&self.flusher).take() {
+        self.inner.wake.notify();
+        {
+            let _map = lock(&self.inner.seg_map);
+            self.inner.seg_freed.notify_all();
+        }
+        for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
         let r = self.inner.flush_all();
@@ -716,7 +949,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
 
 impl<P: Pmem + 'static, B: BackingDev + 'static> Drop for Cache<P, B> {
     fn drop(&mut self) {
-        if lock(&self.flusher).is_some() {
+        if !self.inner.stopping.load(Ordering::SeqCst) {
             let _ = self.stop();
         }
     }
@@ -733,7 +966,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
 
     fn check_range(&self, off: u64, len: u64) -> Result<(), EngineError> {
         if self.stopping.load(Ordering::Relaxed) {
-            return Err(EngineError::InvalidOption("the cache is stopped".into()));
+            return Err(EngineError::Stopped);
         }
         match off.checked_add(len) {
             Some(end) if end <= self.dev_size => Ok(()),
@@ -758,19 +991,81 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
 
     // ---- segments -------------------------------------------------------
 
-    fn get_segment(&self) -> Result<u32, EngineError> {
+    /// Takes a free cache segment. Data allocations leave one segment in
+    /// reserve for the key log, so that ksets can always close and
+    /// writeback can always see them. With no segment free, waits for
+    /// writeback and GC to free one (they are woken), unless they are not
+    /// running or cannot make progress.
+    fn get_segment(&self, for_log: bool) -> Result<u32, EngineError> {
+        let reserve = if for_log { 0 } else { 1 };
         let mut map = lock(&self.seg_map);
-        let n = self.n_segs;
+        loop {
+            if let Some(s) = Self::take_segment(&mut map, self.n_segs, reserve) {
+                drop(map);
+                self.maybe_wake_gc();
+                return Ok(s);
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(EngineError::Stopped);
+            }
+            if !self.background {
+                return Err(EngineError::CacheFull);
+            }
+            if let Some(why) = self.stalled() {
+                return Err(EngineError::Stalled(why));
+            }
+            self.wake.notify();
+            map = self.seg_freed.wait_timeout(map, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// A free data segment, without waiting.
+    fn try_segment(&self) -> Option<u32> {
+        let s = Self::take_segment(&mut lock(&self.seg_map), self.n_segs, 1)?;
+        self.maybe_wake_gc();
+        Some(s)
+    }
+
+    fn take_segment(map: &mut SegMap, n: u32, reserve: u32) -> Option<u32> {
+        if n - map.count <= reserve {
+            return None;
+        }
         for i in 0..n {
             let s = (map.hint + i) % n;
             if !map.used[s as usize] {
                 map.used[s as usize] = true;
                 map.count += 1;
                 map.hint = (s + 1) % n;
-                return Ok(s);
+                return Some(s);
             }
         }
-        Err(EngineError::CacheFull)
+        None
+    }
+
+    /// Why waiting for a free segment is pointless, if it is.
+    fn stalled(&self) -> Option<String> {
+        let h = lock(&self.health);
+        if let Some(e) = &h.writeback_stopped {
+            return Some(format!("writeback stopped: {e}"));
+        }
+        if let Some(e) = &h.gc_stopped {
+            return Some(format!("GC stopped: {e}"));
+        }
+        match (h.writeback_failing_since, &h.writeback_last_error) {
+            (Some(since), Some(e)) if since.elapsed() >= self.stall_timeout => {
+                Some(format!("writeback has failed for {} s: {e}", since.elapsed().as_secs()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Marks a segment free and wakes writers waiting for one.
+    fn free_segment(&self, seg: u32) {
+        let mut map = lock(&self.seg_map);
+        if std::mem::replace(&mut map.used[seg as usize], false) {
+            map.count -= 1;
+        }
+        self.seg_freed.notify_all();
     }
 
     fn get_ref(&self, seg: u32) {
@@ -792,10 +1087,8 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         let ctrl = self.dev.layout().ctrl_offset(self.dev_segs[seg as usize]).map_err(data_err)?;
         write_record(self.pmem(), ctrl, &CacheSegGen::new(g))?;
         self.gens[seg as usize].store(g, Ordering::Release);
-        let mut map = lock(&self.seg_map);
-        if std::mem::replace(&mut map.used[seg as usize], false) {
-            map.count -= 1;
-        }
+        self.free_segment(seg);
+        self.stats.segments_freed.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -815,7 +1108,8 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
 
     /// Allocates up to `len` bytes of data space (spec §2.9.5): the key may
     /// get less when its segment runs out. Takes a reference for the key.
-    fn alloc_data(&self, len: u32) -> Result<(u32, u32, u64, u32), EngineError> {
+    /// With `wait`, waits for free space when the cache is full.
+    fn alloc_data(&self, len: u32, wait: bool) -> Result<(u32, u32, u64, u32), EngineError> {
         let mut head = lock(&self.heads[self.head_index()]);
         loop {
             if let Some(seg) = head.seg {
@@ -834,7 +1128,16 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
                 self.put_ref(seg)?;
                 return Ok((seg, off, gen_, remain));
             }
-            let s = self.get_segment()?;
+            let s = match self.try_segment() {
+                Some(s) => s,
+                None if !wait => return Err(EngineError::CacheFull),
+                None => {
+                    // Make the keys of open ksets visible to writeback, so
+                    // that the data they hold can be written back and freed.
+                    let _ = self.flush_all();
+                    self.get_segment(false)?
+                }
+            };
             self.get_ref(s);
             head.seg = Some(s);
             head.off = 0;
@@ -864,10 +1167,13 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
             kset.first_key_at = Some(Instant::now());
         }
         let closes = kset.closes;
+        let dirty = if k.is_dirty() { i64::from(k.len) } else { 0 };
+        self.stats.dirty_pending.fetch_add(dirty, Ordering::Relaxed);
         if kset.keys.len() == KSET_KEYS_MAX
             && let Err(e) = self.close(&mut kset)
         {
             kset.keys.pop();
+            self.stats.dirty_pending.fetch_sub(dirty, Ordering::Relaxed);
             return Err(e);
         }
         Ok((idx, closes))
@@ -888,7 +1194,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         let mut head = lock(&self.key_head);
         let room = (CACHE_SEG_DATA_SIZE - head.1) as usize;
         if room < size + KSET_HEADER_SIZE {
-            let next = self.get_segment()?;
+            let next = self.get_segment(true)?;
             let next_start = self.data_addr(next, 0, KSET_HEADER_SIZE as u32)?;
             pmem.copy_persist(next_start, &TERMINATOR)?;
             let last = encode_last(next);
@@ -898,7 +1204,11 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         pmem.copy_persist(self.data_addr(head.0, head.1 + size as u32, KSET_HEADER_SIZE as u32)?, &TERMINATOR)?;
         pmem.copy_persist(self.data_addr(head.0, head.1, size as u32)?, &buf[..size])?;
         head.1 += size as u32;
+        self.log_end.store(pack(*head), Ordering::Release);
         drop(head);
+        if kset.keys.iter().any(|k| k.is_dirty()) {
+            self.wake.notify();
+        }
         kset.keys.clear();
         kset.closes += 1;
         kset.first_key_at = None;
@@ -929,13 +1239,11 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
     fn flusher(&self) {
         let tick = (self.flush_delay / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
         loop {
-            {
-                let guard = lock(&self.wake.0);
-                if self.stopping.load(Ordering::SeqCst) {
-                    return;
-                }
-                let _ = self.wake.1.wait_timeout(guard, tick);
+            let seen = self.wake.current();
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
             }
+            self.wake.wait(seen, tick);
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
@@ -955,7 +1263,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
     /// allocation; returns its length, and the kset the key went to with its
     /// close count at the append.
     fn write_piece(&self, off: u64, data: &[u8]) -> Result<(usize, (usize, u64)), EngineError> {
-        let (seg, seg_off, gen_, len) = self.alloc_data(data.len() as u32)?;
+        let (seg, seg_off, gen_, len) = self.alloc_data(data.len() as u32, true)?;
         let piece = &data[..len as usize];
         let stored = self.data_addr(seg, seg_off, len).and_then(|addr| Ok(self.pmem().copy_persist(addr, piece)?));
         if let Err(e) = stored {
@@ -1115,7 +1423,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         let mut done = 0usize;
         while done < data.len() {
             let at = off + done as u64;
-            let Ok((seg, seg_off, gen_, got)) = self.alloc_data((data.len() - done) as u32) else { return };
+            let Ok((seg, seg_off, gen_, got)) = self.alloc_data((data.len() - done) as u32, false) else { return };
             let piece = &data[done..done + got as usize];
             let stored = self.data_addr(seg, seg_off, got).and_then(|a| Ok(self.pmem().copy_persist(a, piece)?));
             let mut slice = self.slice(at);
