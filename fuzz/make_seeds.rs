@@ -59,6 +59,7 @@ fn main() {
     kset(&mut out);
     backing_table(&mut out);
     image(&mut out);
+    nbd(&mut out);
     println!("make-seeds: wrote {} seeds under {}", out.count, out.root.display());
 }
 
@@ -229,4 +230,56 @@ fn image(out: &mut Out) {
         }
     }
     out.put("image", "empty", &[]);
+}
+
+/// Client byte streams for the `nbd` target: handshakes that reach
+/// transmission, then requests of every kind.
+fn nbd(out: &mut Out) {
+    use pcache_cli::nbd::*;
+    let opt = |kind: u32, data: &[u8]| {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    };
+    let req = |kind: u16, flags: u16, handle: u64, off: u64, len: u32| {
+        let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&handle.to_be_bytes());
+        v.extend_from_slice(&off.to_be_bytes());
+        v.extend_from_slice(&len.to_be_bytes());
+        v
+    };
+    let mut go = 1u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"a");
+    go.extend_from_slice(&2u16.to_be_bytes());
+    go.extend_from_slice(&INFO_NAME.to_be_bytes());
+    go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    let mut requests = req(CMD_WRITE, CMD_FLAG_FUA, 1, 512, 8);
+    requests.extend_from_slice(b"pcache!!");
+    requests.extend(req(CMD_READ, 0, 2, 0, 4096));
+    requests.extend(req(CMD_FLUSH, 0, 3, 0, 0));
+    requests.extend(req(CMD_TRIM, 0, 4, 0, 1024));
+    requests.extend(req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 5, 100, 100));
+    requests.extend(req(CMD_READ, 0, 6, 65_000, 1000));
+    requests.extend(req(CMD_DISC, 0, 7, 0, 0));
+    for (name, structured, flags) in [("go", false, FLAG_C_FIXED_NEWSTYLE), ("go-structured", true, 3)] {
+        let mut v = flags.to_be_bytes().to_vec();
+        v.extend(opt(OPT_LIST, &[]));
+        if structured {
+            v.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        }
+        v.extend(opt(OPT_INFO, &go));
+        v.extend(opt(OPT_GO, &go));
+        v.extend(requests.iter());
+        out.put("nbd", name, &v);
+    }
+    let mut v = 0u32.to_be_bytes().to_vec();
+    v.extend(opt(OPT_EXPORT_NAME, b"b"));
+    v.extend(req(CMD_READ, 0, 1, 0, 512));
+    v.extend(req(CMD_WRITE, 0, 2, 0, 4));
+    v.extend_from_slice(b"abcd");
+    out.put("nbd", "export-name", &v);
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every pcache-format fuzz target for a while; exits non-zero if any
+# Runs every fuzz target (pcache-format's decoders, the NBD server) for a while; exits non-zero if any
 # finds a crash (a panic, a failed invariant, a timeout, an out-of-memory).
 #
 #   bash fuzz/run.sh [SECONDS_PER_TARGET]      (default 20; from any cwd)
@@ -9,7 +9,7 @@
 # nightly flags are let through with RUSTC_BOOTSTRAP=1.
 #
 # Environment:
-#   FUZZ_TARGETS     targets to run, space-separated (default: all five)
+#   FUZZ_TARGETS     targets to run, space-separated (default: all six)
 #   FUZZ_SANITIZER   cargo fuzz --sanitizer (default: none). pcache-format
 #                    forbids unsafe code, so AddressSanitizer finds little
 #                    there and costs 3-8x in executions; set
@@ -28,7 +28,7 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
 fi
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_dir="$(dirname "$fuzz_dir")"
-read -r -a targets <<<"${FUZZ_TARGETS:-superblock copy_selection kset backing_table image}"
+read -r -a targets <<<"${FUZZ_TARGETS:-superblock copy_selection kset backing_table image nbd}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -1,22 +1,20 @@
 #!/usr/bin/env bash
 # The main job without pmem hardware: an ordinary file stands in for pmem.
-# Builds pcache, formats a 1 GiB sparse file, caches a 256 MiB backing file
-# on it, inspects and checks the device, then detaches the backing file.
+# Builds pcache, formats /tmp/pcache-demo/pmem.img (1 GiB, sparse) unless it
+# already holds a pcache format, creates a 1 GiB backing file, and runs
+# `pcache attach` in the foreground, serving the backing file over NBD on
+# 127.0.0.1:10809 until Ctrl-C (the cache stays warm for the next run).
 #
-#   bash scripts/demo.sh [DIR]      (default: a new directory under /tmp)
+#   bash scripts/demo.sh [DIR]      (default /tmp/pcache-demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dir="${1:-$(mktemp -d /tmp/pcache-demo.XXXXXX)}"
+dir="${1:-/tmp/pcache-demo}"
 mkdir -p "$dir"
-run() { echo "+ $*"; "$@"; }
-
-run cargo build --release --quiet --bin pcache --example demo -p pcache-cli -p pcache-pmem
-pcache=target/release/pcache
-run "$pcache" format "$dir/pmem.img" --size 1G --force
-run truncate -s 256M "$dir/disk.img"
-run target/release/examples/demo "$dir/pmem.img" "$dir/disk.img"
-run "$pcache" inspect "$dir/pmem.img"
-run "$pcache" check "$dir/pmem.img"
-run "$pcache" detach "$dir/pmem.img" --backing "$dir/disk.img"
-run "$pcache" inspect "$dir/pmem.img"
-echo "The device and the backing file are in $dir."
+cargo build --release --quiet --bin pcache
+pcache="$PWD/target/release/pcache"
+if ! "$pcache" inspect "$dir/pmem.img" >/dev/null 2>&1; then
+  rm -f "$dir/pmem.img"
+  "$pcache" format "$dir/pmem.img" --size 1G
+fi
+[ -e "$dir/disk.img" ] || truncate -s 1G "$dir/disk.img"
+exec "$pcache" attach "$dir/pmem.img" --backing "$dir/disk.img"

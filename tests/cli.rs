@@ -1,57 +1,17 @@
 //! End-to-end tests of the `pcache` command line: format, inspect, check,
 //! run as a user runs them, on ordinary files standing in for pmem.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+
+use common::*;
 
 use pcache_format::sparse::{ImageBuilder, SparseImage};
 use pcache_format::{ReadMedia, SB_OFF};
 use serde_json::Value;
-
-fn pcache(args: &[&str]) -> Output {
-    pcache_env(args, &[])
-}
-
-fn pcache_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
-    cmd.args(args);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run pcache")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exit code")
-}
-
-struct Dir {
-    dir: tempfile::TempDir,
-}
-
-impl Dir {
-    fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn inspect_json(dev: &Path) -> (i32, Value) {
     let o = pcache(&["inspect", "--json", s(dev)]);

@@ -7,6 +7,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The end-to-end NBD tests drive real clients; say what is missing up front.
+missing=()
+for t in qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio; do
+  command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
+done
+if [ "${#missing[@]}" -ne 0 ]; then
+  echo "missing NBD clients; install them with: apt-get install ${missing[*]}" >&2
+  exit 1
+fi
+
 echo "== cargo test (workspace, all features)"
 cargo test --workspace --all-features
 

@@ -212,7 +212,15 @@ impl DaxMapping {
         let map_len = usize::try_from(len).map_err(|_| unsupported(path, "too large to map on this host"))?;
         let prot = if opts.read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
         let fd = file.as_raw_fd();
+        let force =
+            opts.force_pmem.unwrap_or_else(|| std::env::var("PCACHE_FORCE_PMEM").is_ok_and(|v| v.trim() == "1"));
+        // Device DAX is wholly backed: build its page tables up front rather
+        // than fault on first touch. A forced-pmem mapping (benchmarks,
+        // tests) is populated too; an ordinary emulated file is not, since it
+        // may be sparse and far larger than memory.
+        let populate = if device_dax || (force && !opts.read_only) { libc::MAP_POPULATE } else { 0 };
         let map = |flags: libc::c_int| {
+            let flags = flags | populate;
             // SAFETY: a new mapping of `map_len` bytes of our own fd at an
             // address the kernel picks; nothing existing is replaced.
             let p = unsafe { libc::mmap(std::ptr::null_mut(), map_len, prot, flags, fd, 0) };

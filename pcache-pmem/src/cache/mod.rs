@@ -820,6 +820,30 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
         Ok(())
     }
 
+    /// Whether all of `[off, off + len)` is cached, so that a read of it
+    /// would not touch the backing device (a hint: the answer may change
+    /// right after).
+    pub fn is_cached(&self, off: u64, len: u64) -> bool {
+        if self.inner.check_range(off, len).is_err() {
+            return false;
+        }
+        let end = off + len;
+        let mut at = off;
+        while at < end {
+            let slice_end = ((at | (CACHE_SUBTREE_SIZE - 1)) + 1).min(end);
+            let mut pos = at;
+            let slice = self.inner.slice(at);
+            while pos < slice_end {
+                match slice.covering(pos, pos + 1) {
+                    Some((ts, k)) if !k.is_empty() && !self.inner.is_stale(&k) => pos = ts + u64::from(k.len),
+                    _ => return false,
+                }
+            }
+            at = slice_end;
+        }
+        true
+    }
+
     /// Closes every open kset: every write acknowledged before the call is
     /// durable on return.
     pub fn flush(&self) -> Result<(), EngineError> {

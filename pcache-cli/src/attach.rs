@@ -1,0 +1,559 @@
+//! `pcache attach`: run the cache of one or more backing devices and serve
+//! each as an NBD export until SIGINT or SIGTERM.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pcache_cli::nbd::{self, BlockDevice, DevError, Export};
+use pcache_format::SEG_SIZE;
+use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, EngineError, FileBacking};
+use tracing::{info, warn};
+
+use crate::units::human;
+
+type PmemCache = Cache<DaxMapping, FileBacking>;
+
+/// What to do, from the command line.
+#[derive(Debug)]
+pub struct AttachArgs {
+    pub device: PathBuf,
+    pub backings: Vec<PathBuf>,
+    pub exports: Vec<String>,
+    pub cache_size: Option<u64>,
+    pub queues: Option<u32>,
+    pub data_crc: bool,
+    pub gc_percent: Option<u16>,
+    pub listen: Listen,
+    pub status_interval: Option<u64>,
+    pub writeback_rate: Option<u64>,
+    pub kset_flush_ms: Option<u64>,
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket, created with mode 0600.
+    Unix(PathBuf),
+    /// TCP.
+    Tcp(String, u16),
+}
+
+/// Parses `unix:PATH` or `tcp:HOST:PORT`.
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a socket path, e.g. unix:/run/pcache.sock".into());
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    if let Some(rest) = s.strip_prefix("tcp:") {
+        let (host, port) = rest.rsplit_once(':').ok_or("tcp: needs HOST:PORT, e.g. tcp:127.0.0.1:10809")?;
+        let port: u16 = port.parse().map_err(|_| format!("'{port}' is not a TCP port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("tcp: needs a host, e.g. tcp:127.0.0.1:10809".into());
+        }
+        return Ok(Listen::Tcp(host.to_string(), port));
+    }
+    Err(format!("'{s}' is not unix:PATH or tcp:HOST:PORT"))
+}
+
+/// The cache as an NBD device.
+struct CacheExport(Arc<PmemCache>);
+
+fn dev_err(e: EngineError) -> DevError {
+    let errno = match e {
+        EngineError::OutOfRange { .. } | EngineError::InvalidOption(_) => nbd::EINVAL,
+        EngineError::CacheFull | EngineError::Stalled(_) => nbd::ENOSPC,
+        EngineError::Stopped => nbd::ESHUTDOWN,
+        _ => nbd::EIO,
+    };
+    warn!(error = %e, "request failed");
+    DevError { errno, message: e.to_string() }
+}
+
+impl BlockDevice for CacheExport {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
+        self.0.read(off, buf).map_err(dev_err)
+    }
+
+    fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
+        self.0.write(off, data, fua).map_err(dev_err)
+    }
+
+    fn flush(&self) -> Result<(), DevError> {
+        self.0.flush().map_err(dev_err)
+    }
+
+    fn trim(&self, off: u64, len: u64) -> Result<(), DevError> {
+        self.0.discard(off, len).map_err(dev_err)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError> {
+        self.0.write_zeroes(off, len, fua).map_err(dev_err)
+    }
+
+    fn read_may_block(&self, off: u64, len: u64) -> bool {
+        !self.0.is_cached(off, len)
+    }
+}
+
+/// A client connection, of either kind.
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown_read(&self) {
+        let _ = match self {
+            Conn::Unix(s) => s.shutdown(Shutdown::Read),
+            Conn::Tcp(s) => s.shutdown(Shutdown::Read),
+        };
+    }
+}
+
+impl io::Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.read(b),
+            Conn::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Conn::Unix(s) => s.write(b),
+            Conn::Tcp(s) => s.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.flush(),
+            Conn::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+enum Listener {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    fn bind(l: &Listen) -> Result<Self, String> {
+        match l {
+            Listen::Unix(path) => {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(format!("{} exists and is not a socket", path.display()));
+                    }
+                    if UnixStream::connect(path).is_ok() {
+                        return Err(format!("{} is in use by another server", path.display()));
+                    }
+                    std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
+                }
+                let listener =
+                    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+                Ok(Listener::Unix(listener, path.clone()))
+            }
+            Listen::Tcp(host, port) => {
+                let listener = TcpListener::bind((host.as_str(), *port))
+                    .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
+                Ok(Listener::Tcp(listener))
+            }
+        }
+    }
+
+    fn accept(&self) -> io::Result<Conn> {
+        match self {
+            Listener::Unix(l, _) => Ok(Conn::Unix(l.accept()?.0)),
+            Listener::Tcp(l) => {
+                let s = l.accept()?.0;
+                s.set_nodelay(true)?;
+                Ok(Conn::Tcp(s))
+            }
+        }
+    }
+
+    /// Makes a blocked `accept` return.
+    fn wake(&self) {
+        let fd = match self {
+            Listener::Unix(l, _) => l.as_raw_fd(),
+            Listener::Tcp(l) => l.as_raw_fd(),
+        };
+        // SAFETY: shutdown on a socket this process owns; no memory passed.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
+/// Percent-encodes an export name for an NBD URI.
+fn uri_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn how_to_connect(l: &Listen, name: &str) -> Vec<String> {
+    let n = uri_escape(name);
+    match l {
+        Listen::Unix(path) => {
+            let uri = format!("nbd+unix:///{n}?socket={}", path.display());
+            vec![
+                format!("nbdinfo '{uri}'"),
+                format!("qemu-io -f raw '{uri}'"),
+                format!("nbd-client -unix {} /dev/nbd0 -N {name}", path.display()),
+            ]
+        }
+        Listen::Tcp(host, port) => {
+            let h = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+            let uri = format!("nbd://{h}:{port}/{n}");
+            vec![
+                format!("nbdinfo {uri}"),
+                format!("qemu-io -f raw {uri}"),
+                format!("nbd-client {host} {port} /dev/nbd0 -N {name}"),
+            ]
+        }
+    }
+}
+
+fn status_line(exports: &[(String, Arc<PmemCache>)]) -> String {
+    exports
+        .iter()
+        .map(|(name, c)| {
+            let s = c.stats();
+            let h = c.health();
+            let trouble = h
+                .writeback_stopped
+                .or(h.gc_stopped)
+                .or(h.writeback_failing)
+                .map(|e| format!(", ERROR: {e}"))
+                .unwrap_or_default();
+            format!(
+                "{name}: hits {} partial {} misses {}, dirty {}, segments {}/{}, written back {}{trouble}",
+                s.full_hits,
+                s.partial_hits,
+                s.misses,
+                human(s.dirty_bytes),
+                s.segments_used,
+                s.segments,
+                human(s.bytes_written_back)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Blocks the signals the server handles, in this thread and every thread
+/// it starts, so that only the signal thread receives them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the set is a valid local; the signal numbers are constants;
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: both pointers are valid locals; the set was initialised.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn cpus() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+}
+
+pub fn run(a: AttachArgs) -> u8 {
+    let fail = |msg: String| {
+        eprintln!("pcache attach: {msg}");
+        1
+    };
+    let signals = block_signals();
+    let map = match DaxMapping::open(&a.device, &DaxOptions::default()) {
+        Ok(m) => m,
+        Err(e) => return fail(e.to_string()),
+    };
+    let mode = map.mode();
+    let flush = map.flush_config().instr;
+    let dev = match CacheDev::open(map) {
+        Ok(d) => d,
+        Err(e) => return fail(format!("{}: {e}", a.device.display())),
+    };
+    let known = dev.backings().unwrap_or_default();
+    let mut files = Vec::new();
+    for path in &a.backings {
+        match FileBacking::open(path) {
+            Ok(f) => files.push(f),
+            Err(e) => return fail(e.to_string()),
+        }
+    }
+    let existing: Vec<Option<u32>> = files
+        .iter()
+        .map(|f| {
+            let p = f.path().as_os_str().as_encoded_bytes();
+            known.iter().find(|(_, b)| b.path() == p).map(|(_, b)| b.cache_info.n_segs.get())
+        })
+        .collect();
+    let new_count = existing.iter().filter(|e| e.is_none()).count() as u64;
+    let free = u64::from(dev.free_segments());
+    let mut names = a.exports.clone();
+    for f in files.iter().skip(names.len()) {
+        names.push(f.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "disk".into()));
+    }
+    if names.len() > files.len() {
+        return fail(format!("{} --export names for {} --backing devices", names.len(), files.len()));
+    }
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            return fail(format!("two exports named {n:?}: give each --backing its own --export"));
+        }
+    }
+    println!("pcache attach {}: {mode} (flush: {flush})", a.device.display());
+    let mut exports: Vec<(String, Arc<PmemCache>)> = Vec::new();
+    for ((file, stored), name) in files.into_iter().zip(existing).zip(names) {
+        let path = file.path().to_path_buf();
+        let size = file.size();
+        let n_segs = match (stored, a.cache_size) {
+            (Some(n), _) => u64::from(n),
+            (None, Some(bytes)) => bytes.div_ceil(SEG_SIZE),
+            // The free segments, shared between the new caches.
+            (None, None) => free / new_count.max(1),
+        };
+        let queues = a.queues.unwrap_or_else(|| cpus().min((n_segs / 10).max(1) as u32).clamp(1, 128));
+        let opts = CacheOptions {
+            // An existing cache keeps its size; the engine notes a different ask.
+            cache_size: if stored.is_some() { a.cache_size } else { Some(n_segs * SEG_SIZE) },
+            queues,
+            data_crc: a.data_crc,
+            gc_percent: a.gc_percent,
+            kset_flush_delay: a.kset_flush_ms.map(Duration::from_millis).unwrap_or(pcache_format::KSET_FLUSH_DELAY),
+            writeback_rate: a.writeback_rate,
+            ..CacheOptions::default()
+        };
+        let (cache, rep) = match Cache::start(dev.clone(), file, &opts) {
+            Ok(c) => c,
+            Err(e) => {
+                for (_, c) in &exports {
+                    let _ = c.stop();
+                }
+                return fail(format!("{}: {e}", path.display()));
+            }
+        };
+        println!(
+            "export {name:?}: {} ({}), {} cache of {} segments ({}), {} queue(s), gc {} %, data crc {}, {} keys replayed",
+            path.display(),
+            human(size),
+            if rep.new { "new" } else { "existing" },
+            rep.n_segs,
+            human(u64::from(rep.n_segs) * SEG_SIZE),
+            rep.queues,
+            rep.gc_percent,
+            if rep.data_crc { "on" } else { "off" },
+            rep.replay.keys
+        );
+        for note in &rep.notes {
+            println!("  note: {note}");
+        }
+        exports.push((name, cache));
+    }
+    let listener = match Listener::bind(&a.listen) {
+        Ok(l) => Arc::new(l),
+        Err(e) => {
+            for (_, c) in &exports {
+                let _ = c.stop();
+            }
+            return fail(e);
+        }
+    };
+    let nbd_exports: Arc<Vec<Export>> = Arc::new(
+        exports
+            .iter()
+            .map(|(name, c)| Export {
+                name: name.clone(),
+                description: format!("pcache of {}", c.backing().path().display()),
+                device: Arc::new(CacheExport(c.clone())),
+            })
+            .collect(),
+    );
+    let shown = match &a.listen {
+        Listen::Unix(p) => format!("unix:{}", p.display()),
+        Listen::Tcp(h, p) => format!("tcp:{h}:{p}"),
+    };
+    println!("listening on {shown}; connect with:");
+    for (name, _) in &exports {
+        for line in how_to_connect(&a.listen, name) {
+            println!("  {line}");
+        }
+    }
+    println!("SIGINT or SIGTERM stops it (the cache stays warm); SIGUSR1 prints a status line");
+    let _ = io::stdout().flush();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::new(Mutex::new(HashMap::new()));
+    let exports = Arc::new(exports);
+    // Signals.
+    let sig_thread = {
+        let (stop, listener, conns, exports) = (stop.clone(), listener.clone(), conns.clone(), exports.clone());
+        std::thread::spawn(move || {
+            loop {
+                match wait_signal(&signals) {
+                    libc::SIGUSR1 => println!("status: {}", status_line(&exports)),
+                    sig => {
+                        info!(signal = sig, "stopping");
+                        stop.store(true, Ordering::SeqCst);
+                        listener.wake();
+                        for c in conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                            c.shutdown_read();
+                        }
+                        return;
+                    }
+                }
+                let _ = io::stdout().flush();
+            }
+        })
+    };
+    if let Some(secs) = a.status_interval.filter(|s| *s > 0) {
+        let (stop, exports) = (stop.clone(), exports.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(secs));
+                println!("status: {}", status_line(&exports));
+                let _ = io::stdout().flush();
+            }
+        });
+    }
+    // Accept until stopped.
+    let next_id = AtomicU64::new(0);
+    let workers = std::env::var("PCACHE_NBD_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| (cpus() as usize * 2).clamp(2, 16));
+    let mut threads = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                if !stop.load(Ordering::SeqCst) {
+                    warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                continue;
+            }
+        };
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = conn.try_clone() {
+            conns.lock().unwrap_or_else(|e| e.into_inner()).insert(id, c);
+        }
+        if stop.load(Ordering::SeqCst) {
+            conn.shutdown_read();
+        }
+        let (exports, conns) = (nbd_exports.clone(), conns.clone());
+        threads.push(std::thread::spawn(move || {
+            serve(id, conn, &exports, workers);
+            conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        }));
+        threads.retain(|t| !t.is_finished());
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let _ = sig_thread.join();
+    let mut code = 0;
+    for (name, c) in exports.iter() {
+        match c.stop() {
+            Ok(()) => println!(
+                "stopped {name:?}: every kset closed, the cache stays warm ({} dirty)",
+                human(c.stats().dirty_bytes)
+            ),
+            Err(e) => {
+                eprintln!("pcache attach: stopping {name:?}: {e}");
+                code = 1;
+            }
+        }
+    }
+    if let Listener::Unix(_, path) = &*listener {
+        let _ = std::fs::remove_file(path);
+    }
+    code
+}
+
+fn serve(id: u64, conn: Conn, exports: &[Export], workers: usize) {
+    let Ok(mut w) = conn.try_clone() else { return };
+    let mut r = conn;
+    let session = match nbd::negotiate(&mut r, &mut w, exports) {
+        Ok(Some(s)) => s,
+        Ok(None) => return,
+        Err(e) => {
+            info!(conn = id, error = %e, "handshake ended");
+            return;
+        }
+    };
+    let e = &exports[session.export];
+    info!(conn = id, export = %e.name, structured = session.structured, "client connected");
+    match nbd::transmit(r, w, e.device.clone(), session.structured, workers) {
+        Ok(s) => info!(conn = id, requests = s.requests, "client disconnected"),
+        Err(err) => warn!(conn = id, error = %err, "connection ended"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen("unix:/tmp/s"), Ok(Listen::Unix("/tmp/s".into())));
+        assert_eq!(parse_listen("tcp:127.0.0.1:10809"), Ok(Listen::Tcp("127.0.0.1".into(), 10809)));
+        assert_eq!(parse_listen("tcp:[::1]:99"), Ok(Listen::Tcp("::1".into(), 99)));
+        assert!(parse_listen("tcp:host").is_err());
+        assert!(parse_listen("tcp::80").is_err());
+        assert!(parse_listen("tcp:h:99999").is_err());
+        assert!(parse_listen("unix:").is_err());
+        assert!(parse_listen("/tmp/s").is_err());
+    }
+
+    #[test]
+    fn connect_lines() {
+        let l = how_to_connect(&Listen::Tcp("127.0.0.1".into(), 10809), "disk.img");
+        assert_eq!(l[0], "nbdinfo nbd://127.0.0.1:10809/disk.img");
+        assert_eq!(l[2], "nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk.img");
+        let l = how_to_connect(&Listen::Unix("/run/p.sock".into()), "a b");
+        assert_eq!(l[0], "nbdinfo 'nbd+unix:///a%20b?socket=/run/p.sock'");
+    }
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# NBD front end benchmark: fio --ioengine=nbd, 4 KiB random reads and writes
+# at iodepth 1 and 16, against `pcache attach` (warm cache) and against
+# `nbdkit memory` of the same size on the same transport (a Unix socket),
+# in one run. Prints IOPS and the ratio.
+#
+#   bash scripts/bench-nbd.sh [SECONDS_PER_JOB]     (default 10)
+#
+# The pmem device is a file in /dev/shm treated as pmem (PCACHE_FORCE_PMEM=1:
+# cache-line write-back and fences, as on real pmem, without msync), and so
+# is the backing file, so that writeback costs what writing memory costs, as
+# nbdkit memory's writes do. Needs fio, nbdkit and python3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+size=256M
+work="$(mktemp -d)"
+shm="$(mktemp -d /dev/shm/pcache-bench.XXXXXX)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  rm -rf "$work" "$shm"
+}
+trap cleanup EXIT
+
+cargo build --release --quiet --bin pcache
+pcache="$PWD/target/release/pcache"
+"$pcache" format "$shm/pmem.img" --size 2G >/dev/null
+truncate -s "$size" "$shm/disk.img"
+
+PCACHE_FORCE_PMEM=1 PCACHE_LOG=warn "$pcache" attach "$shm/pmem.img" --backing "$shm/disk.img" \
+  --listen "unix:$work/pcache.sock" >"$work/attach.log" 2>&1 &
+pids+=($!)
+nbdkit --foreground --unix "$work/nbdkit.sock" memory "$size" >"$work/nbdkit.log" 2>&1 &
+pids+=($!)
+for s in "$work/pcache.sock" "$work/nbdkit.sock"; do
+  for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.1; done
+done
+pcache_uri="nbd+unix:///disk.img?socket=$work/pcache.sock"
+nbdkit_uri="nbd+unix:///?socket=$work/nbdkit.sock"
+
+# Warm both: write every block once, so that pcache's reads all hit.
+for uri in "$pcache_uri" "$nbdkit_uri"; do
+  fio --name=warm --ioengine=nbd --uri="$uri" --rw=write --bs=1M --size="$size" --iodepth=4 \
+    --output-format=terse >/dev/null
+done
+
+iops() { # uri rw depth
+  fio --name=bench --ioengine=nbd --uri="$1" --rw="$2" --bs=4k --size="$size" --iodepth="$3" \
+    --time_based --runtime="$secs" --output-format=json |
+    python3 -c 'import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(int(j["read"]["iops"] + j["write"]["iops"]))'
+}
+
+printf '%-22s %12s %14s %8s\n' "4 KiB job" "pcache IOPS" "nbdkit memory" "ratio"
+for rw in randread randwrite; do
+  for depth in 1 16; do
+    a=$(iops "$pcache_uri" "$rw" "$depth")
+    b=$(iops "$nbdkit_uri" "$rw" "$depth")
+    printf '%-22s %12d %14d %7.2fx\n' "$rw iodepth $depth" "$a" "$b" "$(python3 -c "print($a/$b)")"
+  done
+done
+echo "(target >= 0.8x; $secs s per job, $size export, $(nproc) CPUs)"

@@ -1,0 +1,376 @@
+//! `pcache attach` against real NBD clients: qemu-io, qemu-img, nbdinfo,
+//! nbdcopy and fio. Each test starts its own server on a Unix socket in a
+//! temporary directory and stops it (SIGTERM, or SIGKILL on failure).
+//!
+//! The clients come from Debian's qemu-utils, libnbd-bin and fio packages;
+//! a missing client fails the test with the package to install.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+fn tool(name: &str, package: &str) -> String {
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file())).unwrap_or(false);
+    assert!(found, "{name} is not installed: apt-get install {package} (tests/run-all.sh says what CI installs)");
+    name.to_string()
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn ok(cmd: &mut Command) -> Output {
+    let o = run(cmd);
+    assert!(o.status.success(), "{cmd:?} failed: {}\n{}", stdout(&o), stderr(&o));
+    o
+}
+
+/// A running `pcache attach`.
+struct Attach {
+    child: Option<Child>,
+    lines: mpsc::Receiver<String>,
+    socket: PathBuf,
+    stdout: Vec<String>,
+}
+
+impl Attach {
+    fn start(dev: &Path, backings: &[&Path], socket: &Path, extra: &[&str]) -> Attach {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
+        cmd.arg("attach").arg(dev);
+        for b in backings {
+            cmd.arg("--backing").arg(b);
+        }
+        cmd.arg("--listen").arg(format!("unix:{}", socket.display()));
+        cmd.args(extra);
+        cmd.env("PCACHE_LOG", "warn");
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn pcache attach");
+        let out: ChildStdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut a = Attach { child: Some(child), lines, socket: socket.to_path_buf(), stdout: Vec::new() };
+        a.wait_for("SIGINT or SIGTERM stops it");
+        a
+    }
+
+    /// Waits for a stdout line containing `what`.
+    fn wait_for(&mut self, what: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => {
+                    self.stdout.push(line.clone());
+                    if line.contains(what) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line with {what:?} from pcache attach; it printed:\n{}", self.stdout.join("\n")),
+            }
+        }
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: kill(2) on a child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+
+    /// Stops the server with SIGTERM and returns its exit code.
+    fn stop(mut self) -> (i32, Vec<String>) {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let status = child.wait().unwrap();
+        let mut rest: Vec<String> = self.lines.try_iter().collect();
+        let mut all = std::mem::take(&mut self.stdout);
+        all.append(&mut rest);
+        (status.code().unwrap_or(-1), all)
+    }
+
+    /// Kills the server with SIGKILL: a crash.
+    fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.take().unwrap().wait();
+    }
+}
+
+impl Drop for Attach {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Rig {
+    d: Dir,
+    dev: PathBuf,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let d = Dir::new();
+        let dev = d.path("pmem.img");
+        assert_eq!(code(&pcache(&["format", s(&dev), "--size", "1G"])), 0);
+        Rig { d, dev }
+    }
+
+    fn backing(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.d.path(name);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    fn random_file(&self, name: &str, size: usize) -> PathBuf {
+        let p = self.d.path(name);
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let data: Vec<u8> = (0..size)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.d.path("nbd.sock")
+    }
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
+    let mut c = Command::new(tool("qemu-io", "qemu-utils"));
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    run(&mut c)
+}
+
+#[test]
+fn qemu_io_writes_and_verifies_patterns() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 128 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    let mode = std::fs::metadata(rig.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the socket is private");
+    let uri = a.uri("disk.img");
+    let o = qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 0 64k",
+            "write -P 0xcd 1000 3000",
+            "write -f -P 0x5a 4m 1m",
+            "write -P 0x11 16m 32m",
+            "write -z 8m 4k",
+            "discard 100m 1m",
+            "flush",
+            "read -P 0xab 0 1000",
+            "read -P 0xcd 1000 3000",
+            "read -P 0xab 4000 61536",
+            "read -P 0x5a 4m 1m",
+            "read -P 0x11 16m 32m",
+            "read -P 0 8m 4k",
+            "read -P 0 64m 1m",
+        ],
+    );
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    assert!(!stdout(&o).contains("Pattern verification failed"), "{}", stdout(&o));
+    // A wrong pattern is caught: the check can fail.
+    let o = qemu_io(&uri, &["read -P 0xee 0 4k"]);
+    assert!(stdout(&o).contains("Pattern verification failed"), "{}", stdout(&o));
+    // Out of range: an error, and the server carries on.
+    let o = qemu_io(&uri, &["read 127m 2m"]);
+    assert!(!o.status.success() || stderr(&o).contains("Invalid") || stdout(&o).contains("error"), "{}", stdout(&o));
+    let o = qemu_io(&uri, &["read -P 0xab 0 1000"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    let (rc, out) = a.stop();
+    assert_eq!(rc, 0, "{out:?}");
+    assert!(out.iter().any(|l| l.contains("stopped \"disk.img\"")), "{out:?}");
+    assert!(!rig.socket().exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn qemu_img_convert_and_compare() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 64 << 20);
+    let image = rig.random_file("random.img", 64 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    let uri = a.uri("disk.img");
+    let img = tool("qemu-img", "qemu-utils");
+    ok(Command::new(&img).args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&image).arg(&uri));
+    ok(Command::new(&img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&image).arg(&uri));
+    // compare can fail: one changed byte is found.
+    let o = qemu_io(&uri, &["write -P 0 12345 1"]);
+    assert!(o.status.success());
+    let o = run(Command::new(&img).args(["compare", "-f", "raw", "-F", "raw"]).arg(&image).arg(&uri));
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn nbdinfo_lists_two_exports() {
+    let rig = Rig::new();
+    let a_disk = rig.backing("a.img", 64 << 20);
+    let b_disk = rig.backing("b.img", 96 << 20);
+    let a = Attach::start(&rig.dev, &[&a_disk, &b_disk], &rig.socket(), &["--export", "alpha"]);
+    let o = ok(Command::new(tool("nbdinfo", "libnbd-bin"))
+        .args(["--json", "--list"])
+        .arg(format!("nbd+unix:///?socket={}", rig.socket().display())));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let exports = v["exports"].as_array().unwrap();
+    let sizes: Vec<(String, u64)> = exports
+        .iter()
+        .map(|e| (e["export-name"].as_str().unwrap().to_string(), e["export-size"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(sizes, vec![("alpha".to_string(), 64 << 20), ("b.img".to_string(), 96 << 20)]);
+    assert_eq!(exports[0]["can_multi_conn"], true);
+    assert_eq!(exports[0]["block_size_maximum"], 32 << 20);
+    // Both exports at once, with their own data.
+    assert!(qemu_io(&a.uri("alpha"), &["write -P 1 0 1m"]).status.success());
+    assert!(qemu_io(&a.uri("b.img"), &["write -P 2 0 1m"]).status.success());
+    let oa = qemu_io(&a.uri("alpha"), &["read -P 1 0 1m"]);
+    let ob = qemu_io(&a.uri("b.img"), &["read -P 2 0 1m"]);
+    assert!(!stdout(&oa).contains("failed") && !stdout(&ob).contains("failed"));
+    // The empty export name means the first backing.
+    let o = ok(Command::new("nbdinfo").arg(format!("nbd+unix:///?socket={}", rig.socket().display())));
+    assert!(stdout(&o).contains("export-size: 67108864"), "{}", stdout(&o));
+    // An unknown export is refused.
+    let o = run(Command::new("nbdinfo").arg(a.uri("nope")));
+    assert!(!o.status.success());
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn nbdcopy_both_ways() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 48 << 20);
+    let image = rig.random_file("random.img", 48 << 20);
+    let back = rig.d.path("back.img");
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    let copy = tool("nbdcopy", "libnbd-bin");
+    ok(Command::new(&copy).arg(&image).arg(a.uri("disk.img")));
+    ok(Command::new(&copy).arg(a.uri("disk.img")).arg(&back));
+    assert!(std::fs::read(&image).unwrap() == std::fs::read(&back).unwrap());
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn fio_random_read_write_with_verify() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 64 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    let o = ok(Command::new(tool("fio", "fio")).args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={}", a.uri("disk.img")),
+        "--rw=randrw",
+        "--bs=4k",
+        "--size=32M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+    ]));
+    let out = stdout(&o);
+    assert!(out.contains("err= 0"), "{out}");
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn flushed_data_survives_kill_9() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 64 << 20);
+    // Idle ksets would close by themselves after 1 s; make that an hour so
+    // that only FLUSH and FUA make keys durable.
+    let slow = ["--kset-flush-ms", "3600000"];
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &slow);
+    let uri = a.uri("disk.img");
+    assert!(qemu_io(&uri, &["write -P 0x77 0 2m", "flush", "write -f -P 0x99 8m 64k"]).status.success());
+    a.kill9();
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &slow);
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0x77 0 2m", "read -P 0x99 8m 64k"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    let o = pcache(&["check", s(&rig.dev)]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+}
+
+#[test]
+fn a_graceful_restart_keeps_hits() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 64 << 20);
+    std::fs::write(&disk, vec![0x42u8; 64 << 20]).unwrap();
+    let mut a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    // Read misses fill the cache.
+    assert!(qemu_io(&a.uri("disk.img"), &["read -P 0x42 0 8m"]).status.success());
+    a.signal(libc::SIGUSR1);
+    let status = a.wait_for("status:");
+    assert!(status.contains("misses "), "{status}");
+    assert_eq!(a.stop().0, 0);
+    let mut a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    assert!(a.stdout.iter().any(|l| l.contains("existing cache")), "{:?}", a.stdout);
+    assert!(qemu_io(&a.uri("disk.img"), &["read -P 0x42 0 8m"]).status.success());
+    a.signal(libc::SIGUSR1);
+    let status = a.wait_for("status:");
+    assert!(status.contains("misses 0,"), "the restarted cache served the reads: {status}");
+    assert!(!status.contains("hits 0 "), "{status}");
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn bad_clients_do_not_disturb_good_ones() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 64 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    // A second attach of the same pmem device is refused.
+    let o = pcache(&["attach", s(&rig.dev), "--backing", s(&disk), "--listen", "unix:/nonexistent/x"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("in use by another process"), "{}", stderr(&o));
+    // Garbage handshakes, truncated options, absurd lengths.
+    for garbage in [
+        b"hello, world".to_vec(),
+        vec![0u8; 4],
+        [
+            0u32.to_be_bytes().to_vec(),
+            0x4948_4156_454f_5054u64.to_be_bytes().to_vec(),
+            vec![0, 0, 0, 7, 255, 255, 255, 255],
+        ]
+        .concat(),
+        [0u32.to_be_bytes().to_vec(), vec![0xff; 64]].concat(),
+    ] {
+        let mut sock = UnixStream::connect(rig.socket()).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = sock.write_all(&garbage);
+        let mut sink = Vec::new();
+        let _ = sock.read_to_end(&mut sink); // the server hangs up
+    }
+    // A client that stops mid-request.
+    let mut half = UnixStream::connect(rig.socket()).unwrap();
+    let _ = half.write_all(&0u32.to_be_bytes());
+    let o = qemu_io(&a.uri("disk.img"), &["write -P 3 0 1m", "read -P 3 0 1m"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    drop(half);
+    assert_eq!(a.stop().0, 0);
+}
