@@ -36,6 +36,8 @@ pub enum MapMode {
     DeviceDax,
     /// A file on a DAX filesystem, mapped with `MAP_SYNC`.
     FileDaxSync,
+    /// A file on a DAX filesystem, mapped read-only (nothing to make durable).
+    FileDax,
     /// An ordinary file or block device through the page cache; durable by `msync`.
     Emulated,
     /// An ordinary mapping treated as pmem because `PCACHE_FORCE_PMEM` is set.
@@ -47,6 +49,7 @@ impl fmt::Display for MapMode {
         f.write_str(match self {
             MapMode::DeviceDax => "device DAX",
             MapMode::FileDaxSync => "file DAX, MAP_SYNC",
+            MapMode::FileDax => "file DAX, read-only",
             MapMode::Emulated => "emulated pmem: msync",
             MapMode::ForcedPmem => "forced pmem: cache flushes without msync (not power-safe)",
         })
@@ -185,6 +188,19 @@ fn probe(file: &File, path: &Path) -> Result<(u64, bool), PmemError> {
 /// `_IOR(0x12, 114, size_t)`.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
+/// Whether the file is accessed through DAX (`STATX_ATTR_DAX`, Linux 5.8).
+fn file_is_dax(file: &File) -> bool {
+    // SAFETY: statx fills the zeroed struct through a valid pointer; the
+    // path is an empty C string used with AT_EMPTY_PATH on our own fd.
+    unsafe {
+        let mut stx: libc::statx = std::mem::zeroed();
+        let rc = libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, 0, &mut stx);
+        rc == 0
+            && stx.stx_attributes_mask & libc::STATX_ATTR_DAX as u64 != 0
+            && stx.stx_attributes & libc::STATX_ATTR_DAX as u64 != 0
+    }
+}
+
 impl DaxMapping {
     /// Opens and maps the whole of `path`.
     pub fn open(path: impl AsRef<Path>, opts: &DaxOptions) -> Result<Self, PmemError> {
@@ -229,7 +245,10 @@ impl DaxMapping {
         let (addr, mut mode) = if device_dax {
             (map(libc::MAP_SHARED).map_err(|e| io_err("mmap device DAX", path, e))?, MapMode::DeviceDax)
         } else if opts.read_only || !file.metadata().map(|m| m.file_type().is_file()).unwrap_or(false) {
-            (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, MapMode::Emulated)
+            // MAP_SYNC is for writable mappings; a read-only one only says
+            // whether the file is on DAX.
+            let mode = if opts.read_only && file_is_dax(&file) { MapMode::FileDax } else { MapMode::Emulated };
+            (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, mode)
         } else {
             match map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
                 Ok(p) => (p, MapMode::FileDaxSync),

@@ -101,7 +101,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
                         self.read_key_data(off, k, &mut data)?;
                         self.backing.write_at(off, &data)?;
                         bytes += u64::from(k.len);
-                        self.throttle(u64::from(k.len));
+                        self.throttle(u64::from(k.len))?;
                     }
                     at.1 += pcache_format::kset_size(keys.len()) as u32;
                 }
@@ -152,10 +152,20 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         Ok(())
     }
 
-    /// Sleeps as long as writing `bytes` takes at the writeback rate.
-    fn throttle(&self, bytes: u64) {
-        if let Some(rate) = self.writeback_rate.filter(|r| *r > 0) {
-            std::thread::sleep(Duration::from_secs_f64(bytes as f64 / rate as f64));
+    /// Sleeps as long as writing `bytes` takes at the writeback rate, but
+    /// gives up (without moving the dirty tail) as soon as the cache stops.
+    fn throttle(&self, bytes: u64) -> Result<(), EngineError> {
+        let Some(rate) = self.writeback_rate.filter(|r| *r > 0) else { return Ok(()) };
+        let until = Instant::now() + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return Err(EngineError::Stopped);
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(20)));
         }
     }
 
@@ -171,6 +181,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
                     self.wake.wait(seen, pcache_format::WORKER_INTERVAL);
                 }
                 Ok(_) => backoff = Duration::from_millis(10),
+                Err(EngineError::Stopped) => return,
                 Err(e) => {
                     self.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
                     let retry = matches!(e, EngineError::Backing(_) | EngineError::Pmem(_));

@@ -497,15 +497,24 @@ fn data_err(e: pcache_format::Error) -> EngineError {
 fn create<P: Pmem>(dev: &CacheDev<P>, segs: &[u32]) -> Result<(), EngineError> {
     let pmem = dev.pmem();
     let layout = dev.layout();
+    // Both copies of every record are written, so that whatever the
+    // segments held before (another cache, a filesystem) leaves no stale
+    // copy behind.
+    let twice = |off: u64, f: &dyn Fn(u64) -> Result<(), PmemError>| -> Result<(), EngineError> {
+        f(off)?;
+        f(off)?;
+        Ok(())
+    };
     for (i, &seg) in segs.iter().enumerate() {
         let info = SegmentInfo::data(seg, segs.get(i + 1).copied());
-        write_record(pmem, layout.seg_info_offset(seg).map_err(data_err)?, &info)?;
-        write_record(pmem, layout.ctrl_offset(seg).map_err(data_err)?, &CacheSegGen::new(0))?;
+        twice(layout.seg_info_offset(seg).map_err(data_err)?, &|o| write_record(pmem, o, &info))?;
+        twice(layout.ctrl_offset(seg).map_err(data_err)?, &|o| write_record(pmem, o, &CacheSegGen::new(0)))?;
     }
     let ctrl = layout.ctrl_offset(segs[0]).map_err(data_err)?;
     pmem.copy_persist(layout.data_offset(segs[0]).map_err(data_err)?, &TERMINATOR)?;
-    write_record(pmem, ctrl + DIRTY_TAIL_OFF as u64, &CachePos::new(0, 0))?;
-    write_record(pmem, ctrl + KEY_TAIL_OFF as u64, &CachePos::new(0, 0))?;
+    let start = CachePos::new(0, 0);
+    twice(ctrl + DIRTY_TAIL_OFF as u64, &|o| write_record(pmem, o, &start))?;
+    twice(ctrl + KEY_TAIL_OFF as u64, &|o| write_record(pmem, o, &start))?;
     Ok(())
 }
 
