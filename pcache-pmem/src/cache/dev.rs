@@ -24,8 +24,9 @@ pub struct CacheDev<P> {
     pmem: P,
     layout: Layout,
     segs: Mutex<DevSegs>,
-    /// Serialises changes to the backing table.
-    table: Mutex<()>,
+    /// The backing table as on the media: the running entries by id. Read
+    /// once at open, kept up to date by every write (which it serialises).
+    table: Mutex<Vec<Option<BackingDevInfo>>>,
     /// Entries with a cache started in this process.
     started: Mutex<HashSet<u32>>,
 }
@@ -56,6 +57,7 @@ impl<P: Pmem> CacheDev<P> {
             .map_err(|e| EngineError::Corrupt(e.to_string()))?;
         let mut used = vec![false; usize::from(layout.seg_num())];
         used[0] = true;
+        let mut table = vec![None; META_ENTRIES as usize];
         for id in 0..META_ENTRIES {
             let pair = read_backing(&media, &layout, id).map_err(format_err)?;
             let info = pair
@@ -65,6 +67,7 @@ impl<P: Pmem> CacheDev<P> {
             if !info.is_running() {
                 continue;
             }
+            table[id as usize] = Some(info);
             let ci = info.cache_info;
             let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
             while let Some(step) = walk.next(&media, &layout) {
@@ -84,7 +87,7 @@ impl<P: Pmem> CacheDev<P> {
             pmem,
             layout,
             segs: Mutex::new(DevSegs { used, free }),
-            table: Mutex::new(()),
+            table: Mutex::new(table),
             started: Mutex::new(HashSet::new()),
         }))
     }
@@ -106,54 +109,36 @@ impl<P: Pmem> CacheDev<P> {
 
     /// The running backing entries: `(id, entry)`.
     pub fn backings(&self) -> Result<Vec<(u32, BackingDevInfo)>, EngineError> {
-        let media = AsMedia(&self.pmem);
-        let mut out = Vec::new();
-        for id in 0..META_ENTRIES {
-            let pair = read_backing(&media, &self.layout, id).map_err(format_err)?;
-            if let Ok(l) = pair.latest
-                && l.record.is_running()
-            {
-                out.push((id, l.record));
-            }
-        }
-        Ok(out)
+        let table = lock(&self.table);
+        Ok(table.iter().enumerate().filter_map(|(id, e)| e.map(|e| (id as u32, e))).collect())
     }
 
     /// The running entry for `path`, or the first free id.
     pub(crate) fn find_entry(&self, path: &[u8]) -> Result<Result<(u32, BackingDevInfo), u32>, EngineError> {
-        let media = AsMedia(&self.pmem);
-        let mut free = None;
-        for id in 0..META_ENTRIES {
-            let info = read_backing(&media, &self.layout, id)
-                .map_err(format_err)?
-                .latest
-                .map_err(|e| EngineError::Corrupt(format!("backing {id}: {e}")))?
-                .record;
-            if info.is_running() {
-                if info.path() == path {
-                    return Ok(Ok((id, info)));
-                }
-            } else if free.is_none() {
-                free = Some(id);
-            }
+        let table = lock(&self.table);
+        if let Some((id, e)) =
+            table.iter().enumerate().find_map(|(id, e)| e.filter(|e| e.path() == path).map(|e| (id, e)))
+        {
+            return Ok(Ok((id as u32, e)));
         }
-        free.map(Err).ok_or(EngineError::TableFull)
+        table.iter().position(|e| e.is_none()).map(|id| Err(id as u32)).ok_or(EngineError::TableFull)
     }
 
-    /// Reads backing entry `id`.
+    /// Backing entry `id`, running.
     pub(crate) fn read_entry(&self, id: u32) -> Result<BackingDevInfo, EngineError> {
-        let pair = read_backing(&AsMedia(&self.pmem), &self.layout, id).map_err(format_err)?;
-        Ok(pair.latest.map_err(|e| EngineError::Corrupt(format!("backing {id}: {e}")))?.record)
+        lock(&self.table)
+            .get(id as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| EngineError::Corrupt(format!("backing {id} is not running")))
     }
 
     /// Writes backing entry `id`, durably.
     pub(crate) fn write_entry(&self, id: u32, info: &BackingDevInfo) -> Result<(), EngineError> {
-        let _table = lock(&self.table);
-        write_record(
-            &self.pmem,
-            self.layout.meta_entry_offset(id).map_err(|e| EngineError::Corrupt(e.to_string()))?,
-            info,
-        )?;
+        let mut table = lock(&self.table);
+        let off = self.layout.meta_entry_offset(id).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        write_record(&self.pmem, off, info)?;
+        table[id as usize] = info.is_running().then_some(*info);
         Ok(())
     }
 
