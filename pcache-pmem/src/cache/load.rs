@@ -125,6 +125,7 @@ pub fn load<P: Pmem + ?Sized>(
                 replay.torn_end = true;
                 break;
             }
+            Err(pcache_format::ReadError::Media { source, .. }) => return Err(EngineError::Pmem(source)),
             Err(e) => return Err(corrupt(at, format_err(e))),
         };
         match record {
