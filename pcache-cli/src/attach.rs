@@ -34,6 +34,7 @@ pub struct AttachArgs {
     pub listen: Listen,
     pub status_interval: Option<u64>,
     pub writeback_rate: Option<u64>,
+    pub no_read_cache: bool,
     pub kset_flush_ms: Option<u64>,
 }
 
@@ -364,6 +365,7 @@ pub fn run(a: AttachArgs) -> u8 {
             gc_percent: a.gc_percent,
             kset_flush_delay: a.kset_flush_ms.map(Duration::from_millis).unwrap_or(pcache_format::KSET_FLUSH_DELAY),
             writeback_rate: a.writeback_rate,
+            cache_reads: !a.no_read_cache,
             ..CacheOptions::default()
         };
         let (cache, rep) = match Cache::start(dev.clone(), file, &opts) {

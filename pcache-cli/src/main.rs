@@ -87,6 +87,11 @@ enum Command {
         /// spare the backing device; default unlimited.
         #[arg(long, value_parser = units::parse_size)]
         writeback_rate: Option<u64>,
+        /// Do not cache what read misses fetch from the backing device: the
+        /// cache then holds only written data (for read-mostly backings
+        /// that are fast enough on their own).
+        #[arg(long)]
+        no_read_cache: bool,
         /// Close an open kset at most this many milliseconds after its first key.
         #[arg(long, value_name = "MS", hide = true)]
         kset_flush_ms: Option<u64>,
@@ -128,6 +133,7 @@ fn main() -> ExitCode {
             listen,
             status_interval,
             writeback_rate,
+            no_read_cache,
             kset_flush_ms,
         } => attach::run(attach::AttachArgs {
             device,
@@ -140,6 +146,7 @@ fn main() -> ExitCode {
             listen,
             status_interval,
             writeback_rate,
+            no_read_cache,
             kset_flush_ms,
         }),
     };

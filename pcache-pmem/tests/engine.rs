@@ -128,6 +128,25 @@ fn hits_partial_hits_misses_and_fills() {
 }
 
 #[test]
+fn read_misses_stay_uncached_without_cache_reads() {
+    let rig = Rig::new(16 * MIB);
+    let c = rig.start(&CacheOptions { cache_reads: false, ..opts() });
+    assert_eq!(read(&c, 8192, 4096), orig(8192, 4096));
+    assert_eq!(read(&c, 8192, 4096), orig(8192, 4096));
+    let s = c.stats();
+    assert_eq!((s.misses, s.full_hits, s.clean_bytes, s.bytes_from_backing), (2, 0, 0, 8192));
+    assert!(!c.is_cached(8192, 4096));
+    // Writes are still cached, and a read around them is served from both.
+    c.write(8192, &[7u8; 512], false).unwrap();
+    let mut want = orig(8192, 4096);
+    want[..512].fill(7);
+    assert_eq!(read(&c, 8192, 4096), want);
+    let s = c.stats();
+    assert_eq!((s.partial_hits, s.clean_bytes, s.dirty_bytes), (1, 0, 512));
+    assert!(c.is_cached(8192, 512) && !c.is_cached(8192, 4096));
+}
+
+#[test]
 fn requests_across_slices_and_segments() {
     let rig = Rig::new(64 * MIB);
     let c = rig.start(&opts());

@@ -162,6 +162,9 @@ pub struct CacheOptions {
     pub stall_timeout: Duration,
     /// Verify the engine's invariants after every GC step (slow; for tests).
     pub self_check: bool,
+    /// Cache what read misses fetch from the backing device (default on).
+    /// Off, the cache holds only written data.
+    pub cache_reads: bool,
 }
 
 impl Default for CacheOptions {
@@ -176,6 +179,7 @@ impl Default for CacheOptions {
             writeback_rate: None,
             stall_timeout: Duration::from_secs(30),
             self_check: false,
+            cache_reads: true,
         }
     }
 }
@@ -365,6 +369,7 @@ struct Inner<P, B> {
     writeback_rate: Option<u64>,
     stall_timeout: Duration,
     self_check: bool,
+    cache_reads: bool,
     stats: Counters,
     health: Mutex<BgHealth>,
     stopping: AtomicBool,
@@ -694,6 +699,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             writeback_rate: opts.writeback_rate,
             stall_timeout: opts.stall_timeout,
             self_check: opts.self_check,
+            cache_reads: opts.cache_reads,
             stats: Counters::default(),
             health: Mutex::new(BgHealth::default()),
             stopping: AtomicBool::new(false),
@@ -1374,7 +1380,7 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
                 slice.drop_stale(off, end, |k| self.is_stale(k), &mut d);
                 let pieces = slice.lookup(off, end);
                 let mut mine = Vec::new();
-                for p in &pieces {
+                for p in pieces.iter().filter(|_| self.cache_reads) {
                     if let Piece::Miss { off: m, len } = *p {
                         let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
                         slice.insert(m, IKey::placeholder(len, id), &mut d);
