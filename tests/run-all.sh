@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit, property and end-to-end tests of the
-# workspace, then each fuzz target for a bounded time.
+# workspace (the crash campaign with 10 000 crash states), then each fuzz
+# target for a bounded time.
 #
 #   bash tests/run-all.sh            # FUZZ_SECONDS=20 per target by default
-#   FUZZ_SECONDS=300 bash tests/run-all.sh
+#   FUZZ_SECONDS=300 PCACHE_CRASH_STATES=100000 bash tests/run-all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +18,8 @@ if [ "${#missing[@]}" -ne 0 ]; then
   exit 1
 fi
 
-echo "== cargo test (workspace, all features)"
-cargo test --workspace --all-features
+echo "== cargo test (workspace, all features; crash campaign: ${PCACHE_CRASH_STATES:-10000} states)"
+PCACHE_CRASH_STATES="${PCACHE_CRASH_STATES:-10000}" cargo test --workspace --all-features
 
 echo "== fuzz targets, ${FUZZ_SECONDS:-20} s each"
 if ! cargo fuzz --version >/dev/null 2>&1; then

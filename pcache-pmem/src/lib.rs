@@ -14,6 +14,7 @@ pub mod cache;
 pub mod dax;
 pub mod flush;
 pub mod format;
+pub mod mutation;
 pub mod pmem;
 pub mod records;
 pub mod sim;

@@ -1,7 +1,8 @@
 //! Reading and writing double-buffered records on pmem.
 
-use pcache_format::{MetaRecord, encode_copy, find_oldest, next_seq};
+use pcache_format::{MetaRecord, encode_copy, find_latest, find_oldest, next_seq};
 
+use crate::mutation::{Mutation, active};
 use crate::pmem::{Pmem, PmemError};
 
 /// Writes `record` by the double-copy protocol: the sequence number
@@ -14,13 +15,22 @@ pub fn write_record<P: Pmem + ?Sized, R: MetaRecord>(pmem: &P, off: u64, record:
     let mut pair = vec![0u8; 2 * size];
     pmem.read(off, &mut pair)?;
     let seq = next_seq(&pair, size);
-    let target = find_oldest(&pair, size);
+    let target = if active(Mutation::OverwriteLiveCopy) {
+        find_latest(&pair, size).unwrap_or(0)
+    } else {
+        find_oldest(&pair, size)
+    };
     let copy = &mut pair[target * size..(target + 1) * size];
     // The copy is exactly COPY_SIZE bytes, the one length encode_copy accepts.
     if encode_copy(record, seq, copy).is_err() {
         return Err(PmemError::OutOfBounds { off, len: size as u64, size: pmem.size() });
     }
-    pmem.copy_persist(off + (target * size) as u64, copy)
+    let stride = if active(Mutation::WrongStride) { 2 * size } else { size };
+    let at = off + (target * stride) as u64;
+    if active(Mutation::NoFenceAfterMetaCopy) {
+        return pmem.copy_nodrain(at, copy);
+    }
+    pmem.copy_persist(at, copy)
 }
 
 #[cfg(test)]

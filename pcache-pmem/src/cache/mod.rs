@@ -1240,7 +1240,12 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
             pmem.copy_persist(self.data_addr(head.0, head.1, KSET_HEADER_SIZE as u32)?, &last)?;
             *head = (next, 0);
         }
-        pmem.copy_persist(self.data_addr(head.0, head.1 + size as u32, KSET_HEADER_SIZE as u32)?, &TERMINATOR)?;
+        let terminator = self.data_addr(head.0, head.1 + size as u32, KSET_HEADER_SIZE as u32)?;
+        if crate::mutation::active(crate::mutation::Mutation::NoFenceTerminator) {
+            pmem.copy_nodrain(terminator, &TERMINATOR)?;
+        } else {
+            pmem.copy_persist(terminator, &TERMINATOR)?;
+        }
         pmem.copy_persist(self.data_addr(head.0, head.1, size as u32)?, &buf[..size])?;
         head.1 += size as u32;
         self.log_end.store(pack(*head), Ordering::Release);

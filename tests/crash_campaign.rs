@@ -1,0 +1,742 @@
+//! The crash campaign: evidence for the durability contract.
+//!
+//! Workloads of writes, overwrites, FUA writes, flushes, reads that fill
+//! misses, zeroing, discards, writeback and GC drive the engine on the
+//! crash simulator, crossing kset, slice and segment boundaries. At every
+//! fence (in long workloads, at sampled fences and stores) the state is
+//! frozen, and several crash images are made of it (nothing extra survives,
+//! everything survives, random subsets, every combination when few lines
+//! are pending), each with a crash image of the backing device (its writes
+//! since the last sync kept, dropped, or some of them). Each image is
+//! recovered with the real start path, followed by what the background
+//! threads would do (writeback, GC), and checked:
+//!
+//! * recovery succeeds;
+//! * every sector reads one of the values it may hold: what it held at the
+//!   last flush or FUA write covering it, or anything written after —
+//!   never anything else, so every acknowledged write before the last
+//!   completed flush or FUA reads back;
+//! * `pcache check` finds nothing;
+//! * a second crash, during that recovery, is just as safe.
+//!
+//! ```text
+//! cargo test --release -p pcache-pmem --features mutations --test crash_campaign
+//! PCACHE_CRASH_STATES=100000 cargo test ...        # more states (default 1000)
+//! PCACHE_MUTATION=no-fence-terminator cargo test ... # one mutation, must find violations
+//! ```
+//!
+//! Without `PCACHE_MUTATION`, the campaign runs the states asked for and
+//! then each of the four mutations, which must each produce violations.
+//! The last line is `crash states: N, violations: 0`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pcache_format::image::{ScanOptions, scan};
+use pcache_pmem::format::format;
+use pcache_pmem::mutation::{self, Mutation};
+use pcache_pmem::{
+    AsMedia, BackingDev, BackingError, Cache, CacheDev, CacheOptions, CrashState, CrashStrategy, SimEventKind, SimPmem,
+};
+
+const SECTOR: u64 = 512;
+const MIB: u64 = 1 << 20;
+const ZERO: u32 = 1 << 31;
+
+/// Byte `off` as written by write `id` (0: the original content).
+fn val(id: u32, off: u64) -> u8 {
+    if id & ZERO != 0 {
+        return 0;
+    }
+    let x = (u64::from(id).wrapping_mul(0x9E37_79B9) ^ off).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (x >> 56) as u8
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 17
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+// ---- a backing device that can crash ------------------------------------
+
+/// Writes since the last sync may or may not survive a crash. Content is a
+/// shared base plus an overlay of the 4 KiB pages written since, so that
+/// freezing and copying it costs only what was written.
+struct SimBacking {
+    path: PathBuf,
+    size: u64,
+    state: Mutex<BackingState>,
+}
+
+type Overlay = std::collections::HashMap<u64, Arc<[u8; 4096]>>;
+
+struct BackingState {
+    base: Arc<Vec<u8>>,
+    current: Overlay,
+    durable: Overlay,
+    pending: Vec<Arc<(u64, Vec<u8>)>>,
+}
+
+fn overlay_write(base: &[u8], ov: &mut Overlay, off: u64, data: &[u8]) {
+    let mut done = 0usize;
+    while done < data.len() {
+        let at = off + done as u64;
+        let (page, in_page) = (at / 4096, (at % 4096) as usize);
+        let n = (4096 - in_page).min(data.len() - done);
+        let p = ov.entry(page).or_insert_with(|| {
+            let start = (page * 4096) as usize;
+            let mut fresh = [0u8; 4096];
+            let end = (start + 4096).min(base.len());
+            fresh[..end - start].copy_from_slice(&base[start..end]);
+            Arc::new(fresh)
+        });
+        Arc::make_mut(p)[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
+        done += n;
+    }
+}
+
+/// A frozen backing device: durable content and writes not yet synced.
+#[derive(Clone)]
+struct BackingCrash {
+    base: Arc<Vec<u8>>,
+    durable: Overlay,
+    pending: Vec<Arc<(u64, Vec<u8>)>>,
+}
+
+impl BackingCrash {
+    /// The device after a crash: `keep` chooses which unsynced writes survive.
+    fn image(&self, keep: impl Fn(usize) -> bool) -> SimBacking {
+        let mut ov = self.durable.clone();
+        for (i, w) in self.pending.iter().enumerate() {
+            if keep(i) {
+                overlay_write(&self.base, &mut ov, w.0, &w.1);
+            }
+        }
+        SimBacking::with(self.base.clone(), ov)
+    }
+}
+
+impl SimBacking {
+    fn new(content: Vec<u8>) -> Self {
+        Self::with(Arc::new(content), Overlay::new())
+    }
+
+    fn with(base: Arc<Vec<u8>>, ov: Overlay) -> Self {
+        let size = base.len() as u64;
+        let state = BackingState { base, current: ov.clone(), durable: ov, pending: Vec::new() };
+        Self { path: "/campaign/backing".into(), size, state: Mutex::new(state) }
+    }
+
+    fn crash(&self) -> BackingCrash {
+        let s = self.state.lock().unwrap();
+        BackingCrash { base: s.base.clone(), durable: s.durable.clone(), pending: s.pending.clone() }
+    }
+}
+
+impl BackingDev for SimBacking {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        let s = self.state.lock().unwrap();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = off + done as u64;
+            let (page, in_page) = (at / 4096, (at % 4096) as usize);
+            let n = (4096 - in_page).min(buf.len() - done);
+            match s.current.get(&page) {
+                Some(p) => buf[done..done + n].copy_from_slice(&p[in_page..in_page + n]),
+                None => buf[done..done + n].copy_from_slice(&s.base[at as usize..at as usize + n]),
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
+        let mut s = self.state.lock().unwrap();
+        let base = s.base.clone();
+        overlay_write(&base, &mut s.current, off, data);
+        s.pending.push(Arc::new((off, data.to_vec())));
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), BackingError> {
+        let mut s = self.state.lock().unwrap();
+        if !s.pending.is_empty() {
+            s.durable = s.current.clone();
+            s.pending.clear();
+        }
+        Ok(())
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+// ---- workloads ----------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Write { sector: u64, sectors: u64, fua: bool },
+    Zero { sector: u64, sectors: u64 },
+    Read { sector: u64, sectors: u64 },
+    Discard { sector: u64, sectors: u64 },
+    Flush,
+    WriteBack { ksets: usize },
+    Gc,
+}
+
+struct Workload {
+    seed: u64,
+    long: bool,
+    /// A previous cache on the same device, written and detached before
+    /// this one starts: its stale ksets and data are left in the segments
+    /// this cache gets.
+    previous_life: bool,
+    backing: u64,
+    cache_segs: u64,
+    ops: Vec<Op>,
+}
+
+fn workload(seed: u64) -> Workload {
+    let mut r = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
+    let long = seed % 4 == 1;
+    let backing = if long { 32 * MIB } else { 8 * MIB };
+    let sectors = backing / SECTOR;
+    let n = if long { 3000 } else { 40 + r.below(200) };
+    let mut ops = Vec::new();
+    let mut recent: Vec<(u64, u64)> = Vec::new();
+    for i in 0..n {
+        let len = if long {
+            64 + r.below(64)
+        } else {
+            match r.below(10) {
+                0 => 1 + r.below(2048),
+                1..=3 => 1 + r.below(64),
+                _ => 1 + r.below(8),
+            }
+        };
+        // Overwrite recent ranges often; cross the 4 MiB slice boundary sometimes.
+        let sector = match r.below(6) {
+            0 if !recent.is_empty() => {
+                let (s, l) = recent[r.below(recent.len() as u64) as usize];
+                s + r.below(l)
+            }
+            1 => (4 * MIB / SECTOR).saturating_sub(r.below(len + 1)),
+            _ => r.below(sectors),
+        }
+        .min(sectors - 1);
+        let len = len.min(sectors - sector);
+        let fua_weight = if !long && i < 30 { 10 } else { 2 };
+        let op = match r.below(if long { 40 } else { 30 }) {
+            k if k < 16 - (fua_weight - 2) => Op::Write { sector, sectors: len, fua: false },
+            k if k < 18 => Op::Write { sector, sectors: len, fua: true },
+            18 => Op::Zero { sector, sectors: len.min(64) },
+            19..=22 => Op::Read { sector, sectors: len },
+            23 => Op::Discard { sector, sectors: len },
+            24..=25 => Op::Flush,
+            26..=27 => Op::WriteBack { ksets: 1 + r.below(3) as usize },
+            28..=29 => Op::Gc,
+            _ => Op::Write { sector, sectors: len, fua: false },
+        };
+        if let Op::Write { .. } = op {
+            recent.push((sector, len));
+            if recent.len() > 16 {
+                recent.remove(0);
+            }
+        }
+        ops.push(op);
+        // Short workloads sometimes fill a kset of 128 keys without a flush.
+        if !long && i == 20 && seed % 4 == 1 {
+            for k in 0..140 {
+                ops.push(Op::Write { sector: (k * 7) % sectors, sectors: 1, fua: false });
+            }
+        }
+    }
+    let previous_life = seed.is_multiple_of(2);
+    if previous_life && !long {
+        // Start with one-key ksets, 64 bytes each: they end exactly where the
+        // previous life's ksets began.
+        let first: Vec<Op> =
+            (0..24).map(|_| Op::Write { sector: r.below(sectors), sectors: 1 + r.below(8), fua: true }).collect();
+        ops.splice(0..0, first);
+    }
+    ops.push(Op::Flush);
+    ops.push(Op::WriteBack { ksets: usize::MAX });
+    ops.push(Op::Gc);
+    Workload { seed, long, previous_life, backing, cache_segs: if long { 10 } else { 12 }, ops }
+}
+
+/// What each sector may hold: the writes since its value last became durable.
+#[derive(Clone)]
+struct Model {
+    cur: Vec<u32>,
+    cands: Vec<Vec<u32>>,
+}
+
+impl Model {
+    fn new(sectors: usize) -> Self {
+        Self { cur: vec![0; sectors], cands: vec![vec![0]; sectors] }
+    }
+
+    /// Applies a completed op `id`.
+    fn apply(&mut self, op: &Op, id: u32) {
+        match *op {
+            Op::Write { sector, sectors, fua } => {
+                for s in sector as usize..(sector + sectors) as usize {
+                    self.cur[s] = id;
+                    if fua {
+                        self.cands[s] = vec![id];
+                    } else {
+                        self.cands[s].push(id);
+                    }
+                }
+            }
+            Op::Zero { sector, sectors } => {
+                for s in sector as usize..(sector + sectors) as usize {
+                    self.cur[s] = id | ZERO;
+                    self.cands[s].push(id | ZERO);
+                }
+            }
+            Op::Flush => {
+                for (c, cur) in self.cands.iter_mut().zip(&self.cur) {
+                    if c.len() > 1 || c[0] != *cur {
+                        *c = vec![*cur];
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The candidates while op `id` is in progress.
+    fn in_progress(&self, op: &Op, id: u32) -> Vec<Vec<u32>> {
+        let mut c = self.cands.clone();
+        let (range, id) = match *op {
+            Op::Write { sector, sectors, .. } => (sector as usize..(sector + sectors) as usize, id),
+            Op::Zero { sector, sectors } => (sector as usize..(sector + sectors) as usize, id | ZERO),
+            _ => (0..0, id),
+        };
+        for cands in &mut c[range] {
+            cands.push(id);
+        }
+        c
+    }
+}
+
+fn cache_opts(segs: u64, cache_reads: bool) -> CacheOptions {
+    CacheOptions {
+        cache_size: Some(segs * 16 * MIB),
+        kset_flush_delay: Duration::from_secs(3600),
+        background: false,
+        gc_percent: Some(0),
+        cache_reads,
+        ..CacheOptions::default()
+    }
+}
+
+type TestCache = Arc<Cache<SimPmem, Arc<SimBacking>>>;
+
+fn run_op(c: &TestCache, op: &Op, id: u32) -> Result<(), String> {
+    let r = match *op {
+        Op::Write { sector, sectors, fua } => {
+            let off = sector * SECTOR;
+            let data: Vec<u8> = (off..off + sectors * SECTOR).map(|o| val(id, o)).collect();
+            c.write(off, &data, fua)
+        }
+        Op::Zero { sector, sectors } => c.write_zeroes(sector * SECTOR, sectors * SECTOR, false),
+        Op::Read { sector, sectors } => {
+            let mut buf = vec![0u8; (sectors * SECTOR) as usize];
+            c.read(sector * SECTOR, &mut buf)
+        }
+        Op::Discard { sector, sectors } => c.discard(sector * SECTOR, sectors * SECTOR),
+        Op::Flush => c.flush(),
+        Op::WriteBack { ksets } => c.write_back_ksets(ksets).map(|_| ()),
+        Op::Gc => c.gc().map(|_| ()),
+    };
+    r.map_err(|e| format!("{op:?}: {e}"))
+}
+
+/// Writes ids from here on belong to the previous life: any of them read
+/// back from the current cache is a violation (they are never candidates).
+const PREVIOUS: u32 = 1 << 30;
+
+/// A cache on another backing path, written (many small ksets) and
+/// detached, leaving its ksets and data in the segments the next cache gets.
+fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64, u64)>, String> {
+    let old = Arc::new(SimBacking::new(vec![0u8; w.backing as usize]));
+    let prev = Arc::new(Renamed(old, "/campaign/previous".into()));
+    let (c, _) = Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true)).map_err(|e| e.to_string())?;
+    let mut r = Rng(w.seed ^ 0x01d);
+    let mut touched = Vec::new();
+    // One key per kset: its ksets start at every multiple of 64 bytes of the
+    // log, where the next cache's ksets end too when they hold one key.
+    for i in 0..300u32 {
+        let sector = r.below(w.backing / SECTOR - 8);
+        let id = PREVIOUS | i;
+        let data: Vec<u8> = (0..4 * SECTOR).map(|o| val(id, sector * SECTOR + o)).collect();
+        c.write(sector * SECTOR, &data, true).map_err(|e| e.to_string())?;
+        touched.push((sector, 4));
+    }
+    c.stop().map_err(|e| e.to_string())?;
+    drop(c);
+    pcache_pmem::detach(dev, prev, |_, _| {}).map_err(|e| format!("previous life: detach: {e}"))?;
+    Ok(touched)
+}
+
+/// A backing device under another path.
+struct Renamed(Arc<SimBacking>, PathBuf);
+
+impl BackingDev for Renamed {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
+        self.0.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
+        self.0.write_at(off, data)
+    }
+    fn sync(&self) -> Result<(), BackingError> {
+        self.0.sync()
+    }
+    fn path(&self) -> &Path {
+        &self.1
+    }
+}
+
+/// A frozen moment of a workload.
+struct Frozen {
+    pmem: CrashState,
+    backing: BackingCrash,
+    op: usize,
+    event: String,
+}
+
+/// A quick fingerprint of a sector's bytes.
+fn fingerprint(bytes: &[u8]) -> u64 {
+    bytes.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+        let w = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
+        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29)
+    })
+}
+
+/// Fingerprints of what write `id` put in each sector, computed once.
+#[derive(Default)]
+struct Expected(std::collections::HashMap<(u32, usize), u64>);
+
+impl Expected {
+    fn of(&mut self, id: u32, s: usize) -> u64 {
+        *self.0.entry((id, s)).or_insert_with(|| {
+            let base = s as u64 * SECTOR;
+            let bytes: Vec<u8> = (base..base + SECTOR).map(|o| val(id, o)).collect();
+            fingerprint(&bytes)
+        })
+    }
+}
+
+/// Checks every sector in `touched` against its candidates.
+fn check_sectors(
+    c: &TestCache,
+    cands: &[Vec<u32>],
+    touched: &[(u64, u64)],
+    expected: &mut Expected,
+) -> Result<(), String> {
+    for &(sector, n) in touched {
+        let mut buf = vec![0u8; (n * SECTOR) as usize];
+        c.read(sector * SECTOR, &mut buf).map_err(|e| format!("read of sector {sector}: {e}"))?;
+        for (i, chunk) in buf.chunks(SECTOR as usize).enumerate() {
+            let s = sector as usize + i;
+            let got = fingerprint(chunk);
+            if !cands[s].iter().any(|&id| expected.of(id, s) == got) {
+                return Err(format!("sector {s} holds none of the writes it may hold ({:?})", cands[s]));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Recovers `image` and checks it; with `second`, also crashes during the
+/// recovery (at the fence `second` picks) and checks that recovery too.
+fn recover(
+    image: SimPmem,
+    backing: SimBacking,
+    segs: u64,
+    cands: &[Vec<u32>],
+    touched: &[(u64, u64)],
+    second: Option<u64>,
+    expected: &mut Expected,
+) -> Result<usize, String> {
+    let dev = CacheDev::open(image).map_err(|e| format!("recovery: open: {e}"))?;
+    let b = Arc::new(backing);
+    let caught: Arc<Mutex<Option<(CrashState, BackingCrash)>>> = Arc::new(Mutex::new(None));
+    if let Some(pick) = second {
+        let (caught, b) = (caught.clone(), b.clone());
+        dev.pmem().set_hook(Some(Box::new(move |ev| {
+            if ev.kind() == SimEventKind::Fence && ev.index() == pick {
+                *caught.lock().unwrap() = Some((ev.snapshot(), b.crash()));
+            }
+        })));
+    }
+    let (cache, _) =
+        Cache::start(dev.clone(), b.clone(), &cache_opts(segs, false)).map_err(|e| format!("recovery: start: {e}"))?;
+    // What the background threads do after a start.
+    cache.write_back(|_, _| {}).map_err(|e| format!("recovery: writeback: {e}"))?;
+    cache.gc().map_err(|e| format!("recovery: gc: {e}"))?;
+    check_sectors(&cache, cands, touched, expected)?;
+    cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
+    dev.pmem().set_hook(None);
+    let report = scan(&AsMedia(dev.pmem()), ScanOptions::default());
+    if report.problems() > 0 {
+        let f: Vec<String> = report.findings.iter().map(|f| f.to_string()).collect();
+        return Err(format!("check after recovery: {}", f.join("; ")));
+    }
+    let mut states = 1;
+    let frozen = caught.lock().unwrap().take();
+    if let Some((pmem, bk)) = frozen {
+        let seed = second.unwrap_or(0);
+        let img = pmem.image(CrashStrategy::Random { seed });
+        let bimg = bk.image(|i| (seed >> (i % 64)) & 1 == 1);
+        recover(img, bimg, segs, cands, touched, None, expected)
+            .map_err(|e| format!("second crash during recovery: {e}"))?;
+        states += 1;
+    }
+    Ok(states)
+}
+
+/// Merges touched sector ranges.
+fn coalesce(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, n) in v {
+        if let Some(last) = out.last_mut()
+            && s <= last.0 + last.1
+        {
+            last.1 = last.1.max(s + n - last.0);
+            continue;
+        }
+        out.push((s, n));
+    }
+    out
+}
+
+struct Tally {
+    states: usize,
+    violations: usize,
+    shown: usize,
+}
+
+impl Tally {
+    fn violation(&mut self, w: &Workload, f: &Frozen, what: &str, e: &str) {
+        self.violations += 1;
+        if self.shown < 5 {
+            self.shown += 1;
+            println!(
+                "  VIOLATION: workload {} ({} ops{}), op {} {:?}, {} , image {what}: {e}",
+                w.seed,
+                w.ops.len(),
+                if w.long { ", long" } else { "" },
+                f.op,
+                w.ops[f.op],
+                f.event
+            );
+        }
+    }
+}
+
+/// Runs workload `w`, freezing it at its crash points, and checks images of
+/// each until `budget` crash states are spent.
+fn campaign_workload(w: &Workload, budget: usize, tally: &mut Tally) -> Result<(), String> {
+    let pmem = SimPmem::new(512 * MIB);
+    format(&pmem, false).map_err(|e| e.to_string())?;
+    let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
+    let mut touched = if w.previous_life { previous_life(&dev, w)? } else { Vec::new() };
+    let original: Vec<u8> = (0..w.backing).map(|o| val(0, o)).collect();
+    let backing = Arc::new(SimBacking::new(original));
+    let (cache, _) =
+        Cache::start(dev.clone(), backing.clone(), &cache_opts(w.cache_segs, true)).map_err(|e| e.to_string())?;
+    let frozen: Arc<Mutex<Vec<Frozen>>> = Arc::new(Mutex::new(Vec::new()));
+    let op_now = Arc::new(AtomicUsize::new(0));
+    {
+        let (frozen, op_now, backing) = (frozen.clone(), op_now.clone(), backing.clone());
+        let mut r = Rng(w.seed ^ 0xdead_beef);
+        let long = w.long;
+        dev.pmem().set_hook(Some(Box::new(move |ev| {
+            let take = match (ev.kind(), long) {
+                (SimEventKind::Fence, false) => true,
+                (SimEventKind::Write, false) => r.below(8) == 0,
+                (SimEventKind::Fence, true) => r.below(60) == 0,
+                (SimEventKind::Write, true) => r.below(400) == 0,
+            };
+            if take {
+                let event = format!("at {:?} {}", ev.kind(), ev.index());
+                frozen.lock().unwrap().push(Frozen {
+                    pmem: ev.snapshot(),
+                    backing: backing.crash(),
+                    op: op_now.load(Ordering::SeqCst),
+                    event,
+                });
+            }
+        })));
+    }
+    let mut model = Model::new((w.backing / SECTOR) as usize);
+    for (i, op) in w.ops.iter().enumerate() {
+        op_now.store(i, Ordering::SeqCst);
+        run_op(&cache, op, i as u32 + 1).map_err(|e| format!("workload {} op {i}: {e}", w.seed))?;
+        model.apply(op, i as u32 + 1);
+        if let Op::Write { sector, sectors, .. } | Op::Zero { sector, sectors } = *op {
+            touched.push((sector, sectors));
+        }
+    }
+    dev.pmem().set_hook(None);
+    // A crash right at the end, with whatever is still pending.
+    frozen.lock().unwrap().push(Frozen {
+        pmem: dev.pmem().snapshot(),
+        backing: backing.crash(),
+        op: w.ops.len() - 1,
+        event: "after the last op".into(),
+    });
+    cache.stop().map_err(|e| e.to_string())?;
+    // Also check a few sectors never written, and the slice boundary.
+    let sectors = w.backing / SECTOR;
+    touched.extend([(0, 4), (sectors - 4, 4), (4 * MIB / SECTOR - 2, 4)]);
+    let touched = coalesce(touched);
+
+    // Replay the model to each frozen moment and check its images.
+    let frozen = std::mem::take(&mut *frozen.lock().unwrap());
+    let mut replay = Model::new((w.backing / SECTOR) as usize);
+    let mut applied = 0usize;
+    let mut r = Rng(w.seed ^ 0x5eed);
+    let mut spent = 0usize;
+    let mut expected = Expected::default();
+    // Spread the budget over the whole workload (about 5 states a point),
+    // always including the last point.
+    let stride = (frozen.len() * 5).div_ceil(budget.max(1)).max(1);
+    let last = frozen.len() - 1;
+    for (n, f) in frozen.iter().enumerate() {
+        if spent >= budget + 10 {
+            break;
+        }
+        if n % stride != 0 && n != last {
+            continue;
+        }
+        while applied < f.op {
+            replay.apply(&w.ops[applied], applied as u32 + 1);
+            applied += 1;
+        }
+        let cands = replay.in_progress(&w.ops[f.op], f.op as u32 + 1);
+        let mut images: Vec<(String, SimPmem, SimBacking)> = Vec::new();
+        let keep_all = |_| true;
+        let keep_none = |_| false;
+        images.push(("nothing extra".into(), f.pmem.image(CrashStrategy::NothingExtra), f.backing.image(keep_none)));
+        images.push(("everything".into(), f.pmem.image(CrashStrategy::Everything), f.backing.image(keep_all)));
+        for _ in 0..2 {
+            let seed = r.next();
+            let img = f.pmem.image(CrashStrategy::Random { seed });
+            images.push((format!("random {seed:#x}"), img, f.backing.image(|i| (seed >> (i % 60)) & 1 == 1)));
+        }
+        if let Some(all) = f.pmem.exhaustive(12) {
+            for (k, img) in all.into_iter().enumerate() {
+                images.push((format!("combination {k}"), img, f.backing.image(|i| (k >> (i % 8)) & 1 == 1)));
+            }
+        }
+        for (k, (what, img, bimg)) in images.into_iter().enumerate() {
+            // Every fourth image also crashes during its recovery.
+            let second = (k % 4 == 0).then(|| r.below(6));
+            match recover(img, bimg, w.cache_segs, &cands, &touched, second, &mut expected) {
+                Ok(n) => {
+                    tally.states += n;
+                    spent += n;
+                }
+                Err(e) => {
+                    tally.states += 1;
+                    spent += 1;
+                    tally.violation(w, f, &what, &e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn campaign(states: usize, tag: &str) -> Tally {
+    let mut tally = Tally { states: 0, violations: 0, shown: 0 };
+    let t = Instant::now();
+    let mut seed = 0;
+    while tally.states < states {
+        let w = workload(seed);
+        let budget = (states - tally.states).min(if w.long { 300 } else { 150 });
+        if let Err(e) = campaign_workload(&w, budget, &mut tally) {
+            // A workload that fails while running (not after a crash) is a violation too.
+            tally.violations += 1;
+            println!("  VIOLATION: workload {seed} failed while running: {e}");
+        }
+        seed += 1;
+    }
+    println!(
+        "{tag}: {} workloads, {} crash states in {:.1} s, {} violations",
+        seed,
+        tally.states,
+        t.elapsed().as_secs_f64(),
+        tally.violations
+    );
+    tally
+}
+
+/// Crash states spent on each mutation.
+const MUTATION_STATES: usize = 600;
+
+fn mutation_named(name: &str) -> Option<Mutation> {
+    Some(match name {
+        "wrong-stride" => Mutation::WrongStride,
+        "overwrite-live-copy" => Mutation::OverwriteLiveCopy,
+        "no-fence-after-meta-copy" => Mutation::NoFenceAfterMetaCopy,
+        "no-fence-terminator" => Mutation::NoFenceTerminator,
+        _ => return None,
+    })
+}
+
+fn main() {
+    let states: usize = std::env::var("PCACHE_CRASH_STATES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    if let Ok(name) = std::env::var("PCACHE_MUTATION") {
+        let m = mutation_named(&name).unwrap_or_else(|| panic!("unknown PCACHE_MUTATION {name:?}"));
+        mutation::set(m);
+        let t = campaign(states, &format!("mutation {name}"));
+        println!("crash states: {}, violations: {}", t.states, t.violations);
+        assert!(t.violations > 0, "the campaign did not catch mutation {name}");
+        return;
+    }
+    // Each mutation must be caught. The campaign is deterministic (seeded
+    // workloads, one thread), so a fixed budget catches them every time.
+    let mut missed = Vec::new();
+    for (m, name) in Mutation::ALL.iter().zip([
+        "wrong-stride",
+        "overwrite-live-copy",
+        "no-fence-after-meta-copy",
+        "no-fence-terminator",
+    ]) {
+        mutation::set(*m);
+        let t = campaign(MUTATION_STATES, &format!("mutation {name}"));
+        if t.violations == 0 {
+            missed.push(name);
+        }
+    }
+    mutation::set(Mutation::None);
+    let t = campaign(states, "campaign");
+    println!("crash states: {}, violations: {}", t.states, t.violations);
+    assert!(missed.is_empty(), "mutations not caught: {missed:?}");
+    assert_eq!(t.violations, 0, "the durability contract was violated");
+}
