@@ -60,6 +60,7 @@ fn main() {
     backing_table(&mut out);
     image(&mut out);
     nbd(&mut out);
+    engine(&mut out);
     println!("make-seeds: wrote {} seeds under {}", out.count, out.root.display());
 }
 
@@ -282,4 +283,13 @@ fn nbd(out: &mut Out) {
     v.extend(req(CMD_WRITE, 0, 2, 0, 4));
     v.extend_from_slice(b"abcd");
     out.put("nbd", "export-name", &v);
+}
+
+/// Byte strings for the `engine` target: `arbitrary` turns them into op
+/// sequences (the first byte of each op picks its kind).
+fn engine(out: &mut Out) {
+    let mut r = Rng(0x00e1_191e);
+    for i in 0..8 {
+        out.put("engine", &format!("random-{i}"), &r.bytes(64 + 48 * i));
+    }
 }

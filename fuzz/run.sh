@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target (pcache-format's decoders, the NBD server) for a while; exits non-zero if any
+# Runs every fuzz target (pcache-format's decoders, the NBD server, the engine) for a while; exits non-zero if any
 # finds a crash (a panic, a failed invariant, a timeout, an out-of-memory).
 #
 #   bash fuzz/run.sh [SECONDS_PER_TARGET]      (default 20; from any cwd)
@@ -9,7 +9,7 @@
 # nightly flags are let through with RUSTC_BOOTSTRAP=1.
 #
 # Environment:
-#   FUZZ_TARGETS     targets to run, space-separated (default: all six)
+#   FUZZ_TARGETS     targets to run, space-separated (default: all seven)
 #   FUZZ_SANITIZER   cargo fuzz --sanitizer (default: none). pcache-format
 #                    forbids unsafe code, so AddressSanitizer finds little
 #                    there and costs 3-8x in executions; set
@@ -28,7 +28,7 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
 fi
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_dir="$(dirname "$fuzz_dir")"
-read -r -a targets <<<"${FUZZ_TARGETS:-superblock copy_selection kset backing_table image nbd}"
+read -r -a targets <<<"${FUZZ_TARGETS:-superblock copy_selection kset backing_table image nbd engine}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -47,6 +47,7 @@ cd "$repo_dir"
 for t in "${targets[@]}"; do
     echo "== $t (${seconds}s, sanitizer $sanitizer)"
     log="$logs/$t.log"
+    mkdir -p "$fuzz_dir/corpus/$t"
     status=0
     cargo fuzz run --fuzz-dir "$fuzz_dir" --sanitizer "$sanitizer" "$t" "$fuzz_dir/corpus/$t" -- \
         -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=60 -print_final_stats=1 \
