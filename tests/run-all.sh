@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit, property and end-to-end tests of the
-# workspace (the crash campaign with 10 000 crash states), then each fuzz
-# target for a bounded time.
+# workspace (the crash campaign with 10 000 crash states), the kill soak,
+# the real-pmem VM rig, then each fuzz target for a bounded time.
 #
 #   bash tests/run-all.sh            # FUZZ_SECONDS=20 per target by default
-#   FUZZ_SECONDS=300 PCACHE_CRASH_STATES=100000 bash tests/run-all.sh
+#   FUZZ_SECONDS=300 PCACHE_CRASH_STATES=100000 KILL_SOAK_KILLS=100 bash tests/run-all.sh
+#   PCACHE_SKIP_VM=1 bash tests/run-all.sh   # without the VM rig (refused when CI=true)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,16 @@ fi
 
 echo "== cargo test (workspace, all features; crash campaign: ${PCACHE_CRASH_STATES:-10000} states)"
 PCACHE_CRASH_STATES="${PCACHE_CRASH_STATES:-10000}" cargo test --workspace --all-features
+
+echo "== kill soak: ${KILL_SOAK_KILLS:-10} kills"
+bash scripts/kill-soak.sh "${KILL_SOAK_KILLS:-10}"
+
+if [ "${PCACHE_SKIP_VM:-}" = 1 ] && [ "${CI:-}" != true ]; then
+  echo "== real-pmem VM rig: NOT RUN (PCACHE_SKIP_VM=1)" >&2
+else
+  echo "== real-pmem VM rig (QEMU guest, emulated NVDIMM, kernel NBD client)"
+  bash tests/vm/run.sh
+fi
 
 echo "== fuzz targets, ${FUZZ_SECONDS:-20} s each"
 if ! cargo fuzz --version >/dev/null 2>&1; then
