@@ -721,6 +721,7 @@ fn main() {
     }
     // Each mutation must be caught. The campaign is deterministic (seeded
     // workloads, one thread), so a fixed budget catches them every time.
+    println!("mutation checks: each re-introduces a known bug and must be caught (their VIOLATION lines are expected)");
     let mut missed = Vec::new();
     for (m, name) in Mutation::ALL.iter().zip([
         "wrong-stride",
@@ -731,7 +732,10 @@ fn main() {
         mutation::set(*m);
         let t = campaign(MUTATION_STATES, &format!("mutation {name}"));
         if t.violations == 0 {
+            println!("mutation {name}: NOT CAUGHT");
             missed.push(name);
+        } else {
+            println!("mutation {name}: caught");
         }
     }
     mutation::set(Mutation::None);

@@ -1385,7 +1385,10 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
                 slice.drop_stale(off, end, |k| self.is_stale(k), &mut d);
                 let pieces = slice.lookup(off, end);
                 let mut mine = Vec::new();
-                for p in pieces.iter().filter(|_| self.cache_reads) {
+                // Each miss gets a placeholder this reader fills, unless
+                // read misses are not cached at all.
+                let misses = if self.cache_reads { &pieces[..] } else { &[] };
+                for p in misses {
                     if let Piece::Miss { off: m, len } = *p {
                         let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
                         slice.insert(m, IKey::placeholder(len, id), &mut d);
