@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job without pmem hardware: an ordinary file stands in for pmem.
 # Builds pcache, formats /tmp/pcache-demo/pmem.img (1 GiB, sparse) unless it
-# already holds a pcache format, creates a 1 GiB backing file, and runs
+# already exists (an existing image is never reformatted or removed: if it is
+# not a usable cache, attach says why and stops), creates a 1 GiB backing
+# file, and runs
 # `pcache attach` in the foreground, serving the backing file over NBD on
 # 127.0.0.1:10809 until Ctrl-C (the cache stays warm for the next run).
 #
@@ -12,8 +14,7 @@ dir="${1:-/tmp/pcache-demo}"
 mkdir -p "$dir"
 cargo build --release --quiet --bin pcache
 pcache="$PWD/target/release/pcache"
-if ! "$pcache" inspect "$dir/pmem.img" >/dev/null 2>&1; then
-  rm -f "$dir/pmem.img"
+if [ ! -e "$dir/pmem.img" ]; then
   "$pcache" format "$dir/pmem.img" --size 1G
 fi
 [ -e "$dir/disk.img" ] || truncate -s 1G "$dir/disk.img"

@@ -111,6 +111,8 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 /// Data at an offset.
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+/// Structured reply chunk: nothing (a successful reply without data).
+pub const REPLY_TYPE_NONE: u16 = 0;
 /// An error with a message.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
@@ -352,7 +354,7 @@ pub fn negotiate<R: Read, W: Write>(r: &mut R, w: &mut W, exports: &[Export]) ->
                 }
                 w.write_all(&reply)?;
                 w.flush()?;
-                return Ok(Some(Session { export: i, structured: false }));
+                return Ok(Some(Session { export: i, structured }));
             }
             OPT_ABORT => {
                 let _ = option_reply(w, opt, REP_ACK, &[]);
@@ -458,10 +460,11 @@ pub fn parse_request(h: &[u8; 28]) -> Result<Request, NbdError> {
 /// Checks a request against the device; `Err` is the errno to reply with.
 fn validate(req: &Request, size: u64) -> Result<(), DevError> {
     let inval = |m: String| Err(DevError { errno: EINVAL, message: m });
+    // FUA is valid on every command (a server must accept it even where it
+    // means nothing, as on READ and FLUSH); NO_HOLE only on WRITE_ZEROES.
     let allowed = match req.kind {
-        CMD_WRITE => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        _ => 0,
+        _ => CMD_FLAG_FUA,
     };
     if req.flags & !allowed != 0 {
         return inval(format!("flags {:#x} not supported for this command", req.flags));
@@ -525,6 +528,16 @@ impl<W: Write> Replier<W> {
     /// the header goes in front, and the reply leaves in one write.
     fn send_read(&self, req: &Request, buf: &mut [u8]) -> io::Result<()> {
         let data_len = buf.len() - READ_HEADER;
+        if data_len == 0 && self.structured {
+            // An OFFSET_DATA chunk must carry at least one byte.
+            let mut msg = Vec::with_capacity(20);
+            msg.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            msg.extend_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+            msg.extend_from_slice(&REPLY_TYPE_NONE.to_be_bytes());
+            msg.extend_from_slice(&req.handle.to_be_bytes());
+            msg.extend_from_slice(&0u32.to_be_bytes());
+            return self.write(&msg);
+        }
         let start = if self.structured {
             let h = &mut buf[..READ_HEADER];
             h[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
@@ -567,7 +580,7 @@ fn execute<W: Write>(dev: &dyn BlockDevice, rep: &Replier<W>, req: Request, payl
         }
         CMD_WRITE => rep.send(&req, dev.write(off, &payload, fua)),
         CMD_FLUSH => rep.send(&req, dev.flush()),
-        CMD_TRIM => rep.send(&req, dev.trim(off, len)),
+        CMD_TRIM => rep.send(&req, dev.trim(off, len).and_then(|()| if fua { dev.flush() } else { Ok(()) })),
         CMD_WRITE_ZEROES => rep.send(&req, dev.write_zeroes(off, len, fua)),
         other => {
             let e = DevError { errno: EINVAL, message: format!("command {other} not supported") };
@@ -746,8 +759,17 @@ mod tests {
         let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
         input.extend(opt(OPT_EXPORT_NAME, b""));
         let mut out = Vec::new();
-        assert_eq!(negotiate(&mut &input[..], &mut out, &ex).unwrap().unwrap().export, 0);
+        assert_eq!(
+            negotiate(&mut &input[..], &mut out, &ex).unwrap().unwrap(),
+            Session { export: 0, structured: false }
+        );
         assert_eq!(out.len(), 18 + 10, "no zeroes");
+        // Structured replies, once acknowledged, hold after EXPORT_NAME too.
+        let mut input = (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes().to_vec();
+        input.extend(opt(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(opt(OPT_EXPORT_NAME, b"disk"));
+        let s = negotiate(&mut &input[..], &mut Vec::new(), &ex).unwrap().unwrap();
+        assert_eq!(s, Session { export: 0, structured: true });
         let mut input = 0u32.to_be_bytes().to_vec();
         input.extend(opt(OPT_EXPORT_NAME, b"missing"));
         assert!(negotiate(&mut &input[..], &mut Vec::new(), &ex).unwrap().is_none());
@@ -814,17 +836,20 @@ mod tests {
         input.extend_from_slice(b"wxyz");
         input.extend(request(CMD_READ, 0, 3, 0, MAX_REQUEST + 1));
         input.extend(request(CMD_READ, 0, 4, u64::MAX, 1));
-        input.extend(request(CMD_READ, CMD_FLAG_FUA, 5, 0, 1));
+        input.extend(request(CMD_READ, CMD_FLAG_NO_HOLE, 5, 0, 1));
         input.extend(request(42, 0, 6, 0, 0));
         input.extend(request(CMD_FLUSH, 0, 7, 0, 0));
         input.extend(request(CMD_TRIM, 0, 8, 0, 4096));
         input.extend(request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 9, 514, 1));
         input.extend(request(CMD_READ, 0, 100, 0, 512));
+        // FUA is accepted on every command, even where it means nothing.
+        input.extend(request(CMD_FLUSH, CMD_FLAG_FUA, 12, 0, 0));
+        input.extend(request(CMD_TRIM, CMD_FLAG_FUA, 13, 4096, 4096));
         input.extend(request(CMD_DISC, 0, 10, 0, 0));
         input.extend(request(CMD_FLUSH, 0, 11, 0, 0)); // after DISC: never served
         let out = Shared::default();
         let stats = transmit(&input[..], out.clone(), ex[0].device.clone(), false, 0).unwrap();
-        assert_eq!(stats.requests, 11);
+        assert_eq!(stats.requests, 13);
         let replies = simple_errors(&out.0.lock().unwrap());
         assert_eq!(
             replies,
@@ -838,11 +863,14 @@ mod tests {
                 (7, 0),
                 (8, 0),
                 (9, 0),
-                (100, 0)
+                (100, 0),
+                (12, 0),
+                (13, 0)
             ]
         );
         assert_eq!(&dev.contents()[512..516], b"ab\0d");
-        assert_eq!(dev.flushes.load(Ordering::Relaxed), 1);
+        // FLUSH, FLUSH with FUA, and TRIM with FUA made durable.
+        assert_eq!(dev.flushes.load(Ordering::Relaxed), 3);
     }
 
     #[test]
@@ -909,6 +937,7 @@ mod tests {
         dev.write(0, b"hello", false).unwrap();
         let mut input = request(CMD_READ, 0, 7, 0, 5);
         input.extend(request(CMD_READ, 0, 8, 1 << 20, 5));
+        input.extend(request(CMD_READ, 0, 9, 0, 0));
         let out = Shared::default();
         transmit(&input[..], out.clone(), ex[0].device.clone(), true, 0).unwrap();
         let out = out.0.lock().unwrap().clone();
@@ -921,5 +950,11 @@ mod tests {
         assert_eq!(&e[20..24], &EINVAL.to_be_bytes());
         let len = u16::from_be_bytes([e[24], e[25]]) as usize;
         assert!(String::from_utf8_lossy(&e[26..26 + len]).contains("pass the end"));
+        // A zero-length read succeeds with a NONE chunk: OFFSET_DATA needs data.
+        let z = &e[26 + len..];
+        assert_eq!(z.len(), 20);
+        assert_eq!(&z[4..8], &[0, 1, 0, 0]); // DONE, NONE
+        assert_eq!(&z[8..16], &9u64.to_be_bytes());
+        assert_eq!(&z[16..20], &0u32.to_be_bytes());
     }
 }
