@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A failed backing-device operation.
 #[derive(Debug, thiserror::Error)]
@@ -140,36 +141,59 @@ impl BackingDev for FileBacking {
 }
 
 /// A backing device that fails on request: a test double for the faults
-/// a real device has (writes, syncs or reads returning EIO).
+/// a real device has (writes, syncs or reads returning EIO). Each kind of
+/// operation fails from a chosen point on: at once, or after a number of
+/// further operations of that kind have succeeded (so that a batch can fail
+/// partway), until switched off.
 #[derive(Debug)]
 pub struct FaultyBacking<B> {
     inner: B,
-    fail_writes: std::sync::atomic::AtomicBool,
-    fail_syncs: std::sync::atomic::AtomicBool,
-    fail_reads: std::sync::atomic::AtomicBool,
+    /// Per kind (write, sync, read): operations still to succeed before
+    /// failing; `NEVER` when not failing.
+    ok_left: [AtomicU64; 3],
     /// Writes, syncs and reads refused so far.
-    pub refused: std::sync::atomic::AtomicU64,
+    pub refused: AtomicU64,
 }
+
+const NEVER: u64 = u64::MAX;
+const WRITES: usize = 0;
+const SYNCS: usize = 1;
+const READS: usize = 2;
 
 impl<B: BackingDev> FaultyBacking<B> {
     /// `inner`, not failing yet.
     pub fn new(inner: B) -> Self {
-        Self { inner, fail_writes: false.into(), fail_syncs: false.into(), fail_reads: false.into(), refused: 0.into() }
+        Self { inner, ok_left: [NEVER.into(), NEVER.into(), NEVER.into()], refused: 0.into() }
+    }
+
+    fn set(&self, kind: usize, v: u64) {
+        self.ok_left[kind].store(v, Ordering::SeqCst);
     }
 
     /// Makes every write fail (or work again).
     pub fn fail_writes(&self, on: bool) {
-        self.fail_writes.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.set(WRITES, if on { 0 } else { NEVER });
+    }
+
+    /// Lets `n` more writes succeed, then fails every write until
+    /// [`FaultyBacking::fail_writes`]`(false)`.
+    pub fn fail_writes_after(&self, n: u64) {
+        self.set(WRITES, n.min(NEVER - 1));
     }
 
     /// Makes every sync fail (or work again).
     pub fn fail_syncs(&self, on: bool) {
-        self.fail_syncs.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.set(SYNCS, if on { 0 } else { NEVER });
+    }
+
+    /// Lets `n` more syncs succeed, then fails every sync.
+    pub fn fail_syncs_after(&self, n: u64) {
+        self.set(SYNCS, n.min(NEVER - 1));
     }
 
     /// Makes every read fail (or work again).
     pub fn fail_reads(&self, on: bool) {
-        self.fail_reads.store(on, std::sync::atomic::Ordering::SeqCst);
+        self.set(READS, if on { 0 } else { NEVER });
     }
 
     /// The device behind.
@@ -177,9 +201,16 @@ impl<B: BackingDev> FaultyBacking<B> {
         &self.inner
     }
 
-    fn check(&self, flag: &std::sync::atomic::AtomicBool, op: &'static str) -> Result<(), BackingError> {
-        if flag.load(std::sync::atomic::Ordering::SeqCst) {
-            self.refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn check(&self, kind: usize, op: &'static str) -> Result<(), BackingError> {
+        let passed = self.ok_left[kind]
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| match v {
+                NEVER => Some(NEVER),
+                0 => None,
+                v => Some(v - 1),
+            })
+            .is_ok();
+        if !passed {
+            self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(BackingError {
                 op,
                 path: self.inner.path().to_path_buf(),
@@ -196,17 +227,17 @@ impl<B: BackingDev> BackingDev for FaultyBacking<B> {
     }
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
-        self.check(&self.fail_reads, "read")?;
+        self.check(READS, "read")?;
         self.inner.read_at(off, buf)
     }
 
     fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
-        self.check(&self.fail_writes, "write")?;
+        self.check(WRITES, "write")?;
         self.inner.write_at(off, data)
     }
 
     fn sync(&self) -> Result<(), BackingError> {
-        self.check(&self.fail_syncs, "fdatasync")?;
+        self.check(SYNCS, "fdatasync")?;
         self.inner.sync()
     }
 

@@ -428,6 +428,8 @@ impl State {
 struct Inner {
     state: State,
     hook: Option<SimHook>,
+    /// Fences still to fail (see [`SimPmem::fail_fences`]).
+    failing_fences: u64,
 }
 
 thread_local! {
@@ -474,7 +476,7 @@ impl SimPmem {
             writes: 0,
             media,
         };
-        SimPmem { inner: Mutex::new(Inner { state, hook: None }) }
+        SimPmem { inner: Mutex::new(Inner { state, hook: None, failing_fences: 0 }) }
     }
 
     fn id(&self) -> usize {
@@ -577,6 +579,13 @@ impl SimPmem {
         Ok(())
     }
 
+    /// Makes the next `n` fences fail with an I/O error (as `msync` can on
+    /// emulated pmem) without making anything durable; 0 stops it. Crash
+    /// images do not inherit this.
+    pub fn fail_fences(&self, n: u64) {
+        self.lock().failing_fences = n;
+    }
+
     /// Removes every injected media error.
     pub fn clear_media_errors(&self) {
         self.lock().state.media.clear();
@@ -637,6 +646,14 @@ impl Pmem for SimPmem {
 
     fn fence(&self) -> Result<(), PmemError> {
         let mut inner = self.lock();
+        if inner.failing_fences > 0 {
+            inner.failing_fences -= 1;
+            return Err(PmemError::Io {
+                op: "fence",
+                path: "simulated pmem".into(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
         self.notify(&mut inner, SimEventKind::Fence);
         inner.state.fences += 1;
         inner.state.fence();
@@ -1087,6 +1104,23 @@ mod tests {
         sim.clear_media_errors();
         sim.read(100, &mut buf).unwrap();
         assert_eq!(buf, [6; 10]);
+    }
+
+    // A failed fence makes nothing durable and is not counted.
+    #[test]
+    fn failed_fences_make_nothing_durable() {
+        let sim = SimPmem::new(4 * PAGE);
+        sim.fail_fences(2);
+        sim.write(64, &[9; 8]).unwrap();
+        sim.flush(64, 8).unwrap();
+        assert!(matches!(sim.fence(), Err(PmemError::Io { op: "fence", .. })));
+        assert!(sim.persist(64, 8).is_err());
+        assert_eq!(sim.fence_count(), 0);
+        assert_eq!(word(&sim.crash_image(CrashStrategy::NothingExtra), 64), [0; 8]);
+        sim.fence().unwrap();
+        assert_eq!(word(&sim.crash_image(CrashStrategy::NothingExtra), 64), [9; 8]);
+        sim.fail_fences(1);
+        assert!(sim.crash_image(CrashStrategy::NothingExtra).fence().is_ok(), "images do not inherit it");
     }
 
     // Test 9: the hook sees every fence once, in order, before it takes effect.

@@ -449,3 +449,93 @@ fn concurrent_writers_and_readers() {
         }
     }
 }
+
+#[test]
+fn stop_waits_for_writes_in_flight() {
+    let mut rig = Rig::new(64 * MIB);
+    let c = rig.start(&CacheOptions { queues: 2, ..opts() });
+    let go = Arc::new(std::sync::Barrier::new(5));
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (c, go) = (c.clone(), go.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                // Large writes keep each request in flight a while; every
+                // one that returns Ok must survive the stop.
+                let mut acked = Vec::new();
+                for i in 0..16u64 {
+                    let off = (t * 16 + i) * MIB;
+                    match c.write(off, &vec![(t * 16 + i) as u8 + 1; MIB as usize], false) {
+                        Ok(()) => acked.push(off),
+                        Err(EngineError::Stopped) => break,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                acked
+            })
+        })
+        .collect();
+    go.wait();
+    std::thread::sleep(Duration::from_millis(5));
+    c.stop().unwrap();
+    let acked: Vec<u64> = writers.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(matches!(c.write(0, &[1], false), Err(EngineError::Stopped)));
+    rig.crash(c, CrashStrategy::NothingExtra);
+    let c = rig.start(&opts());
+    for off in acked {
+        assert_eq!(read(&c, off, MIB as usize), vec![(off / MIB) as u8 + 1; MIB as usize], "write at {off}");
+    }
+}
+
+/// A slow backing device that counts the reads reaching it.
+struct SlowCounting {
+    inner: MemBacking,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl BackingDev for SlowCounting {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), pcache_pmem::BackingError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        self.inner.read_at(off, buf)
+    }
+    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), pcache_pmem::BackingError> {
+        self.inner.write_at(off, data)
+    }
+    fn sync(&self) -> Result<(), pcache_pmem::BackingError> {
+        self.inner.sync()
+    }
+    fn path(&self) -> &std::path::Path {
+        self.inner.path()
+    }
+}
+
+#[test]
+fn concurrent_misses_of_one_range_read_the_backing_device_once() {
+    let pmem = SimPmem::new(1 << 30);
+    format(&pmem, false).unwrap();
+    let backing = Arc::new(SlowCounting { inner: MemBacking::new("/rig/slow", 16 * MIB), reads: 0.into() });
+    backing.inner.write_at(0, &orig(0, 16 * MIB as usize)).unwrap();
+    let (c, _) = Cache::start(CacheDev::open(pmem).unwrap(), backing.clone(), &opts()).unwrap();
+    let go = Arc::new(std::sync::Barrier::new(4));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, go) = (c.clone(), go.clone());
+            std::thread::spawn(move || {
+                go.wait();
+                let mut buf = vec![0u8; 65536];
+                c.read(MIB, &mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), orig(MIB, 65536));
+    }
+    assert_eq!(backing.reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the others waited for the first");
+    let s = c.stats();
+    assert_eq!(s.misses + s.full_hits, 4, "{s:?}");
+}

@@ -206,7 +206,7 @@ proptest! {
     #![proptest_config(ProptestConfig { max_shrink_iters: 200, ..ProptestConfig::with_cases(cases()) })]
 
     #[test]
-    fn engine_matches_model(ops in proptest::collection::vec(op(), 1000..2500), queues in 1u32..=4, data_crc: bool) {
+    fn engine_matches_model(ops in proptest::collection::vec(op(), 2000..3000), queues in 1u32..=4, data_crc: bool) {
         run(&ops, queues, data_crc)?;
     }
 }

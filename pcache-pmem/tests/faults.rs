@@ -115,3 +115,45 @@ fn media_error_in_the_key_log_fails_the_start_cleanly() {
     cache.read(0, &mut buf).unwrap();
     assert_eq!(buf, vec![1u8; 4096]);
 }
+
+#[test]
+fn failed_fences_fail_requests_and_gc_steps_without_damage() {
+    let dev = device();
+    let backing = Arc::new(MemBacking::new("/faults/fence", 16 * MIB));
+    let o = CacheOptions { gc_percent: Some(0), self_check: true, ..opts() };
+    let (cache, _) = Cache::start(dev.clone(), backing.clone(), &o).unwrap();
+    // Kset A: eight keys in one data segment, written back.
+    for i in 0..8u64 {
+        cache.write(i * 4096, &[0xa0 + i as u8; 4096], false).unwrap();
+    }
+    cache.flush().unwrap();
+    assert_eq!(cache.write_back_ksets(1).unwrap(), 1);
+    // Kset B: four dirty keys in the same data segment.
+    for i in 0..4u64 {
+        cache.write(MIB + i * 4096, &[0xb0 + i as u8; 4096], false).unwrap();
+    }
+    cache.flush().unwrap();
+    // A write whose data cannot be made durable fails, and so does a GC
+    // step whose key tail cannot be.
+    dev.pmem().fail_fences(1);
+    let err = cache.write(2 * MIB, &[1u8; 4096], false).unwrap_err();
+    assert!(matches!(err, EngineError::Pmem(PmemError::Io { .. })), "{err}");
+    dev.pmem().fail_fences(1);
+    let err = cache.gc().unwrap_err();
+    assert!(matches!(err, EngineError::Pmem(PmemError::Io { .. })), "{err}");
+    // The retry consumes kset A once: B's segment keeps B's references.
+    assert_eq!(cache.gc().unwrap(), 1);
+    cache.check_invariants().unwrap();
+    assert_eq!(cache.stats().segments_freed, 0, "the data segment is still referenced");
+    cache.write_back(|_, _| {}).unwrap();
+    let contents = backing.contents();
+    for i in 0..8u64 {
+        let at = (i * 4096) as usize;
+        assert!(contents[at..at + 4096].iter().all(|&b| b == 0xa0 + i as u8), "key {i} of A");
+        let at = (MIB + i.min(3) * 4096) as usize;
+        assert!(contents[at..at + 4096].iter().all(|&b| b == 0xb0 + i.min(3) as u8), "key of B");
+    }
+    let mut buf = vec![0u8; 4096];
+    cache.read(MIB + 3 * 4096, &mut buf).unwrap();
+    assert_eq!(buf, vec![0xb3u8; 4096]);
+}

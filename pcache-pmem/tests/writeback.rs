@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use pcache_pmem::format::format;
 use pcache_pmem::{
-    Cache, CacheDev, CacheOptions, CrashStrategy, DaxMapping, DaxOptions, EngineError, FaultyBacking, MemBacking,
-    SimPmem, detach,
+    Cache, CacheDev, CacheOptions, CrashStrategy, DaxMapping, DaxOptions, EngineError, FaultyBacking, FileBacking,
+    MemBacking, SimPmem, detach,
 };
 
 const MIB: u64 = 1 << 20;
@@ -39,7 +39,10 @@ fn small_cache() -> CacheOptions {
 fn three_times_the_cache_then_detach() {
     let (_f, dev) = shm_dev(768 * MIB);
     let size = 96 * MIB;
-    let backing = Arc::new(MemBacking::new("/wb/three", size));
+    // A real backing file: after detach, the file alone must hold the data.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    file.as_file().set_len(size).unwrap();
+    let backing = Arc::new(FileBacking::open(file.path()).unwrap());
     let mut model = vec![0u8; size as usize];
     let (cache, _) = Cache::start(dev.clone(), backing.clone(), &small_cache()).unwrap();
     let mut x = 42;
@@ -77,7 +80,9 @@ fn three_times_the_cache_then_detach() {
     let mut seen = Vec::new();
     let report = detach(&dev, backing.clone(), |done, total| seen.push((done, total))).unwrap();
     assert_eq!(report.segments_released, 10);
-    assert!(backing.contents() == model, "after detach the backing device alone holds every write");
+    drop(backing);
+    assert!(std::fs::read(file.path()).unwrap() == model, "after detach the backing file alone holds every write");
+    let backing = Arc::new(FileBacking::open(file.path()).unwrap());
     assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "progress only grows: {seen:?}");
     assert_eq!(dev.backings().unwrap().len(), 0);
     assert_eq!(dev.free_segments(), 46, "all 46 cache segments of the device are free again");
@@ -160,6 +165,22 @@ fn backing_always_holds_a_prefix_of_the_history() {
     assert!(steps > 30);
 }
 
+/// The dirty tail as persisted on the device, read back with the format
+/// crate's scan.
+fn persisted_dirty_tail(dev: &CacheDev<DaxMapping>) -> (u32, u32) {
+    let r = pcache_format::image::scan(&pcache_pmem::AsMedia(dev.pmem()), Default::default());
+    let t = r.backings[0].dirty_tail.expect("a valid dirty tail");
+    (t.cache_seg_id.get(), t.seg_off.get())
+}
+
+fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn failing_backing_device_loses_nothing_and_recovers() {
     let (_f, dev) = shm_dev(768 * MIB);
@@ -178,35 +199,42 @@ fn failing_backing_device_loses_nothing_and_recovers() {
         write(&cache, i);
     }
     cache.flush().unwrap();
-    backing.fail_writes(true);
+    wait_for("writeback never caught up", 30, || cache.stats().dirty_bytes == 0);
+    let tail = persisted_dirty_tail(&dev);
+    // Writes start failing partway through the next batch: some of its
+    // keys reach the backing device, the rest do not.
+    backing.fail_writes_after(5);
     for i in 500..900 {
         write(&cache, i);
     }
     cache.flush().unwrap();
-    let t = Instant::now();
-    while cache.stats().writeback_errors < 3 {
-        assert!(t.elapsed() < Duration::from_secs(20), "writeback never tried: {:?}", cache.stats());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for("writeback never tried", 20, || cache.stats().writeback_errors >= 3);
     let stuck = cache.stats();
     assert!(stuck.dirty_bytes > 0);
+    assert!(backing.refused.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    assert_eq!(persisted_dirty_tail(&dev), tail, "the dirty tail holds still while writes fail");
     let h = cache.health();
     assert!(h.writeback_failing.as_deref().unwrap_or("").contains("Input/output error"), "{h:?}");
     // Reads are still right while writeback is stuck.
     let mut all = vec![0u8; size as usize];
     cache.read(0, &mut all).unwrap();
     assert!(all == model);
-    // Syncs failing instead of writes: still no progress.
-    backing.fail_writes(false);
+    // Syncs failing instead of writes: every write of the batch lands, the
+    // sync fails, and the dirty tail still does not move.
+    let errors = cache.stats().writeback_errors;
+    let refused = backing.refused.load(std::sync::atomic::Ordering::SeqCst);
     backing.fail_syncs(true);
-    std::thread::sleep(Duration::from_millis(200));
+    backing.fail_writes(false);
+    wait_for("no failing sync was tried", 20, || {
+        cache.stats().writeback_errors >= errors + 2
+            && backing.refused.load(std::sync::atomic::Ordering::SeqCst) >= refused + 2
+    });
     assert!(cache.stats().dirty_bytes >= stuck.dirty_bytes);
+    assert_eq!(persisted_dirty_tail(&dev), tail, "the dirty tail holds still while syncs fail");
+    assert!(cache.health().writeback_failing.as_deref().unwrap_or("").contains("fdatasync"), "{:?}", cache.health());
     backing.fail_syncs(false);
-    let t = Instant::now();
-    while cache.stats().dirty_bytes > 0 {
-        assert!(t.elapsed() < Duration::from_secs(30), "writeback did not resume: {:?}", cache.stats());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for("writeback did not resume", 30, || cache.stats().dirty_bytes == 0);
+    assert_ne!(persisted_dirty_tail(&dev), tail, "the dirty tail moves again");
     assert_eq!(cache.health().writeback_failing, None);
     cache.stop().unwrap();
     drop(cache);

@@ -61,9 +61,9 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
     /// backing device and persists the dirty tail. Returns the ksets (LAST
     /// ones included) written back; 0 when there is nothing to do.
     pub(super) fn writeback_batch(&self, max_ksets: usize) -> Result<usize, EngineError> {
-        let mut dirty_tail = lock(&self.dirty_tail);
+        let _writeback = lock(&self.writeback);
         let end = self.log_end();
-        let mut at = *dirty_tail;
+        let mut at = *lock(&self.dirty_tail);
         let (mut ksets, mut bytes, mut done_dirty) = (0usize, 0u64, 0u64);
         let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
         let mut data = Vec::new();
@@ -113,8 +113,9 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         }
         self.backing.sync()?;
         self.persist_tail(DIRTY_TAIL_OFF, at)?;
-        *dirty_tail = at;
-        drop(dirty_tail);
+        // Published after it is durable: GC, which stops at the published
+        // tail, never consumes a kset whose data is not safely written back.
+        *lock(&self.dirty_tail) = at;
         {
             let mut h = lock(&self.health);
             h.writeback_failing_since = None;
@@ -247,17 +248,23 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
                 Ok(true)
             }
             KsetRecord::Keys { keys } => {
-                let mut released = Vec::new();
-                for k in keys {
-                    let seg = k.cache_seg_id.get() as usize;
-                    let refs = self.refs.get(seg).ok_or_else(|| format_err_at(at, "key outside the cache"))?;
-                    if refs.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        released.push(seg as u32);
-                    }
+                // Every key is checked before anything changes, and the
+                // references are dropped only once the key tail is durable
+                // past the kset: a step that fails leaves the refcounts as
+                // they were, so a retry never drops a reference twice.
+                if let Some(k) = keys.iter().find(|k| self.refs.get(k.cache_seg_id.get() as usize).is_none()) {
+                    return Err(format_err_at(at, format!("key at {} outside the cache", k.off.get())));
                 }
                 let next = (at.0, at.1 + pcache_format::kset_size(keys.len()) as u32);
                 self.persist_tail(KEY_TAIL_OFF, next)?;
                 *key_tail = next;
+                let mut released = Vec::new();
+                for k in keys {
+                    let seg = k.cache_seg_id.get() as usize;
+                    if self.refs[seg].fetch_sub(1, Ordering::AcqRel) == 1 {
+                        released.push(seg as u32);
+                    }
+                }
                 // Still under the key-tail lock, so that check_invariants
                 // never sees a segment between its last reference and its
                 // invalidation.

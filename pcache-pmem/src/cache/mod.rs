@@ -363,6 +363,10 @@ struct Inner<P, B> {
     log_end: AtomicU64,
     key_tail: Mutex<LogPos>,
     dirty_tail: Mutex<LogPos>,
+    /// Held by writeback for a whole batch, the only mover of the dirty
+    /// tail; `dirty_tail` itself is held only to read or publish it, so
+    /// GC is never held up by backing writes.
+    writeback: Mutex<()>,
     gc_percent: AtomicU32,
     flush_delay: Duration,
     background: bool,
@@ -373,6 +377,8 @@ struct Inner<P, B> {
     stats: Counters,
     health: Mutex<BgHealth>,
     stopping: AtomicBool,
+    /// Requests inside the public entry points; `stop` waits for them.
+    inflight: AtomicUsize,
     /// Wakes the flusher and the background workers.
     wake: Event,
     /// Signalled with `seg_map` when a segment is freed.
@@ -693,6 +699,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             log_end: AtomicU64::new(pack(loaded.key_head)),
             key_tail: Mutex::new(loaded.key_tail),
             dirty_tail: Mutex::new(loaded.dirty_tail),
+            writeback: Mutex::new(()),
             gc_percent: AtomicU32::new(ci.gc_percent.get().into()),
             flush_delay: opts.kset_flush_delay,
             background: opts.background,
@@ -703,6 +710,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             stats: Counters::default(),
             health: Mutex::new(BgHealth::default()),
             stopping: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
             wake: Event::default(),
             seg_freed: Condvar::new(),
         });
@@ -756,7 +764,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     /// keys are in open ksets; with `fua`, those ksets are closed too, so the
     /// write survives any crash.
     pub fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), EngineError> {
-        self.inner.check_range(off, data.len() as u64)?;
+        let _req = self.inner.enter(off, data.len() as u64)?;
         // With FUA, the ksets the keys went to, and their close counts.
         let mut closes = Vec::new();
         let mut done = 0usize;
@@ -775,7 +783,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
 
     /// Writes `len` zero bytes at `off` (through the cache, like a write).
     pub fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), EngineError> {
-        self.inner.check_range(off, len)?;
+        let _req = self.inner.enter(off, len)?;
         let zeros = vec![0u8; len.min(CACHE_SUBTREE_SIZE) as usize];
         let mut done = 0u64;
         while done < len {
@@ -792,7 +800,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     /// Tells the cache the range's contents no longer matter: clean cached
     /// copies are dropped (dirty data still reaches the backing device).
     pub fn discard(&self, off: u64, len: u64) -> Result<(), EngineError> {
-        self.inner.check_range(off, len)?;
+        let _req = self.inner.enter(off, len)?;
         let end = off + len;
         let mut at = off;
         while at < end {
@@ -809,7 +817,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     /// backing device (and cached). With data CRCs kept, a hit whose data
     /// fails its CRC fails the read.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), EngineError> {
-        self.inner.check_range(off, buf.len() as u64)?;
+        let _req = self.inner.enter(off, buf.len() as u64)?;
         let (mut hit, mut missed) = (0u64, 0u64);
         let mut done = 0usize;
         while done < buf.len() {
@@ -862,6 +870,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     /// Closes every open kset: every write acknowledged before the call is
     /// durable on return.
     pub fn flush(&self) -> Result<(), EngineError> {
+        let _req = self.inner.enter(0, 0)?;
         self.inner.flush_all()
     }
 
@@ -977,6 +986,12 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             let _map = lock(&self.inner.seg_map);
             self.inner.seg_freed.notify_all();
         }
+        // Requests already past their entry check finish first, so that a
+        // write acknowledged while the cache stops is in a closed kset too.
+        // (Writers waiting for space see `stopping` and give up.)
+        while self.inner.inflight.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
@@ -994,6 +1009,15 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Drop for Cache<P, B> {
     }
 }
 
+/// A request in flight (see [`Inner::enter`]).
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn path_bytes(p: &std::path::Path) -> &[u8] {
     p.as_os_str().as_bytes()
 }
@@ -1001,6 +1025,20 @@ fn path_bytes(p: &std::path::Path) -> &[u8] {
 impl<P: Pmem, B: BackingDev> Inner<P, B> {
     fn pmem(&self) -> &P {
         self.dev.pmem()
+    }
+
+    /// Admits a request: counted in flight until the guard drops, refused
+    /// once the cache stops or when the range passes the end.
+    fn enter(&self, off: u64, len: u64) -> Result<InflightGuard<'_>, EngineError> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let guard = InflightGuard(&self.inflight);
+        // SeqCst on both sides: either stop() sees this request in flight
+        // and waits, or this request sees `stopping`.
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(EngineError::Stopped);
+        }
+        self.check_range(off, len)?;
+        Ok(guard)
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<(), EngineError> {
@@ -1234,10 +1272,19 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         let room = (CACHE_SEG_DATA_SIZE - head.1) as usize;
         if room < size + KSET_HEADER_SIZE {
             let next = self.get_segment(true)?;
-            let next_start = self.data_addr(next, 0, KSET_HEADER_SIZE as u32)?;
-            pmem.copy_persist(next_start, &TERMINATOR)?;
-            let last = encode_last(next);
-            pmem.copy_persist(self.data_addr(head.0, head.1, KSET_HEADER_SIZE as u32)?, &last)?;
+            let chain = || -> Result<(), EngineError> {
+                let next_start = self.data_addr(next, 0, KSET_HEADER_SIZE as u32)?;
+                pmem.copy_persist(next_start, &TERMINATOR)?;
+                let last = encode_last(next);
+                pmem.copy_persist(self.data_addr(head.0, head.1, KSET_HEADER_SIZE as u32)?, &last)?;
+                Ok(())
+            };
+            if let Err(e) = chain() {
+                // The LAST kset pointing at the new segment was not written
+                // (or not made durable): nothing refers to it; give it back.
+                self.free_segment(next);
+                return Err(e);
+            }
             *head = (next, 0);
         }
         let terminator = self.data_addr(head.0, head.1 + size as u32, KSET_HEADER_SIZE as u32)?;
@@ -1293,7 +1340,9 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
             }
             for k in &self.ksets {
                 let mut kset = lock(k);
-                if kset.first_key_at.is_some_and(|t| t.elapsed() >= self.flush_delay) {
+                // Closed at the last tick before the delay runs out, so no
+                // key waits longer than the delay for durability.
+                if kset.first_key_at.is_some_and(|t| t.elapsed() + tick >= self.flush_delay) {
                     // A failure is retried on the next tick; flush() reports it.
                     let _ = self.close(&mut kset);
                 }
