@@ -91,6 +91,25 @@ fn flipped_superblock_byte_is_reported() {
 }
 
 #[test]
+fn a_device_over_65535_segments_is_capped_and_says_so() {
+    let d = Dir::new();
+    let dev = d.path("big.img");
+    // 2 TiB, sparse: room for 131 071 segments, of which the 16-bit
+    // seg_num can count 65 535.
+    let o = pcache(&["format", s(&dev), "--size", "2T"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("segments  65535 of 16 MiB"), "{out}");
+    assert!(out.contains("could hold 131071 segments, but the format counts at most 65535"), "{out}");
+    assert!(out.contains("the last 1.00 TiB are left unused"), "{out}");
+    let (rc, v) = inspect_json(&dev);
+    assert_eq!(rc, 0);
+    assert_eq!(v["superblock"]["seg_num"], 65535);
+    assert_eq!(v["superblock"]["crc_ok"], true);
+    assert_eq!(code(&pcache(&["check", s(&dev)])), 0);
+}
+
+#[test]
 fn refusals_are_clear_and_touch_nothing() {
     let d = Dir::new();
     // Too small.
@@ -99,6 +118,14 @@ fn refusals_are_clear_and_touch_nothing() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("at least 536870912 (512 MiB)"), "{}", stderr(&o));
     assert!(stderr(&o).contains("small.img"), "{}", stderr(&o));
+    assert!(!small.exists(), "a refused format creates nothing");
+    // An existing file that is too small is refused and left as it was.
+    std::fs::write(&small, b"keep me").unwrap();
+    std::fs::File::options().write(true).open(&small).unwrap().set_len(511 << 20).unwrap();
+    let o = pcache(&["format", s(&small)]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("at least 536870912 (512 MiB)"), "{}", stderr(&o));
+    assert_eq!(&std::fs::read(&small).unwrap()[..7], b"keep me");
     let (rc, v) = inspect_json(&small);
     assert_eq!(rc, 1);
     assert_eq!(v["superblock"]["magic"], "0x0000000000000000");
@@ -130,11 +157,16 @@ fn refusals_are_clear_and_touch_nothing() {
     let o = pcache(&["format", s(d.dir.path())]);
     assert_eq!(code(&o), 1);
     let o = pcache(&["format", s(&d.path("x")), "--size", "12Q"]);
-    assert_eq!(code(&o), 2);
+    assert_eq!(code(&o), 64, "a usage error is not an unreadable device");
     assert!(stderr(&o).contains("unknown size unit"), "{}", stderr(&o));
     let o = pcache(&["inspect", s(&d.path("nope"))]);
     assert_eq!(code(&o), 2);
     assert!(stderr(&o).contains("No such file"), "{}", stderr(&o));
+    let o = pcache(&["check", s(&d.path("nope"))]);
+    assert_eq!(code(&o), 2, "check: could not read");
+    assert!(stderr(&o).contains("No such file") && stderr(&o).contains("nope"), "{}", stderr(&o));
+    assert_eq!(code(&pcache(&["check"])), 64);
+    assert_eq!(code(&pcache(&["--help"])), 0);
 }
 
 #[test]
@@ -167,6 +199,9 @@ fn a_device_held_by_another_process_is_refused() {
 #[test]
 fn flush_paths_are_selected_by_environment() {
     let cpu = pcache_pmem::flush::cpu_features();
+    if std::env::var("CI").is_ok_and(|v| v == "true") && cfg!(target_arch = "x86_64") {
+        assert!(cpu.clflush && cpu.clflushopt && cpu.clwb, "CI machine lacks a flush instruction: {cpu:?}");
+    }
     let d = Dir::new();
     let dev = d.path("pmem.img");
     let mut cases = vec![(vec![], "flush: none", "emulated pmem: msync")];

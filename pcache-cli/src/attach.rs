@@ -311,7 +311,7 @@ pub fn run(a: AttachArgs) -> u8 {
         Err(e) => return fail(e.to_string()),
     };
     let mode = map.mode();
-    let flush = map.flush_config().instr;
+    let flush = map.flush_text();
     let dev = match CacheDev::open(map) {
         Ok(d) => d,
         Err(e) => return fail(format!("{}: {e}", a.device.display())),

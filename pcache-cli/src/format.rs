@@ -4,7 +4,7 @@ use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::path::Path;
 
-use pcache_format::{SEG_SIZE, SEGMENTS_OFF};
+use pcache_format::{CACHE_DEV_SIZE_MIN, SEG_SIZE, SEGMENTS_OFF};
 use pcache_pmem::format::{FormatError, format};
 use pcache_pmem::{DaxMapping, DaxOptions};
 
@@ -30,6 +30,13 @@ fn prepare(device: &Path, size: u64) -> Result<(), String> {
             Err(format!("{}: --size applies only to regular files; a device has the size it has", device.display()))
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
+            // Refused before anything is created: a refusal leaves no file.
+            if size < CACHE_DEV_SIZE_MIN {
+                return Err(format!(
+                    "{}: {size} bytes asked for; pcache needs at least {CACHE_DEV_SIZE_MIN} (512 MiB)",
+                    device.display()
+                ));
+            }
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -74,7 +81,7 @@ pub fn run(device: &Path, size: Option<u64>, force: bool) -> u8 {
     let segs = layout.seg_num();
     println!("formatted {}", device.display());
     println!("  size      {} ({} bytes)", human(layout.device_size()), layout.device_size());
-    println!("  mapping   {} (flush: {})", map.mode(), map.flush_config().instr);
+    println!("  mapping   {} (flush: {})", map.mode(), map.flush_text());
     println!(
         "  segments  {segs} of 16 MiB from offset {SEGMENTS_OFF:#x}: segment 0 holds the backing table, \
          {} for caches ({})",

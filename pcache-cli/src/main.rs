@@ -107,8 +107,19 @@ enum Command {
     },
 }
 
+/// Exit status of a command line that cannot be understood (sysexits'
+/// EX_USAGE): distinct from `check`'s 1 (problems found) and 2 (could not
+/// read), so scripts can tell a typo from a damaged device.
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -77,6 +77,10 @@ pub struct DaxMapping {
     len: u64,
     mode: MapMode,
     flush: FlushConfig,
+    /// Durability comes from `msync` of the flushed ranges at each fence:
+    /// emulated pmem, and file DAX on a CPU without a usable cache-line
+    /// flush instruction (the kernel writes DAX caches back on msync).
+    msync: bool,
     path: PathBuf,
     read_only: bool,
     id: u64,
@@ -125,7 +129,13 @@ fn sysfs(path: &str) -> Option<String> {
 /// Whether every pmem region's persistence domain includes the CPU caches
 /// (eADR): then cache-line write-back is unnecessary.
 pub fn platform_has_eadr() -> bool {
-    let Ok(dir) = std::fs::read_dir("/sys/bus/nd/devices") else { return false };
+    eadr_in(Path::new("/sys/bus/nd/devices"))
+}
+
+/// [`platform_has_eadr`] over the nvdimm bus directory `devices`: true when
+/// there is at least one region and every region says `cpu_cache`.
+fn eadr_in(devices: &Path) -> bool {
+    let Ok(dir) = std::fs::read_dir(devices) else { return false };
     let mut regions = 0;
     for entry in dir.flatten() {
         let name = entry.file_name();
@@ -222,6 +232,23 @@ impl DaxMapping {
             }
         }
         let (len, device_dax) = probe(&file, path)?;
+        // Without a cache-line flush instruction (non-x86 CPUs), stores
+        // reach DAX media only through the kernel: msync on a DAX file
+        // writes the CPU caches back, device DAX offers no such call. Unless
+        // the platform flushes caches on power loss (eADR) or the user says
+        // so (PCACHE_NO_FLUSH=1), device DAX cannot be made durable here.
+        let cpu = crate::flush::cpu_features();
+        let can_flush = cpu.clwb || cpu.clflushopt || cpu.clflush || opts.flush.is_some_and(|i| i != FlushInstr::None);
+        let no_flush_wanted =
+            crate::flush::env_flag("PCACHE_NO_FLUSH") == Some(true) || opts.flush == Some(FlushInstr::None);
+        if device_dax && !opts.read_only && !can_flush && !no_flush_wanted && !platform_has_eadr() {
+            return Err(unsupported(
+                path,
+                "this CPU has no cache-line flush instruction pcache can use and the platform is not eADR, \
+                 so writes to device DAX cannot be made durable; use a file on a DAX filesystem instead \
+                 (made durable with msync)",
+            ));
+        }
         if len == 0 {
             return Err(unsupported(path, "the device is empty (0 bytes)"));
         }
@@ -276,12 +303,15 @@ impl DaxMapping {
             // nothing there, msync does the work.
             flush = FlushConfig { instr: FlushInstr::None, movnt: false };
         }
+        let msync = mode == MapMode::Emulated
+            || (mode == MapMode::FileDaxSync && !can_flush && !no_flush_wanted && !eadr && !opts.read_only);
         let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| unsupported(path, "mmap returned a null mapping"))?;
         Ok(Self {
             ptr,
             len,
             mode,
             flush,
+            msync,
             path: path.to_path_buf(),
             read_only: opts.read_only,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -297,6 +327,17 @@ impl DaxMapping {
     /// The flush configuration in use.
     pub fn flush_config(&self) -> FlushConfig {
         self.flush
+    }
+
+    /// Whether fences `msync` the ranges flushed since the last one.
+    pub fn msyncs(&self) -> bool {
+        self.msync
+    }
+
+    /// How a flushed line is written back, in words: the instruction, or
+    /// `msync` where the kernel does it on a DAX file, or `none`.
+    pub fn flush_text(&self) -> String {
+        if self.msync && self.mode != MapMode::Emulated { "msync".to_string() } else { self.flush.instr.to_string() }
     }
 
     /// The device path.
@@ -399,7 +440,7 @@ impl Pmem for DaxMapping {
 
     fn flush(&self, off: u64, len: u64) -> Result<(), PmemError> {
         let p = self.check(off, len)?;
-        if self.mode == MapMode::Emulated {
+        if self.msync {
             self.note_msync(p, len as usize);
         } else {
             // SAFETY: the range is inside the live mapping (checked above).
@@ -410,7 +451,7 @@ impl Pmem for DaxMapping {
 
     fn fence(&self) -> Result<(), PmemError> {
         flush::fence();
-        if self.mode == MapMode::Emulated {
+        if self.msync {
             self.msync_pending()?;
         }
         Ok(())
@@ -418,7 +459,7 @@ impl Pmem for DaxMapping {
 
     fn copy_nodrain(&self, off: u64, src: &[u8]) -> Result<(), PmemError> {
         let p = self.check_writable(off, src.len() as u64)?;
-        if self.mode == MapMode::Emulated {
+        if self.msync {
             // SAFETY: as in `write`.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
             self.note_msync(p, src.len());
@@ -440,5 +481,35 @@ impl Pmem for DaxMapping {
             done += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eadr_needs_every_region_in_the_cpu_cache_domain() {
+        let root = tempfile::tempdir().unwrap();
+        let dev = root.path();
+        assert!(!eadr_in(&dev.join("missing")), "no nvdimm bus");
+        assert!(!eadr_in(dev), "no regions");
+        let region = |name: &str, domain: Option<&str>| {
+            let d = dev.join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            if let Some(domain) = domain {
+                std::fs::write(d.join("persistence_domain"), format!("{domain}\n")).unwrap();
+            }
+        };
+        region("namespace0.0", Some("memory_controller")); // not a region: ignored
+        region("region0", Some("cpu_cache"));
+        assert!(eadr_in(dev));
+        region("region1", Some("cpu_cache"));
+        assert!(eadr_in(dev));
+        region("region2", Some("memory_controller"));
+        assert!(!eadr_in(dev), "one ADR-only region");
+        std::fs::remove_dir_all(dev.join("region2")).unwrap();
+        region("region3", None);
+        assert!(!eadr_in(dev), "a region that does not say");
     }
 }

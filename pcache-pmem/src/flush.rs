@@ -79,7 +79,7 @@ pub fn cpu_features() -> CpuFeatures {
     }
 }
 
-fn env_flag(name: &str) -> Option<bool> {
+pub(crate) fn env_flag(name: &str) -> Option<bool> {
     match std::env::var(name).ok()?.trim() {
         "1" | "yes" | "true" | "on" => Some(true),
         "0" | "no" | "false" | "off" => Some(false),
