@@ -121,6 +121,12 @@ pub const WORKER_INTERVAL: Duration = Duration::from_secs(5);
 /// An open kset is closed at most this long after its first key.
 pub const KSET_FLUSH_DELAY: Duration = Duration::from_secs(1);
 
+// Two entries of spec §2.1 are deliberately absent: the RFC's segment wait
+// (a 100 × 100 µs busy-wait before a segment allocation fails; writers here
+// sleep on a condition variable until writeback and GC free a segment) and
+// the logic_dev queue limits (kernel block-layer settings; the NBD front end
+// advertises its own block sizes). Neither affects a byte on the media.
+
 static_assertions::const_assert_eq!(SEGMENTS_OFF, 0x4000);
 static_assertions::const_assert_eq!(CACHE_SEG_DATA_OFF, 0x3000);
 static_assertions::const_assert_eq!(CACHE_SEG_DATA_SIZE, 16_764_928);

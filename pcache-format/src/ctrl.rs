@@ -32,6 +32,7 @@ pub struct CacheSegGen {
 }
 
 static_assertions::const_assert_eq!(core::mem::size_of::<CacheSegGen>(), SMALL_RECORD_SIZE);
+static_assertions::const_assert_eq!(core::mem::offset_of!(CacheSegGen, gen_), 8);
 
 impl CacheSegGen {
     /// Generation `gen_` (CRC and sequence set when encoded).

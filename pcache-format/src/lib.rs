@@ -9,6 +9,11 @@
 //! validate every value before it can become an index or an offset. It never
 //! panics on any input, and record parsing needs no allocator.
 //!
+//! Only the RFC v1 dialect is read and written: the later upstream dm-pcache
+//! format (its own CRC variant, superblock and key layouts, spec §3) is a
+//! different dialect, so the upstream golden vectors of spec §5 are not
+//! this crate's to pass; every RFC vector there is tested.
+//!
 //! ```text
 //! device                         records                        module
 //! 0x1000 superblock area         Superblock                     superblock

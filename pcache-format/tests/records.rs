@@ -52,6 +52,51 @@ proptest! {
         round_trip(CachePos::new(seg, off), seq)?;
     }
 
+    /// Cache segment 0's control page: both copies of the generation and
+    /// of each tail, written where the layout says, read back through the
+    /// page's struct and through copy selection.
+    #[test]
+    fn control_page(g: u64, kt in (any::<u32>(), 0u32..CACHE_SEG_DATA_SIZE),
+                    dt in (any::<u32>(), 0u32..CACHE_SEG_DATA_SIZE), seq: u8) {
+        let mut page = vec![0u8; core::mem::size_of::<CacheCtrl>()];
+        let s = SMALL_RECORD_SIZE;
+        for copy in 0..2 {
+            let q = seq.wrapping_add(copy as u8);
+            encode_copy(&CacheSegGen::new(g), q, &mut page[copy * s..(copy + 1) * s]).unwrap();
+            let at = KEY_TAIL_OFF + copy * s;
+            encode_copy(&CachePos::new(kt.0, kt.1), q, &mut page[at..at + s]).unwrap();
+            let at = DIRTY_TAIL_OFF + copy * s;
+            encode_copy(&CachePos::new(dt.0, dt.1), q, &mut page[at..at + s]).unwrap();
+        }
+        let ctrl = CacheCtrl::read_from_bytes(&page[..]).unwrap();
+        prop_assert_eq!(ctrl.seg_ctrl.gen_[1].gen_.get(), g);
+        prop_assert!(ctrl.seg_ctrl.res.iter().all(|r| r.get() == 0));
+        prop_assert_eq!(ctrl.key_tail_pos[0].cache_seg_id.get(), kt.0);
+        prop_assert_eq!(ctrl.dirty_tail_pos[1].seg_off.get(), dt.1);
+        let gen_ = read_latest::<CacheSegGen>(&page[..2 * s]).unwrap();
+        prop_assert_eq!((gen_.copy, gen_.record.gen_.get()), (1, g));
+        let k = read_latest::<CachePos>(&page[KEY_TAIL_OFF..KEY_TAIL_OFF + 2 * s]).unwrap().record;
+        prop_assert_eq!((k.cache_seg_id.get(), k.seg_off.get()), kt);
+        let d = read_latest::<CachePos>(&page[DIRTY_TAIL_OFF..DIRTY_TAIL_OFF + 2 * s]).unwrap().record;
+        prop_assert_eq!((d.cache_seg_id.get(), d.seg_off.get()), dt);
+    }
+
+    /// A key alone: its 40 bytes read back equal, and pass the checks.
+    #[test]
+    fn key(off in 0u64..1 << 40, len in 1u32..=8192, clean: bool, seg: u32,
+           seg_off in 0u32..CACHE_SEG_DATA_SIZE - 8192, g: u64, crc: u32) {
+        let off = off & !CACHE_SUBTREE_SIZE_MASK;
+        let flags = if clean { KeyFlags::CLEAN } else { KeyFlags::empty() };
+        let mut k = Key::new(off, len, flags, seg, seg_off, g);
+        k.data_crc = crc.into();
+        let bytes = zerocopy::IntoBytes::as_bytes(&k).to_vec();
+        prop_assert_eq!(bytes.len(), 40);
+        let back = Key::read_from_bytes(&bytes[..]).unwrap();
+        prop_assert_eq!(back, k);
+        prop_assert!(back.check().is_ok());
+        prop_assert_eq!(back.is_dirty(), !clean);
+    }
+
     #[test]
     fn superblock(seg_num in 1u16..) {
         let area = Superblock::encode_area(seg_num);
