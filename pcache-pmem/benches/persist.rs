@@ -108,4 +108,12 @@ fn main() {
             println!("  {name:<42} {rate:>7.2} GiB/s  {:>5.2}x memcpy  ({per_op:.0} ns per block)", rate / base);
         }
     }
+    // The methods against each other: what copy_persist's choice of
+    // instructions buys, and what a small persist costs next to a block.
+    let ratio = |a: usize, b: usize| best[b].as_secs_f64() / best[a].as_secs_f64();
+    let per = |i: usize, ops: u64| best[i].as_secs_f64() / ops as f64;
+    println!("  copy_persist vs copy + write-back + sfence   {:>5.2}x", ratio(1, 2));
+    println!("  copy_persist vs non-temporal copy + sfence   {:>5.2}x", ratio(1, 3));
+    println!("  non-temporal vs copy + write-back + sfence   {:>5.2}x", ratio(3, 2));
+    println!("  64 B persist vs 4 KiB copy_persist, per op   {:>5.2}x the time", per(4, lines) / per(1, blocks));
 }
