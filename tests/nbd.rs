@@ -42,16 +42,26 @@ struct Attach {
     stdout: Vec<String>,
 }
 
+/// The command line of `pcache attach` of `dev` serving `backings` on `listen`.
+fn attach_cmd(dev: &Path, backings: &[&Path], listen: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
+    cmd.arg("attach").arg(dev);
+    for b in backings {
+        cmd.arg("--backing").arg(b);
+    }
+    cmd.arg("--listen").arg(listen);
+    cmd.args(extra);
+    cmd.env("PCACHE_LOG", "warn");
+    cmd
+}
+
 impl Attach {
     fn start(dev: &Path, backings: &[&Path], socket: &Path, extra: &[&str]) -> Attach {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
-        cmd.arg("attach").arg(dev);
-        for b in backings {
-            cmd.arg("--backing").arg(b);
-        }
-        cmd.arg("--listen").arg(format!("unix:{}", socket.display()));
-        cmd.args(extra);
-        cmd.env("PCACHE_LOG", "warn");
+        Attach::spawn(attach_cmd(dev, backings, &format!("unix:{}", socket.display()), extra), socket)
+    }
+
+    /// Starts `cmd` (from `attach_cmd`) and waits until it serves.
+    fn spawn(mut cmd: Command, socket: &Path) -> Attach {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn pcache attach");
         let out: ChildStdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -373,4 +383,59 @@ fn bad_clients_do_not_disturb_good_ones() {
     assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
     drop(half);
     assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn the_socket_is_born_private() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let socket = rig.socket();
+    // A stale socket, as a crashed server leaves it (with a mode of its own,
+    // 0640, to tell it apart): replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o640)).unwrap();
+    // Every mode a socket is ever seen with at that path.
+    let seen = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (seen, done, socket) = (seen.clone(), done.clone(), socket.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if let Ok(m) = std::fs::symlink_metadata(&socket)
+                    && m.file_type().is_socket()
+                {
+                    seen.lock().unwrap().insert(m.mode() & 0o777);
+                }
+            }
+        })
+    };
+    // Under umask 000 a socket bound in place would be born 0777.
+    let inner = attach_cmd(&rig.dev, &[&disk], &format!("unix:{}", socket.display()), &[]);
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "umask 000 && exec \"$@\"", "sh"]).arg(inner.get_program()).args(inner.get_args());
+    cmd.env("PCACHE_LOG", "warn");
+    let a = Attach::spawn(cmd, &socket);
+    done.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let pid = a.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Umask:\t0000"), "attach runs under umask 000:\n{status}");
+    let m = std::fs::symlink_metadata(&socket).unwrap();
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.mode() & 0o777, 0o600, "the socket is private");
+    let seen = seen.lock().unwrap().clone();
+    let shown: Vec<String> = seen.iter().map(|m| format!("{m:o}")).collect();
+    assert!(seen.contains(&0o600), "modes seen at the socket's path: {shown:?}");
+    assert!(seen.iter().all(|m| [0o600, 0o640].contains(m)), "modes seen at the socket's path: {shown:?}");
+    // Nothing is left beside it.
+    let mut names: Vec<String> =
+        std::fs::read_dir(rig.d.dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names, ["disk.img", "nbd.sock", "pmem.img"]);
+    assert!(qemu_io(&a.uri("disk.img"), &["write -P 1 0 4k"]).status.success());
+    assert_eq!(a.stop().0, 0);
+    assert!(!socket.exists(), "the socket is removed at exit");
 }

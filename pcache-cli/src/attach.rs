@@ -7,7 +7,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -158,6 +158,45 @@ impl Write for Conn {
     }
 }
 
+/// Binds a Unix socket at `path` that is never reachable with looser
+/// permissions than 0600: it is bound inside a fresh directory of mode 0700
+/// beside `path`, made 0600 there, and only then renamed into place (a
+/// chmod after binding in place would leave a window in which the socket
+/// has the umask's permissions).
+fn bind_private(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let shown = path.display();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // A short name: the socket's path inside it must fit the 108 bytes of a
+    // socket address too.
+    let mut attempt = 0u32;
+    let dir = loop {
+        let dir = parent.join(format!(".pcache.{}.{attempt}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
+            Err(e) => return Err(format!("cannot create a directory beside {shown}: {e}")),
+        }
+    };
+    let tmp = dir.join("s");
+    let bound = (|| {
+        // The umask may have taken bits from 0700, never added any.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+        let listener = UnixListener::bind(&tmp).map_err(|e| format!("cannot listen on {shown}: {e}"))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot chmod {shown}: {e}"))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("cannot move the socket to {shown}: {e}"))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    bound
+}
+
 enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
@@ -176,10 +215,7 @@ impl Listener {
                     }
                     std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
                 }
-                let listener =
-                    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+                let listener = bind_private(path)?;
                 Ok(Listener::Unix(listener, path.clone()))
             }
             Listen::Tcp(host, port) => {
