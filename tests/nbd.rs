@@ -385,6 +385,50 @@ fn bad_clients_do_not_disturb_good_ones() {
     assert_eq!(a.stop().0, 0);
 }
 
+/// Runs `line`, as printed by attach, through `sh -c`.
+fn sh(line: &str) -> Output {
+    ok(Command::new("sh").arg("-c").arg(line))
+}
+
+/// The connect line attach printed that starts with `tool`.
+fn printed(a: &Attach, tool: &str) -> String {
+    let prefix = format!("{tool} ");
+    let line = a.stdout.iter().map(|l| l.trim()).find(|l| l.starts_with(&prefix));
+    line.unwrap_or_else(|| panic!("no {tool} line in:\n{}", a.stdout.join("\n"))).to_string()
+}
+
+#[test]
+fn printed_connect_lines_work_in_a_shell() {
+    tool("nbdinfo", "libnbd-bin");
+    tool("qemu-io", "qemu-utils");
+    let name = "my disk's";
+    // TCP on loopback, on a port that was free a moment ago.
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 40 << 20);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let a = Attach::spawn(attach_cmd(&rig.dev, &[&disk], &listen, &["--export", name]), &rig.socket());
+    let line = printed(&a, "nbdinfo");
+    let o = sh(&line);
+    assert!(stdout(&o).contains(&format!("export-size: {}", 40 << 20)), "{line}:\n{}", stdout(&o));
+    assert!(stdout(&o).contains(name), "{line}:\n{}", stdout(&o));
+    let o = sh(&format!("{} -c 'write -P 7 0 4k' -c 'read -P 7 0 4k'", printed(&a, "qemu-io")));
+    assert!(!stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    // A Unix socket whose path needs quoting for the shell and escaping in
+    // the URI (a literal "%20" must not turn into a space).
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 24 << 20);
+    let dir = rig.d.path("it's a %20 dir");
+    std::fs::create_dir(&dir).unwrap();
+    let socket = dir.join("s&ck.sock");
+    let a = Attach::start(&rig.dev, &[&disk], &socket, &["--export", name]);
+    let line = printed(&a, "nbdinfo");
+    let o = sh(&line);
+    assert!(stdout(&o).contains(&format!("export-size: {}", 24 << 20)), "{line}:\n{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+}
+
 #[test]
 fn the_socket_is_born_private() {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
