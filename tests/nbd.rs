@@ -483,3 +483,62 @@ fn the_socket_is_born_private() {
     assert_eq!(a.stop().0, 0);
     assert!(!socket.exists(), "the socket is removed at exit");
 }
+
+#[test]
+fn a_stalled_handshake_times_out() {
+    use std::time::Instant;
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let socket = rig.socket();
+    let mut cmd = attach_cmd(&rig.dev, &[&disk], &format!("unix:{}", socket.display()), &[]);
+    cmd.env("PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS", "1");
+    let a = Attach::spawn(cmd, &socket);
+    // Waits, on a thread, for the server to close `s`; gives the time from `t`.
+    let closed = |mut s: UnixStream, t: Instant| {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            s.read_to_end(&mut sink).map(|_| t.elapsed())
+        })
+    };
+    // One sends nothing at all.
+    let t = Instant::now();
+    let silent = closed(UnixStream::connect(&socket).unwrap(), t);
+    // One stops halfway through an option.
+    let t = Instant::now();
+    let mut half = UnixStream::connect(&socket).unwrap();
+    let mut hello = [0u8; 18];
+    half.read_exact(&mut hello).unwrap();
+    half.write_all(&1u32.to_be_bytes()).unwrap();
+    half.write_all(&0x4948_4156_454f_5054u64.to_be_bytes()).unwrap();
+    let half = closed(half, t);
+    // One trickles the option a byte every 300 ms: the deadline covers the
+    // whole handshake, not each read.
+    let t = Instant::now();
+    let mut slow = UnixStream::connect(&socket).unwrap();
+    slow.read_exact(&mut hello).unwrap();
+    let slow_w = slow.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        let mut w = slow_w;
+        let mut opt = 1u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+        for b in opt {
+            if w.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let slow = closed(slow, t);
+    // Meanwhile a good client works, idle in transmission for longer than
+    // the handshake timeout.
+    let o = qemu_io(&a.uri("disk.img"), &["write -P 5 0 64k", "sleep 1500", "read -P 5 0 64k"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}\n{}", stdout(&o), stderr(&o));
+    for (what, waiter) in [("silent", silent), ("half", half), ("trickling", slow)] {
+        let took = waiter.join().unwrap().unwrap_or_else(|e| panic!("the {what} client was not closed: {e}"));
+        assert!(took >= Duration::from_millis(900), "the {what} client was closed after {took:?}, before the timeout");
+        assert!(took < Duration::from_secs(5), "the {what} client was closed only after {took:?}");
+    }
+    trickler.join().unwrap();
+    assert_eq!(a.stop().0, 0);
+}

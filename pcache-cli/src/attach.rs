@@ -10,9 +10,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pcache_cli::nbd::{self, BlockDevice, DevError, Export};
+use pcache_cli::nbd::{self, BlockDevice, DevError, Export, NbdError};
 use pcache_format::SEG_SIZE;
 use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, EngineError, FileBacking};
 use tracing::{info, warn};
@@ -125,6 +125,22 @@ impl Conn {
         })
     }
 
+    /// Limits how long a read may block (`None`: forever).
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Limits how long a write may block (`None`: forever).
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(t),
+            Conn::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
     fn shutdown_read(&self) {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(Shutdown::Read),
@@ -195,6 +211,46 @@ fn bind_private(path: &Path) -> Result<UnixListener, String> {
     let _ = std::fs::remove_file(&tmp);
     let _ = std::fs::remove_dir(&dir);
     bound
+}
+
+/// A connection during the handshake: every read and write must be done
+/// by one deadline (`None`: no deadline), so that a client that stalls, or
+/// trickles bytes, cannot hold its thread for ever.
+struct Deadline<'a> {
+    conn: &'a mut Conn,
+    deadline: Option<Instant>,
+}
+
+impl Deadline<'_> {
+    /// The time left, or a `TimedOut` error once it is up.
+    fn left(&self) -> io::Result<Option<Duration>> {
+        let Some(d) = self.deadline else { return Ok(None) };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"));
+        }
+        Ok(Some(left))
+    }
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_read_timeout(left)?;
+        self.conn.read(b)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_write_timeout(left)?;
+        self.conn.write(b)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
 }
 
 enum Listener {
@@ -517,6 +573,7 @@ pub fn run(a: AttachArgs) -> u8 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| (cpus() as usize * 2).clamp(2, 16));
+    let handshake_timeout = handshake_timeout();
     let mut threads = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let conn = match listener.accept() {
@@ -538,7 +595,7 @@ pub fn run(a: AttachArgs) -> u8 {
         }
         let (exports, conns) = (nbd_exports.clone(), conns.clone());
         threads.push(std::thread::spawn(move || {
-            serve(id, conn, &exports, workers);
+            serve(id, conn, &exports, workers, handshake_timeout);
             conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         }));
         threads.retain(|t| !t.is_finished());
@@ -566,17 +623,45 @@ pub fn run(a: AttachArgs) -> u8 {
     code
 }
 
-fn serve(id: u64, conn: Conn, exports: &[Export], workers: usize) {
+/// How long a client may take over the handshake:
+/// `PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS` (0: no limit), default 30 s.
+fn handshake_timeout() -> Option<Duration> {
+    let secs = match std::env::var("PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            warn!(value = %v, "PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS is not a number of seconds; using 30");
+            30
+        }),
+        Err(_) => 30,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+fn serve(id: u64, conn: Conn, exports: &[Export], workers: usize, handshake_timeout: Option<Duration>) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = conn;
-    let session = match nbd::negotiate(&mut r, &mut w, exports) {
+    // A client that connects and stalls must not hold this thread for ever:
+    // the whole handshake has a deadline. It is lifted before transmission,
+    // where an idle client is normal.
+    let deadline = handshake_timeout.map(|t| Instant::now() + t);
+    let negotiated =
+        nbd::negotiate(&mut Deadline { conn: &mut r, deadline }, &mut Deadline { conn: &mut w, deadline }, exports);
+    let session = match negotiated {
         Ok(Some(s)) => s,
         Ok(None) => return,
+        Err(NbdError::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            let secs = handshake_timeout.map_or(0, |t| t.as_secs());
+            warn!(conn = id, timeout_secs = secs, "handshake timed out; connection closed");
+            return;
+        }
         Err(e) => {
             info!(conn = id, error = %e, "handshake ended");
             return;
         }
     };
+    if let Err(e) = r.set_read_timeout(None).and_then(|()| r.set_write_timeout(None)) {
+        warn!(conn = id, error = %e, "cannot lift the handshake timeout");
+        return;
+    }
     let e = &exports[session.export];
     info!(conn = id, export = %e.name, structured = session.structured, "client connected");
     match nbd::transmit(r, w, e.device.clone(), session.structured, workers) {
