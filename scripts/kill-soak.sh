@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Kill soak: `pcache attach` under fio --ioengine=nbd (verified random writes
-# with periodic flushes) and a tagging writer (flush every 16 writes) is
-# killed with SIGKILL at random moments N times and restarted; after each
-# restart every write flushed before the kill is read back. Prints kills,
-# writes verified, writes lost; exits non-zero if a flushed write was lost.
+# Kill soak: `pcache attach` under fio --ioengine=nbd (random writes with
+# periodic flushes, each 16 written blocks read back and checked as it goes)
+# and a tagging writer (flush every 16 writes) is killed with SIGKILL at
+# random moments N times and restarted; after each restart every block's
+# last flushed write is read back. Prints kills, writes, flushed blocks
+# verified and lost, and fio failures; exits non-zero if a flushed write was
+# lost or fio failed (a verify failure, or ending while the server ran).
 #
 #   bash scripts/kill-soak.sh [KILLS]       (default 20)
 set -euo pipefail
