@@ -12,6 +12,10 @@
 # nbdkit memory's writes do. Needs fio, nbdkit and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Cargo's target directory: CARGO_TARGET_DIR if set (relative to the repo,
+# as cargo takes it from here), else ./target.
+target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 secs="${1:-10}"
 size=256M
 work="$(mktemp -d)"
@@ -24,7 +28,7 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release --quiet --bin pcache
-pcache="$PWD/target/release/pcache"
+pcache="$target/release/pcache"
 "$pcache" format "$shm/pmem.img" --size 2G >/dev/null
 truncate -s "$size" "$shm/disk.img"
 

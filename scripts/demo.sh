@@ -10,10 +10,14 @@
 #   bash scripts/demo.sh [DIR]      (default /tmp/pcache-demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Cargo's target directory: CARGO_TARGET_DIR if set (relative to the repo,
+# as cargo takes it from here), else ./target.
+target="${CARGO_TARGET_DIR:-target}"
+case "$target" in /*) ;; *) target="$PWD/$target" ;; esac
 dir="${1:-/tmp/pcache-demo}"
 mkdir -p "$dir"
 cargo build --release --quiet --bin pcache
-pcache="$PWD/target/release/pcache"
+pcache="$target/release/pcache"
 if [ ! -e "$dir/pmem.img" ]; then
   "$pcache" format "$dir/pmem.img" --size 1G
 fi

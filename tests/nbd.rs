@@ -42,16 +42,26 @@ struct Attach {
     stdout: Vec<String>,
 }
 
+/// The command line of `pcache attach` of `dev` serving `backings` on `listen`.
+fn attach_cmd(dev: &Path, backings: &[&Path], listen: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
+    cmd.arg("attach").arg(dev);
+    for b in backings {
+        cmd.arg("--backing").arg(b);
+    }
+    cmd.arg("--listen").arg(listen);
+    cmd.args(extra);
+    cmd.env("PCACHE_LOG", "warn");
+    cmd
+}
+
 impl Attach {
     fn start(dev: &Path, backings: &[&Path], socket: &Path, extra: &[&str]) -> Attach {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
-        cmd.arg("attach").arg(dev);
-        for b in backings {
-            cmd.arg("--backing").arg(b);
-        }
-        cmd.arg("--listen").arg(format!("unix:{}", socket.display()));
-        cmd.args(extra);
-        cmd.env("PCACHE_LOG", "warn");
+        Attach::spawn(attach_cmd(dev, backings, &format!("unix:{}", socket.display()), extra), socket)
+    }
+
+    /// Starts `cmd` (from `attach_cmd`) and waits until it serves.
+    fn spawn(mut cmd: Command, socket: &Path) -> Attach {
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn pcache attach");
         let out: ChildStdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
@@ -372,5 +382,163 @@ fn bad_clients_do_not_disturb_good_ones() {
     let o = qemu_io(&a.uri("disk.img"), &["write -P 3 0 1m", "read -P 3 0 1m"]);
     assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
     drop(half);
+    assert_eq!(a.stop().0, 0);
+}
+
+/// Runs `line`, as printed by attach, through `sh -c`.
+fn sh(line: &str) -> Output {
+    ok(Command::new("sh").arg("-c").arg(line))
+}
+
+/// The connect line attach printed that starts with `tool`.
+fn printed(a: &Attach, tool: &str) -> String {
+    let prefix = format!("{tool} ");
+    let line = a.stdout.iter().map(|l| l.trim()).find(|l| l.starts_with(&prefix));
+    line.unwrap_or_else(|| panic!("no {tool} line in:\n{}", a.stdout.join("\n"))).to_string()
+}
+
+#[test]
+fn printed_connect_lines_work_in_a_shell() {
+    tool("nbdinfo", "libnbd-bin");
+    tool("qemu-io", "qemu-utils");
+    let name = "my disk's";
+    // TCP on loopback, on a port that was free a moment ago.
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 40 << 20);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let a = Attach::spawn(attach_cmd(&rig.dev, &[&disk], &listen, &["--export", name]), &rig.socket());
+    let line = printed(&a, "nbdinfo");
+    let o = sh(&line);
+    assert!(stdout(&o).contains(&format!("export-size: {}", 40 << 20)), "{line}:\n{}", stdout(&o));
+    assert!(stdout(&o).contains(name), "{line}:\n{}", stdout(&o));
+    let o = sh(&format!("{} -c 'write -P 7 0 4k' -c 'read -P 7 0 4k'", printed(&a, "qemu-io")));
+    assert!(!stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    // A Unix socket whose path needs quoting for the shell and escaping in
+    // the URI (a literal "%20" must not turn into a space).
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 24 << 20);
+    let dir = rig.d.path("it's a %20 dir");
+    std::fs::create_dir(&dir).unwrap();
+    let socket = dir.join("s&ck.sock");
+    let a = Attach::start(&rig.dev, &[&disk], &socket, &["--export", name]);
+    let line = printed(&a, "nbdinfo");
+    let o = sh(&line);
+    assert!(stdout(&o).contains(&format!("export-size: {}", 24 << 20)), "{line}:\n{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn the_socket_is_born_private() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let socket = rig.socket();
+    // A stale socket, as a crashed server leaves it (with a mode of its own,
+    // 0640, to tell it apart): replaced.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o640)).unwrap();
+    // Every mode a socket is ever seen with at that path.
+    let seen = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (seen, done, socket) = (seen.clone(), done.clone(), socket.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if let Ok(m) = std::fs::symlink_metadata(&socket)
+                    && m.file_type().is_socket()
+                {
+                    seen.lock().unwrap().insert(m.mode() & 0o777);
+                }
+            }
+        })
+    };
+    // Under umask 000 a socket bound in place would be born 0777.
+    let inner = attach_cmd(&rig.dev, &[&disk], &format!("unix:{}", socket.display()), &[]);
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "umask 000 && exec \"$@\"", "sh"]).arg(inner.get_program()).args(inner.get_args());
+    cmd.env("PCACHE_LOG", "warn");
+    let a = Attach::spawn(cmd, &socket);
+    done.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let pid = a.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "Umask:\t0000"), "attach runs under umask 000:\n{status}");
+    let m = std::fs::symlink_metadata(&socket).unwrap();
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.mode() & 0o777, 0o600, "the socket is private");
+    let seen = seen.lock().unwrap().clone();
+    let shown: Vec<String> = seen.iter().map(|m| format!("{m:o}")).collect();
+    assert!(seen.contains(&0o600), "modes seen at the socket's path: {shown:?}");
+    assert!(seen.iter().all(|m| [0o600, 0o640].contains(m)), "modes seen at the socket's path: {shown:?}");
+    // Nothing is left beside it.
+    let mut names: Vec<String> =
+        std::fs::read_dir(rig.d.dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names, ["disk.img", "nbd.sock", "pmem.img"]);
+    assert!(qemu_io(&a.uri("disk.img"), &["write -P 1 0 4k"]).status.success());
+    assert_eq!(a.stop().0, 0);
+    assert!(!socket.exists(), "the socket is removed at exit");
+}
+
+#[test]
+fn a_stalled_handshake_times_out() {
+    use std::time::Instant;
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let socket = rig.socket();
+    let mut cmd = attach_cmd(&rig.dev, &[&disk], &format!("unix:{}", socket.display()), &[]);
+    cmd.env("PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS", "1");
+    let a = Attach::spawn(cmd, &socket);
+    // Waits, on a thread, for the server to close `s`; gives the time from `t`.
+    let closed = |mut s: UnixStream, t: Instant| {
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            s.read_to_end(&mut sink).map(|_| t.elapsed())
+        })
+    };
+    // One sends nothing at all.
+    let t = Instant::now();
+    let silent = closed(UnixStream::connect(&socket).unwrap(), t);
+    // One stops halfway through an option.
+    let t = Instant::now();
+    let mut half = UnixStream::connect(&socket).unwrap();
+    let mut hello = [0u8; 18];
+    half.read_exact(&mut hello).unwrap();
+    half.write_all(&1u32.to_be_bytes()).unwrap();
+    half.write_all(&0x4948_4156_454f_5054u64.to_be_bytes()).unwrap();
+    let half = closed(half, t);
+    // One trickles the option a byte every 300 ms: the deadline covers the
+    // whole handshake, not each read.
+    let t = Instant::now();
+    let mut slow = UnixStream::connect(&socket).unwrap();
+    slow.read_exact(&mut hello).unwrap();
+    let slow_w = slow.try_clone().unwrap();
+    let trickler = std::thread::spawn(move || {
+        let mut w = slow_w;
+        let mut opt = 1u32.to_be_bytes().to_vec();
+        opt.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
+        for b in opt {
+            if w.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let slow = closed(slow, t);
+    // Meanwhile a good client works, idle in transmission for longer than
+    // the handshake timeout.
+    let o = qemu_io(&a.uri("disk.img"), &["write -P 5 0 64k", "sleep 1500", "read -P 5 0 64k"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}\n{}", stdout(&o), stderr(&o));
+    for (what, waiter) in [("silent", silent), ("half", half), ("trickling", slow)] {
+        let took = waiter.join().unwrap().unwrap_or_else(|e| panic!("the {what} client was not closed: {e}"));
+        assert!(took >= Duration::from_millis(900), "the {what} client was closed after {took:?}, before the timeout");
+        assert!(took < Duration::from_secs(5), "the {what} client was closed only after {took:?}");
+    }
+    trickler.join().unwrap();
     assert_eq!(a.stop().0, 0);
 }

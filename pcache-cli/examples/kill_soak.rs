@@ -7,8 +7,11 @@
 //! every block must hold the write it had at the last completed flush or a
 //! later one — a block holding anything older, or garbage, is a lost write.
 //! Meanwhile `fio --ioengine=nbd` (if given) hammers the other half of the
-//! export with verified random writes and flushes; fio ending before the
-//! kill (a verify error, a failed request) fails the soak.
+//! export with random reads, writes and flushes, reading back and checking
+//! every 16 blocks it writes as it goes (`verify_backlog`: it is killed long
+//! before a verify phase at the end would start). A verify failure in its
+//! log, or fio ending while the server runs (a failed request), fails the
+//! soak.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -135,6 +138,12 @@ impl Server {
     }
 }
 
+/// Whether fio's log reports a verify failure (`bad magic header`, a CRC
+/// mismatch, ...; fio's errno for them is EILSEQ, 84).
+fn fio_verify_failed(log: &str) -> bool {
+    ["verify: bad", "verify failed", "verify type mismatch", "err=84"].iter().any(|m| log.contains(m))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, pcache, dir, rounds, ..] = &args[..] else {
@@ -191,6 +200,7 @@ fn main() {
                 .args(["--name=load", "--ioengine=nbd", "--rw=randrw", "--bs=4k", "--iodepth=8"])
                 .arg(format!("--uri=nbd+unix:///disk.img?socket={}", socket.display()))
                 .args(["--offset=128M", "--size=128M", "--fsync=32", "--verify=crc32c", "--verify_state_save=0"])
+                .args(["--do_verify=1", "--verify_backlog=16", "--verify_fatal=1"])
                 .args(["--time_based", "--runtime=60"])
                 .current_dir(&dir)
                 .stdout(Stdio::null())
@@ -199,6 +209,7 @@ fn main() {
                 .expect("start fio")
         });
         let mut fio = fio;
+        let mut fio_failed = false;
         // Write and flush until the kill.
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let kill_after = Duration::from_millis(300 + (x >> 33) % 1700);
@@ -234,7 +245,7 @@ fn main() {
                 // status is read before the flag, so a kill cannot be blamed.
                 let ended = fio.as_mut().and_then(|f| f.try_wait().ok().flatten());
                 if let Some(status) = ended.filter(|_| !killed.load(std::sync::atomic::Ordering::SeqCst)) {
-                    fio_failures += 1;
+                    fio_failed = true;
                     let log = std::fs::read_to_string(dir.join("fio.log")).unwrap_or_default();
                     eprintln!("round {round}: fio ended early ({status}) while the server ran:\n{log}");
                     fio = None;
@@ -246,7 +257,17 @@ fn main() {
         if let Some(mut f) = fio {
             let _ = f.kill();
             let _ = f.wait();
+            // A read that fails because the server died is an I/O error, not
+            // a verify failure: any verify failure is data the server
+            // returned wrong while it ran, even one fio logged just before
+            // the kill.
+            let log = std::fs::read_to_string(dir.join("fio.log")).unwrap_or_default();
+            if !fio_failed && fio_verify_failed(&log) {
+                fio_failed = true;
+                eprintln!("round {round}: fio verify failed:\n{log}");
+            }
         }
+        fio_failures += u64::from(fio_failed);
     }
     // A last restart: verify, then stop gracefully and check the device.
     let mut server = Server::start(&pcache, &dir);
@@ -264,9 +285,12 @@ fn main() {
     unsafe { libc::kill(server.child.id() as i32, libc::SIGTERM) };
     let status = server.child.wait().expect("wait");
     let check = Command::new(&pcache).arg("check").arg(dir.join("pmem.img")).output().expect("pcache check");
+    // Counted per block and round: a block is checked after each kill
+    // against the last write it had at a flush.
     println!(
-        "kills: {rounds}, writes: {writes}, flushed writes verified after a kill: {verified}, writes lost: {lost} \
-         (acknowledged but unflushed writes lost, as allowed: {unflushed_lost}); fio: {}",
+        "kills: {rounds}, writes: {writes}, flushed blocks verified after a kill: {verified}, \
+         flushed blocks lost: {lost} (blocks that lost acknowledged but unflushed writes, as allowed: \
+         {unflushed_lost}); fio: {}",
         if with_fio { format!("{fio_failures} failure(s)") } else { "not run".into() }
     );
     println!("final stop: {status}; pcache check: {}", String::from_utf8_lossy(&check.stdout).trim());

@@ -7,12 +7,12 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use pcache_cli::nbd::{self, BlockDevice, DevError, Export};
+use pcache_cli::nbd::{self, BlockDevice, DevError, Export, NbdError};
 use pcache_format::SEG_SIZE;
 use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, EngineError, FileBacking};
 use tracing::{info, warn};
@@ -125,6 +125,22 @@ impl Conn {
         })
     }
 
+    /// Limits how long a read may block (`None`: forever).
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_read_timeout(t),
+            Conn::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Limits how long a write may block (`None`: forever).
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Conn::Unix(s) => s.set_write_timeout(t),
+            Conn::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
     fn shutdown_read(&self) {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(Shutdown::Read),
@@ -158,6 +174,85 @@ impl Write for Conn {
     }
 }
 
+/// Binds a Unix socket at `path` that is never reachable with looser
+/// permissions than 0600: it is bound inside a fresh directory of mode 0700
+/// beside `path`, made 0600 there, and only then renamed into place (a
+/// chmod after binding in place would leave a window in which the socket
+/// has the umask's permissions).
+fn bind_private(path: &Path) -> Result<UnixListener, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let shown = path.display();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // A short name: the socket's path inside it must fit the 108 bytes of a
+    // socket address too.
+    let mut attempt = 0u32;
+    let dir = loop {
+        let dir = parent.join(format!(".pcache.{}.{attempt}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => break dir,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
+            Err(e) => return Err(format!("cannot create a directory beside {shown}: {e}")),
+        }
+    };
+    let tmp = dir.join("s");
+    let bound = (|| {
+        // The umask may have taken bits from 0700, never added any.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot chmod {}: {e}", dir.display()))?;
+        let listener = UnixListener::bind(&tmp).map_err(|e| format!("cannot listen on {shown}: {e}"))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot chmod {shown}: {e}"))?;
+        std::fs::rename(&tmp, path).map_err(|e| format!("cannot move the socket to {shown}: {e}"))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    bound
+}
+
+/// A connection during the handshake: every read and write must be done
+/// by one deadline (`None`: no deadline), so that a client that stalls, or
+/// trickles bytes, cannot hold its thread for ever.
+struct Deadline<'a> {
+    conn: &'a mut Conn,
+    deadline: Option<Instant>,
+}
+
+impl Deadline<'_> {
+    /// The time left, or a `TimedOut` error once it is up.
+    fn left(&self) -> io::Result<Option<Duration>> {
+        let Some(d) = self.deadline else { return Ok(None) };
+        let left = d.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed"));
+        }
+        Ok(Some(left))
+    }
+}
+
+impl io::Read for Deadline<'_> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_read_timeout(left)?;
+        self.conn.read(b)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.conn.set_write_timeout(left)?;
+        self.conn.write(b)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.flush()
+    }
+}
+
 enum Listener {
     Unix(UnixListener, PathBuf),
     Tcp(TcpListener),
@@ -176,10 +271,7 @@ impl Listener {
                     }
                     std::fs::remove_file(path).map_err(|e| format!("cannot remove stale {}: {e}", path.display()))?;
                 }
-                let listener =
-                    UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+                let listener = bind_private(path)?;
                 Ok(Listener::Unix(listener, path.clone()))
             }
             Listen::Tcp(host, port) => {
@@ -212,34 +304,49 @@ impl Listener {
     }
 }
 
-/// Percent-encodes an export name for an NBD URI.
-fn uri_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
+/// Percent-encodes an export name for an NBD URI; `keep` are further bytes
+/// left as they are.
+fn uri_escape(s: &[u8], keep: &[u8]) -> String {
+    s.iter()
+        .map(|&b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b if keep.contains(&b) => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
 }
 
+/// Quotes `s` for a POSIX shell, only when it needs it: single quotes,
+/// with each `'` written as `'\''`.
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Command lines, ready to paste into a shell, that connect to export `name`.
 fn how_to_connect(l: &Listen, name: &str) -> Vec<String> {
-    let n = uri_escape(name);
+    let n = uri_escape(name.as_bytes(), &[]);
+    let q = shell_quote(name);
     match l {
         Listen::Unix(path) => {
-            let uri = format!("nbd+unix:///{n}?socket={}", path.display());
+            let p = path.as_os_str().as_encoded_bytes();
+            let uri = shell_quote(&format!("nbd+unix:///{n}?socket={}", uri_escape(p, b"/")));
             vec![
-                format!("nbdinfo '{uri}'"),
-                format!("qemu-io -f raw '{uri}'"),
-                format!("nbd-client -unix {} /dev/nbd0 -N {name}", path.display()),
+                format!("nbdinfo {uri}"),
+                format!("qemu-io -f raw {uri}"),
+                format!("nbd-client -unix {} /dev/nbd0 -N {q}", shell_quote(&path.to_string_lossy())),
             ]
         }
         Listen::Tcp(host, port) => {
             let h = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-            let uri = format!("nbd://{h}:{port}/{n}");
+            let uri = shell_quote(&format!("nbd://{h}:{port}/{n}"));
             vec![
                 format!("nbdinfo {uri}"),
                 format!("qemu-io -f raw {uri}"),
-                format!("nbd-client {host} {port} /dev/nbd0 -N {name}"),
+                format!("nbd-client {} {port} /dev/nbd0 -N {q}", shell_quote(host)),
             ]
         }
     }
@@ -466,6 +573,7 @@ pub fn run(a: AttachArgs) -> u8 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| (cpus() as usize * 2).clamp(2, 16));
+    let handshake_timeout = handshake_timeout();
     let mut threads = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         let conn = match listener.accept() {
@@ -487,7 +595,7 @@ pub fn run(a: AttachArgs) -> u8 {
         }
         let (exports, conns) = (nbd_exports.clone(), conns.clone());
         threads.push(std::thread::spawn(move || {
-            serve(id, conn, &exports, workers);
+            serve(id, conn, &exports, workers, handshake_timeout);
             conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         }));
         threads.retain(|t| !t.is_finished());
@@ -515,17 +623,45 @@ pub fn run(a: AttachArgs) -> u8 {
     code
 }
 
-fn serve(id: u64, conn: Conn, exports: &[Export], workers: usize) {
+/// How long a client may take over the handshake:
+/// `PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS` (0: no limit), default 30 s.
+fn handshake_timeout() -> Option<Duration> {
+    let secs = match std::env::var("PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            warn!(value = %v, "PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS is not a number of seconds; using 30");
+            30
+        }),
+        Err(_) => 30,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+fn serve(id: u64, conn: Conn, exports: &[Export], workers: usize, handshake_timeout: Option<Duration>) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = conn;
-    let session = match nbd::negotiate(&mut r, &mut w, exports) {
+    // A client that connects and stalls must not hold this thread for ever:
+    // the whole handshake has a deadline. It is lifted before transmission,
+    // where an idle client is normal.
+    let deadline = handshake_timeout.map(|t| Instant::now() + t);
+    let negotiated =
+        nbd::negotiate(&mut Deadline { conn: &mut r, deadline }, &mut Deadline { conn: &mut w, deadline }, exports);
+    let session = match negotiated {
         Ok(Some(s)) => s,
         Ok(None) => return,
+        Err(NbdError::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            let secs = handshake_timeout.map_or(0, |t| t.as_secs());
+            warn!(conn = id, timeout_secs = secs, "handshake timed out; connection closed");
+            return;
+        }
         Err(e) => {
             info!(conn = id, error = %e, "handshake ended");
             return;
         }
     };
+    if let Err(e) = r.set_read_timeout(None).and_then(|()| r.set_write_timeout(None)) {
+        warn!(conn = id, error = %e, "cannot lift the handshake timeout");
+        return;
+    }
     let e = &exports[session.export];
     info!(conn = id, export = %e.name, structured = session.structured, "client connected");
     match nbd::transmit(r, w, e.device.clone(), session.structured, workers) {
@@ -554,8 +690,28 @@ mod tests {
     fn connect_lines() {
         let l = how_to_connect(&Listen::Tcp("127.0.0.1".into(), 10809), "disk.img");
         assert_eq!(l[0], "nbdinfo nbd://127.0.0.1:10809/disk.img");
+        assert_eq!(l[1], "qemu-io -f raw nbd://127.0.0.1:10809/disk.img");
         assert_eq!(l[2], "nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk.img");
+        let l = how_to_connect(&Listen::Tcp("::1".into(), 10809), "my disk");
+        assert_eq!(l[0], "nbdinfo 'nbd://[::1]:10809/my%20disk'");
+        assert_eq!(l[2], "nbd-client ::1 10809 /dev/nbd0 -N 'my disk'");
         let l = how_to_connect(&Listen::Unix("/run/p.sock".into()), "a b");
         assert_eq!(l[0], "nbdinfo 'nbd+unix:///a%20b?socket=/run/p.sock'");
+        assert_eq!(l[2], "nbd-client -unix /run/p.sock /dev/nbd0 -N 'a b'");
+        let l = how_to_connect(&Listen::Unix("/tmp/it's here/p&q%.sock".into()), "x'y");
+        assert_eq!(l[0], "nbdinfo 'nbd+unix:///x%27y?socket=/tmp/it%27s%20here/p%26q%25.sock'");
+        assert_eq!(l[2], r"nbd-client -unix '/tmp/it'\''s here/p&q%.sock' /dev/nbd0 -N 'x'\''y'");
+        let l = how_to_connect(&Listen::Tcp("localhost".into(), 1), "");
+        assert_eq!(l[0], "nbdinfo nbd://localhost:1/");
+        assert_eq!(l[2], "nbd-client localhost 1 /dev/nbd0 -N ''");
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote("plain/path-1.img"), "plain/path-1.img");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$HOME*?;`x`"), "'$HOME*?;`x`'");
     }
 }
