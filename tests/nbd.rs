@@ -456,7 +456,9 @@ fn the_socket_is_born_private() {
             }
         })
     };
-    // Under umask 000 a socket bound in place would be born 0777.
+    // Under umask 000 a socket bound in place would be born 0777. The
+    // watcher may stop before it sees the new socket at all (it stops once
+    // attach answers): the final mode is checked separately below.
     let inner = attach_cmd(&rig.dev, &[&disk], &format!("unix:{}", socket.display()), &[]);
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "umask 000 && exec \"$@\"", "sh"]).arg(inner.get_program()).args(inner.get_args());
@@ -472,7 +474,6 @@ fn the_socket_is_born_private() {
     assert_eq!(m.mode() & 0o777, 0o600, "the socket is private");
     let seen = seen.lock().unwrap().clone();
     let shown: Vec<String> = seen.iter().map(|m| format!("{m:o}")).collect();
-    assert!(seen.contains(&0o600), "modes seen at the socket's path: {shown:?}");
     assert!(seen.iter().all(|m| [0o600, 0o640].contains(m)), "modes seen at the socket's path: {shown:?}");
     // Nothing is left beside it.
     let mut names: Vec<String> =
@@ -537,7 +538,7 @@ fn a_stalled_handshake_times_out() {
     for (what, waiter) in [("silent", silent), ("half", half), ("trickling", slow)] {
         let took = waiter.join().unwrap().unwrap_or_else(|e| panic!("the {what} client was not closed: {e}"));
         assert!(took >= Duration::from_millis(900), "the {what} client was closed after {took:?}, before the timeout");
-        assert!(took < Duration::from_secs(5), "the {what} client was closed only after {took:?}");
+        assert!(took < Duration::from_secs(10), "the {what} client was closed only after {took:?}");
     }
     trickler.join().unwrap();
     assert_eq!(a.stop().0, 0);
