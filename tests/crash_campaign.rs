@@ -45,13 +45,34 @@ const SECTOR: u64 = 512;
 const MIB: u64 = 1 << 20;
 const ZERO: u32 = 1 << 31;
 
-/// Byte `off` as written by write `id` (0: the original content).
-fn val(id: u32, off: u64) -> u8 {
+/// The 8-byte word at byte `off` (a multiple of 8) of what write `id` put
+/// there (id 0: the original content; ids with `ZERO`: zeroing). It holds
+/// the id and the word's place, so a sector read back tells which write it
+/// holds, whether it sits where it belongs, and whether it is whole.
+fn word(id: u32, off: u64) -> u64 {
     if id & ZERO != 0 {
         return 0;
     }
-    let x = (u64::from(id).wrapping_mul(0x9E37_79B9) ^ off).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    (x >> 56) as u8
+    (u64::from(id) << 32) | (off / 8) | 1 << 31
+}
+
+/// `sectors` sectors from `sector` as write `id` puts them.
+fn data(id: u32, sector: u64, sectors: u64) -> Vec<u8> {
+    let off = sector * SECTOR;
+    (0..sectors * SECTOR / 8).flat_map(|i| word(id, off + i * 8).to_le_bytes()).collect()
+}
+
+/// The write whose content a sector at byte `off` holds: its id, `ZERO` for
+/// zeros, `None` if it holds no write's content (torn, misplaced, garbage).
+fn holds(sector: &[u8], off: u64) -> Option<u32> {
+    let (words, _) = sector.as_chunks::<8>();
+    let first = u64::from_le_bytes(words[0]);
+    let id = if first == 0 { ZERO } else { (first >> 32) as u32 };
+    let expect = word(id, off);
+    let step = if id == ZERO { 0 } else { 1 };
+    // Every word compared, no early exit: this loop vectorises.
+    let diff = words.iter().zip(0..).fold(0, |d, (w, i)| d | (u64::from_le_bytes(*w) ^ (expect + i * step)));
+    (diff == 0).then_some(id)
 }
 
 struct Rng(u64);
@@ -352,11 +373,7 @@ type TestCache = Arc<Cache<SimPmem, Arc<SimBacking>>>;
 
 fn run_op(c: &TestCache, op: &Op, id: u32) -> Result<(), String> {
     let r = match *op {
-        Op::Write { sector, sectors, fua } => {
-            let off = sector * SECTOR;
-            let data: Vec<u8> = (off..off + sectors * SECTOR).map(|o| val(id, o)).collect();
-            c.write(off, &data, fua)
-        }
+        Op::Write { sector, sectors, fua } => c.write(sector * SECTOR, &data(id, sector, sectors), fua),
         Op::Zero { sector, sectors } => c.write_zeroes(sector * SECTOR, sectors * SECTOR, false),
         Op::Read { sector, sectors } => {
             let mut buf = vec![0u8; (sectors * SECTOR) as usize];
@@ -386,9 +403,7 @@ fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64,
     // log, where the next cache's ksets end too when they hold one key.
     for i in 0..300u32 {
         let sector = r.below(w.backing / SECTOR - 8);
-        let id = PREVIOUS | i;
-        let data: Vec<u8> = (0..4 * SECTOR).map(|o| val(id, sector * SECTOR + o)).collect();
-        c.write(sector * SECTOR, &data, true).map_err(|e| e.to_string())?;
+        c.write(sector * SECTOR, &data(PREVIOUS | i, sector, 4), true).map_err(|e| e.to_string())?;
         touched.push((sector, 4));
     }
     c.stop().map_err(|e| e.to_string())?;
@@ -426,43 +441,27 @@ struct Frozen {
     event: String,
 }
 
-/// A quick fingerprint of a sector's bytes.
-fn fingerprint(bytes: &[u8]) -> u64 {
-    bytes.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-        let w = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29)
-    })
-}
-
-/// Fingerprints of what write `id` put in each sector, computed once.
-#[derive(Default)]
-struct Expected(std::collections::HashMap<(u32, usize), u64>);
-
-impl Expected {
-    fn of(&mut self, id: u32, s: usize) -> u64 {
-        *self.0.entry((id, s)).or_insert_with(|| {
-            let base = s as u64 * SECTOR;
-            let bytes: Vec<u8> = (base..base + SECTOR).map(|o| val(id, o)).collect();
-            fingerprint(&bytes)
-        })
-    }
-}
-
 /// Checks every sector in `touched` against its candidates.
-fn check_sectors(
-    c: &TestCache,
-    cands: &[Vec<u32>],
-    touched: &[(u64, u64)],
-    expected: &mut Expected,
-) -> Result<(), String> {
+fn check_sectors(c: &TestCache, cands: &[Vec<u32>], touched: &[(u64, u64)]) -> Result<(), String> {
+    let mut buf = Vec::new();
     for &(sector, n) in touched {
-        let mut buf = vec![0u8; (n * SECTOR) as usize];
+        buf.resize((n * SECTOR) as usize, 0);
         c.read(sector * SECTOR, &mut buf).map_err(|e| format!("read of sector {sector}: {e}"))?;
         for (i, chunk) in buf.chunks(SECTOR as usize).enumerate() {
             let s = sector as usize + i;
-            let got = fingerprint(chunk);
-            if !cands[s].iter().any(|&id| expected.of(id, s) == got) {
-                return Err(format!("sector {s} holds none of the writes it may hold ({:?})", cands[s]));
+            let may = |held: u32| cands[s].iter().any(|&id| if held == ZERO { id & ZERO != 0 } else { id == held });
+            match holds(chunk, s as u64 * SECTOR) {
+                Some(id) if may(id) => {}
+                Some(id) => {
+                    let what = if id == ZERO { "zeros".to_string() } else { format!("write {id:#x}") };
+                    return Err(format!("sector {s} holds {what}, not one it may hold ({:?})", cands[s]));
+                }
+                None => {
+                    return Err(format!(
+                        "sector {s} holds no write's content, torn or misplaced (may hold {:?})",
+                        cands[s]
+                    ));
+                }
             }
         }
     }
@@ -478,7 +477,6 @@ fn recover(
     cands: &[Vec<u32>],
     touched: &[(u64, u64)],
     second: Option<u64>,
-    expected: &mut Expected,
 ) -> Result<usize, String> {
     let dev = CacheDev::open(image).map_err(|e| format!("recovery: open: {e}"))?;
     let b = Arc::new(backing);
@@ -496,7 +494,7 @@ fn recover(
     // What the background threads do after a start.
     cache.write_back(|_, _| {}).map_err(|e| format!("recovery: writeback: {e}"))?;
     cache.gc().map_err(|e| format!("recovery: gc: {e}"))?;
-    check_sectors(&cache, cands, touched, expected)?;
+    check_sectors(&cache, cands, touched)?;
     cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
     dev.pmem().set_hook(None);
     let report = scan(&AsMedia(dev.pmem()), ScanOptions::default());
@@ -510,8 +508,7 @@ fn recover(
         let seed = second.unwrap_or(0);
         let img = pmem.image(CrashStrategy::Random { seed });
         let bimg = bk.image(|i| (seed >> (i % 64)) & 1 == 1);
-        recover(img, bimg, segs, cands, touched, None, expected)
-            .map_err(|e| format!("second crash during recovery: {e}"))?;
+        recover(img, bimg, segs, cands, touched, None).map_err(|e| format!("second crash during recovery: {e}"))?;
         states += 1;
     }
     Ok(states)
@@ -564,8 +561,7 @@ fn campaign_workload(w: &Workload, budget: usize, tally: &mut Tally) -> Result<(
     format(&pmem, false).map_err(|e| e.to_string())?;
     let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
     let mut touched = if w.previous_life { previous_life(&dev, w)? } else { Vec::new() };
-    let original: Vec<u8> = (0..w.backing).map(|o| val(0, o)).collect();
-    let backing = Arc::new(SimBacking::new(original));
+    let backing = Arc::new(SimBacking::new(data(0, 0, w.backing / SECTOR)));
     let (cache, _) =
         Cache::start(dev.clone(), backing.clone(), &cache_opts(w.cache_segs, true)).map_err(|e| e.to_string())?;
     let frozen: Arc<Mutex<Vec<Frozen>>> = Arc::new(Mutex::new(Vec::new()));
@@ -621,7 +617,6 @@ fn campaign_workload(w: &Workload, budget: usize, tally: &mut Tally) -> Result<(
     let mut applied = 0usize;
     let mut r = Rng(w.seed ^ 0x5eed);
     let mut spent = 0usize;
-    let mut expected = Expected::default();
     // Spread the budget over the whole workload (about 5 states a point),
     // always including the last point.
     let stride = (frozen.len() * 5).div_ceil(budget.max(1)).max(1);
@@ -656,7 +651,7 @@ fn campaign_workload(w: &Workload, budget: usize, tally: &mut Tally) -> Result<(
         for (k, (what, img, bimg)) in images.into_iter().enumerate() {
             // Every fourth image also crashes during its recovery.
             let second = (k % 4 == 0).then(|| r.below(6));
-            match recover(img, bimg, w.cache_segs, &cands, &touched, second, &mut expected) {
+            match recover(img, bimg, w.cache_segs, &cands, &touched, second) {
                 Ok(n) => {
                     tally.states += n;
                     spent += n;
