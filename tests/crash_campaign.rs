@@ -29,8 +29,8 @@
 //! then each of the four mutations, which must each produce violations.
 //! The last line is `crash states: N, violations: 0`.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -234,15 +234,19 @@ struct Workload {
 
 fn workload(seed: u64) -> Workload {
     let mut r = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
-    let long = seed % 4 == 1;
+    // Each group of four: two short ones on a previous life's segments, one
+    // short one that fills a kset without a flush, one long one. The long
+    // one comes last, so that a small campaign (the mutation checks) runs
+    // short workloads first.
+    let long = seed % 4 == 3;
     let backing = if long { 32 * MIB } else { 8 * MIB };
     let sectors = backing / SECTOR;
-    let n = if long { 3000 } else { 40 + r.below(200) };
+    let n = if long { 600 } else { 40 + r.below(200) };
     let mut ops = Vec::new();
     let mut recent: Vec<(u64, u64)> = Vec::new();
     for i in 0..n {
         let len = if long {
-            64 + r.below(64)
+            256 + r.below(768)
         } else {
             match r.below(10) {
                 0 => 1 + r.below(2048),
@@ -288,7 +292,7 @@ fn workload(seed: u64) -> Workload {
         }
     }
     let previous_life = seed.is_multiple_of(2);
-    if previous_life && !long {
+    if previous_life {
         // Start with one-key ksets, 64 bytes each: they end exactly where the
         // previous life's ksets began.
         let first: Vec<Op> =
@@ -342,19 +346,15 @@ impl Model {
             _ => {}
         }
     }
+}
 
-    /// The candidates while op `id` is in progress.
-    fn in_progress(&self, op: &Op, id: u32) -> Vec<Vec<u32>> {
-        let mut c = self.cands.clone();
-        let (range, id) = match *op {
-            Op::Write { sector, sectors, .. } => (sector as usize..(sector + sectors) as usize, id),
-            Op::Zero { sector, sectors } => (sector as usize..(sector + sectors) as usize, id | ZERO),
-            _ => (0..0, id),
-        };
-        for cands in &mut c[range] {
-            cands.push(id);
-        }
-        c
+/// The sectors op `id` may change while it is in progress, and the value
+/// it puts there.
+fn in_progress(op: &Op, id: u32) -> Option<(Range<usize>, u32)> {
+    match *op {
+        Op::Write { sector, sectors, .. } => Some((sector as usize..(sector + sectors) as usize, id)),
+        Op::Zero { sector, sectors } => Some((sector as usize..(sector + sectors) as usize, id | ZERO)),
+        _ => None,
     }
 }
 
@@ -433,39 +433,87 @@ impl BackingDev for Renamed {
     }
 }
 
+// ---- crash images and their checks --------------------------------------
+
+/// Where in a workload a crash happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// While the cache is created.
+    Start,
+    /// During op `i`.
+    Op(usize),
+    /// While the cache stops, after the last op.
+    Stop,
+}
+
 /// A frozen moment of a workload.
 struct Frozen {
     pmem: CrashState,
     backing: BackingCrash,
-    op: usize,
+    step: Step,
     event: String,
+    /// Position among the workload's frozen moments.
+    seq: usize,
 }
 
-/// Checks every sector in `touched` against its candidates.
-fn check_sectors(c: &TestCache, cands: &[Vec<u32>], touched: &[(u64, u64)]) -> Result<(), String> {
-    let mut buf = Vec::new();
-    for &(sector, n) in touched {
-        buf.resize((n * SECTOR) as usize, 0);
-        c.read(sector * SECTOR, &mut buf).map_err(|e| format!("read of sector {sector}: {e}"))?;
-        for (i, chunk) in buf.chunks(SECTOR as usize).enumerate() {
-            let s = sector as usize + i;
-            let may = |held: u32| cands[s].iter().any(|&id| if held == ZERO { id & ZERO != 0 } else { id == held });
-            match holds(chunk, s as u64 * SECTOR) {
-                Some(id) if may(id) => {}
-                Some(id) => {
-                    let what = if id == ZERO { "zeros".to_string() } else { format!("write {id:#x}") };
-                    return Err(format!("sector {s} holds {what}, not one it may hold ({:?})", cands[s]));
-                }
-                None => {
-                    return Err(format!(
-                        "sector {s} holds no write's content, torn or misplaced (may hold {:?})",
-                        cands[s]
-                    ));
+/// What every sector may hold after a crash, and how to recover.
+struct Check<'a> {
+    segs: u64,
+    /// Per sector, the writes it may hold once the ops before the crash completed.
+    cands: &'a [Vec<u32>],
+    /// The op in progress at the crash: sectors it may have changed, and the id.
+    extra: Option<(Range<usize>, u32)>,
+    /// Sector ranges to read back.
+    touched: &'a [(u64, u64)],
+}
+
+impl<'a> Check<'a> {
+    /// What may be read after a crash at `step`, with `model` the state
+    /// once the ops before it completed.
+    fn new(w: &Workload, model: &'a Model, touched: &'a [(u64, u64)], step: Step) -> Self {
+        let extra = match step {
+            Step::Op(i) => in_progress(&w.ops[i], i as u32 + 1),
+            Step::Start | Step::Stop => None,
+        };
+        Check { segs: w.cache_segs, cands: &model.cands, extra, touched }
+    }
+
+    fn may_hold(&self, s: usize, held: u32) -> bool {
+        let is = |id: u32| if held == ZERO { id & ZERO != 0 } else { id == held };
+        self.cands[s].iter().any(|&id| is(id)) || self.extra.as_ref().is_some_and(|(r, id)| r.contains(&s) && is(*id))
+    }
+
+    fn allowed(&self, s: usize) -> Vec<u32> {
+        let mut v = self.cands[s].clone();
+        v.extend(self.extra.iter().filter(|(r, _)| r.contains(&s)).map(|&(_, id)| id));
+        v
+    }
+
+    /// Reads every sector in `touched` and checks it against what it may hold.
+    fn sectors(&self, c: &TestCache) -> Result<(), String> {
+        let mut buf = Vec::new();
+        for &(sector, n) in self.touched {
+            buf.resize((n * SECTOR) as usize, 0);
+            c.read(sector * SECTOR, &mut buf).map_err(|e| format!("read of sector {sector}: {e}"))?;
+            for (i, chunk) in buf.chunks(SECTOR as usize).enumerate() {
+                let s = sector as usize + i;
+                match holds(chunk, s as u64 * SECTOR) {
+                    Some(id) if self.may_hold(s, id) => {}
+                    Some(id) => {
+                        let what = if id == ZERO { "zeros".to_string() } else { format!("write {id:#x}") };
+                        return Err(format!("sector {s} holds {what}, not one it may hold ({:?})", self.allowed(s)));
+                    }
+                    None => {
+                        return Err(format!(
+                            "sector {s} holds no write's content, torn or misplaced (may hold {:?})",
+                            self.allowed(s)
+                        ));
+                    }
                 }
             }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Recovers `image` and checks it; with `second`, also crashes during the
@@ -473,11 +521,11 @@ fn check_sectors(c: &TestCache, cands: &[Vec<u32>], touched: &[(u64, u64)]) -> R
 fn recover(
     image: SimPmem,
     backing: SimBacking,
-    segs: u64,
-    cands: &[Vec<u32>],
-    touched: &[(u64, u64)],
+    ck: &Check,
     second: Option<u64>,
-) -> Result<usize, String> {
+    tally: &mut Tally,
+) -> Result<(), String> {
+    tally.states += 1;
     let dev = CacheDev::open(image).map_err(|e| format!("recovery: open: {e}"))?;
     let b = Arc::new(backing);
     let caught: Arc<Mutex<Option<(CrashState, BackingCrash)>>> = Arc::new(Mutex::new(None));
@@ -489,29 +537,27 @@ fn recover(
             }
         })));
     }
-    let (cache, _) =
-        Cache::start(dev.clone(), b.clone(), &cache_opts(segs, false)).map_err(|e| format!("recovery: start: {e}"))?;
+    let (cache, _) = Cache::start(dev.clone(), b.clone(), &cache_opts(ck.segs, false))
+        .map_err(|e| format!("recovery: start: {e}"))?;
     // What the background threads do after a start.
     cache.write_back(|_, _| {}).map_err(|e| format!("recovery: writeback: {e}"))?;
     cache.gc().map_err(|e| format!("recovery: gc: {e}"))?;
-    check_sectors(&cache, cands, touched)?;
-    cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
     dev.pmem().set_hook(None);
+    ck.sectors(&cache)?;
+    cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
     let report = scan(&AsMedia(dev.pmem()), ScanOptions::default());
     if report.problems() > 0 {
         let f: Vec<String> = report.findings.iter().map(|f| f.to_string()).collect();
         return Err(format!("check after recovery: {}", f.join("; ")));
     }
-    let mut states = 1;
     let frozen = caught.lock().unwrap().take();
-    if let Some((pmem, bk)) = frozen {
-        let seed = second.unwrap_or(0);
+    if let (Some((pmem, bk)), Some(seed)) = (frozen, second) {
+        tally.second += 1;
         let img = pmem.image(CrashStrategy::Random { seed });
         let bimg = bk.image(|i| (seed >> (i % 64)) & 1 == 1);
-        recover(img, bimg, segs, cands, touched, None).map_err(|e| format!("second crash during recovery: {e}"))?;
-        states += 1;
+        recover(img, bimg, ck, None, tally).map_err(|e| format!("second crash during recovery: {e}"))?;
     }
-    Ok(states)
+    Ok(())
 }
 
 /// Merges touched sector ranges.
@@ -530,10 +576,21 @@ fn coalesce(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
+#[derive(Default)]
 struct Tally {
+    /// Crash images recovered and checked (second crashes included).
     states: usize,
     violations: usize,
     shown: usize,
+    /// Fences of the workloads, and how many of them were crashed.
+    fences: usize,
+    fences_crashed: usize,
+    /// Moments frozen at a random store.
+    stores_crashed: usize,
+    /// Moments that got the random-subset and exhaustive images.
+    sampled: usize,
+    /// Second crashes, during recovery.
+    second: usize,
 }
 
 impl Tally {
@@ -541,140 +598,237 @@ impl Tally {
         self.violations += 1;
         if self.shown < 5 {
             self.shown += 1;
+            let at = match f.step {
+                Step::Start => "cache start".to_string(),
+                Step::Op(i) => format!("op {i} {:?}", w.ops[i]),
+                Step::Stop => "cache stop".to_string(),
+            };
             println!(
-                "  VIOLATION: workload {} ({} ops{}), op {} {:?}, {} , image {what}: {e}",
+                "  VIOLATION: workload {} ({} ops{}), {at}, {}, image {what}: {e}",
                 w.seed,
                 w.ops.len(),
                 if w.long { ", long" } else { "" },
-                f.op,
-                w.ops[f.op],
                 f.event
             );
         }
     }
 }
 
-/// Runs workload `w`, freezing it at its crash points, and checks images of
-/// each until `budget` crash states are spent.
-fn campaign_workload(w: &Workload, budget: usize, tally: &mut Tally) -> Result<(), String> {
+/// The images every crash point gets: cheap, one recovery each.
+const CHEAP: [(&str, CrashStrategy, bool); 2] =
+    [("nothing extra", CrashStrategy::NothingExtra, false), ("everything", CrashStrategy::Everything, true)];
+
+impl Workload {
+    /// The cheap images each of its crash points gets: both in short
+    /// workloads; in long ones, whose every recovery writes back and scans
+    /// a cache full of data, only "nothing extra" (the sample gets the rest).
+    fn cheap(&self) -> &'static [(&'static str, CrashStrategy, bool)] {
+        if self.long { &CHEAP[..1] } else { &CHEAP }
+    }
+}
+
+/// Every how many recovered images one also crashes during its recovery.
+const SECOND_EVERY: usize = 4;
+
+/// What a crash point is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Fence,
+    Store,
+    /// Right after the last op, with whatever is still pending.
+    End,
+}
+
+/// The outcome of a workload's crash points so far.
+struct Out {
+    tally: Tally,
+    rng: Rng,
+    /// Images recovered so far (every `SECOND_EVERY`-th crashes again).
+    images: usize,
+    /// Crash points kept for random subsets and exhaustive images: a
+    /// uniform sample (reservoir) of `keep` of the `seen` ones, plus the end.
+    sample: Vec<Frozen>,
+    keep: usize,
+    seen: usize,
+    end: Option<Frozen>,
+}
+
+impl Out {
+    /// Recovers one image of `f` and records the outcome.
+    fn image(&mut self, w: &Workload, f: &Frozen, what: &str, img: SimPmem, bimg: SimBacking, ck: &Check) {
+        // At one of the first fences of recovery.
+        let second = self.images.is_multiple_of(SECOND_EVERY).then(|| self.rng.below(6));
+        self.images += 1;
+        if let Err(e) = recover(img, bimg, ck, second, &mut self.tally) {
+            self.tally.violation(w, f, what, &e);
+        }
+    }
+}
+
+/// A workload's run, as its crash points see it.
+struct Run {
+    w: Arc<Workload>,
+    touched: Vec<(u64, u64)>,
+    /// The model once the ops before `step` completed.
+    model: Model,
+    step: Step,
+    out: Out,
+}
+
+impl Run {
+    /// A crash point, while the workload runs: its cheap images now, and
+    /// maybe kept for more once the workload is done.
+    fn crash_point(&mut self, mut f: Frozen, kind: Kind) {
+        let ck = Check::new(&self.w, &self.model, &self.touched, f.step);
+        for &(what, strategy, keep) in self.w.cheap() {
+            let (img, bimg) = (f.pmem.image(strategy), f.backing.image(|_| keep));
+            self.out.image(&self.w, &f, what, img, bimg, &ck);
+        }
+        let out = &mut self.out;
+        match kind {
+            Kind::Fence => out.tally.fences_crashed += 1,
+            Kind::Store => out.tally.stores_crashed += 1,
+            Kind::End => {
+                out.end = Some(f);
+                return;
+            }
+        }
+        f.seq = out.seen;
+        out.seen += 1;
+        if out.sample.len() < out.keep {
+            out.sample.push(f);
+        } else {
+            let j = out.rng.below(out.seen as u64) as usize;
+            if j < out.keep {
+                out.sample[j] = f;
+            }
+        }
+    }
+}
+
+/// Runs workload `w` once. Every fence (and a random share of stores) is a
+/// crash point, frozen and checked on the spot with its cheap images; a
+/// uniform sample of them, about `budget` crash states' worth, also gets
+/// random subsets and every combination when few lines are pending.
+fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally) -> Result<(), String> {
     let pmem = SimPmem::new(512 * MIB);
     format(&pmem, false).map_err(|e| e.to_string())?;
     let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
-    let mut touched = if w.previous_life { previous_life(&dev, w)? } else { Vec::new() };
-    let backing = Arc::new(SimBacking::new(data(0, 0, w.backing / SECTOR)));
-    let (cache, _) =
-        Cache::start(dev.clone(), backing.clone(), &cache_opts(w.cache_segs, true)).map_err(|e| e.to_string())?;
-    let frozen: Arc<Mutex<Vec<Frozen>>> = Arc::new(Mutex::new(Vec::new()));
-    let op_now = Arc::new(AtomicUsize::new(0));
-    {
-        let (frozen, op_now, backing) = (frozen.clone(), op_now.clone(), backing.clone());
-        let mut r = Rng(w.seed ^ 0xdead_beef);
-        let long = w.long;
-        dev.pmem().set_hook(Some(Box::new(move |ev| {
-            let take = match (ev.kind(), long) {
-                (SimEventKind::Fence, false) => true,
-                (SimEventKind::Write, false) => r.below(8) == 0,
-                (SimEventKind::Fence, true) => r.below(60) == 0,
-                (SimEventKind::Write, true) => r.below(400) == 0,
-            };
-            if take {
-                let event = format!("at {:?} {}", ev.kind(), ev.index());
-                frozen.lock().unwrap().push(Frozen {
-                    pmem: ev.snapshot(),
-                    backing: backing.crash(),
-                    op: op_now.load(Ordering::SeqCst),
-                    event,
-                });
-            }
-        })));
-    }
-    let mut model = Model::new((w.backing / SECTOR) as usize);
-    for (i, op) in w.ops.iter().enumerate() {
-        op_now.store(i, Ordering::SeqCst);
-        run_op(&cache, op, i as u32 + 1).map_err(|e| format!("workload {} op {i}: {e}", w.seed))?;
-        model.apply(op, i as u32 + 1);
+    let mut touched = if w.previous_life { previous_life(&dev, &w)? } else { Vec::new() };
+    for op in &w.ops {
         if let Op::Write { sector, sectors, .. } | Op::Zero { sector, sectors } = *op {
             touched.push((sector, sectors));
         }
     }
-    dev.pmem().set_hook(None);
-    // A crash right at the end, with whatever is still pending.
-    frozen.lock().unwrap().push(Frozen {
-        pmem: dev.pmem().snapshot(),
-        backing: backing.crash(),
-        op: w.ops.len() - 1,
-        event: "after the last op".into(),
-    });
-    cache.stop().map_err(|e| e.to_string())?;
     // Also check a few sectors never written, and the slice boundary.
     let sectors = w.backing / SECTOR;
     touched.extend([(0, 4), (sectors - 4, 4), (4 * MIB / SECTOR - 2, 4)]);
     let touched = coalesce(touched);
+    let backing = Arc::new(SimBacking::new(data(0, 0, sectors)));
+    let out = Out {
+        tally: std::mem::take(tally),
+        rng: Rng(w.seed ^ 0x5eed),
+        images: 0,
+        sample: Vec::new(),
+        keep: (budget / 4).max(1),
+        seen: 0,
+        end: None,
+    };
+    let model = Model::new(sectors as usize);
+    let run = Arc::new(Mutex::new(Run { w: w.clone(), touched, model, step: Step::Start, out }));
+    {
+        let (run, backing) = (run.clone(), backing.clone());
+        let mut r = Rng(w.seed ^ 0xdead_beef);
+        let store_share = if w.long { 40 } else { 8 };
+        dev.pmem().set_hook(Some(Box::new(move |ev| {
+            let kind = if ev.kind() == SimEventKind::Fence { Kind::Fence } else { Kind::Store };
+            let mut run = run.lock().unwrap();
+            if kind == Kind::Fence {
+                run.out.tally.fences += 1;
+            } else if r.below(store_share) != 0 {
+                return;
+            }
+            let event = format!("at {:?} {}", ev.kind(), ev.index());
+            let f = Frozen { pmem: ev.snapshot(), backing: backing.crash(), step: run.step, event, seq: 0 };
+            run.crash_point(f, kind);
+        })));
+    }
+    let ran = (|| {
+        let opts = cache_opts(w.cache_segs, true);
+        let (cache, _) = Cache::start(dev.clone(), backing.clone(), &opts).map_err(|e| format!("start: {e}"))?;
+        for (i, op) in w.ops.iter().enumerate() {
+            run.lock().unwrap().step = Step::Op(i);
+            run_op(&cache, op, i as u32 + 1).map_err(|e| format!("op {i}: {e}"))?;
+            run.lock().unwrap().model.apply(op, i as u32 + 1);
+        }
+        let mut r = run.lock().unwrap();
+        r.step = Step::Stop;
+        let end = Frozen {
+            pmem: dev.pmem().snapshot(),
+            backing: backing.crash(),
+            step: Step::Stop,
+            event: "after the last op".into(),
+            seq: 0,
+        };
+        r.crash_point(end, Kind::End);
+        drop(r);
+        cache.stop().map_err(|e| format!("stop: {e}"))
+    })();
+    dev.pmem().set_hook(None);
+    let mut run = Arc::try_unwrap(run).ok().expect("the hook is gone").into_inner().unwrap();
+    if let Err(e) = ran {
+        *tally = run.out.tally;
+        return Err(e);
+    }
 
-    // Replay the model to each frozen moment and check its images.
-    let frozen = std::mem::take(&mut *frozen.lock().unwrap());
-    let mut replay = Model::new((w.backing / SECTOR) as usize);
+    // The sample, in order, with the model replayed to each.
+    let mut sample = std::mem::take(&mut run.out.sample);
+    sample.sort_by_key(|f| f.seq);
+    sample.extend(run.out.end.take());
+    let mut replay = Model::new(sectors as usize);
     let mut applied = 0usize;
-    let mut r = Rng(w.seed ^ 0x5eed);
-    let mut spent = 0usize;
-    // Spread the budget over the whole workload (about 5 states a point),
-    // always including the last point.
-    let stride = (frozen.len() * 5).div_ceil(budget.max(1)).max(1);
-    let last = frozen.len() - 1;
-    for (n, f) in frozen.iter().enumerate() {
-        if spent >= budget + 10 {
-            break;
-        }
-        if n % stride != 0 && n != last {
-            continue;
-        }
-        while applied < f.op {
+    for f in &sample {
+        let before = match f.step {
+            Step::Start => 0,
+            Step::Op(i) => i,
+            Step::Stop => w.ops.len(),
+        };
+        while applied < before {
             replay.apply(&w.ops[applied], applied as u32 + 1);
             applied += 1;
         }
-        let cands = replay.in_progress(&w.ops[f.op], f.op as u32 + 1);
-        let mut images: Vec<(String, SimPmem, SimBacking)> = Vec::new();
-        let keep_all = |_| true;
-        let keep_none = |_| false;
-        images.push(("nothing extra".into(), f.pmem.image(CrashStrategy::NothingExtra), f.backing.image(keep_none)));
-        images.push(("everything".into(), f.pmem.image(CrashStrategy::Everything), f.backing.image(keep_all)));
+        let ck = Check::new(&w, &replay, &run.touched, f.step);
+        let out = &mut run.out;
+        out.tally.sampled += 1;
+        for &(what, strategy, keep) in &CHEAP[w.cheap().len()..] {
+            let (img, bimg) = (f.pmem.image(strategy), f.backing.image(|_| keep));
+            out.image(&w, f, what, img, bimg, &ck);
+        }
         for _ in 0..2 {
-            let seed = r.next();
-            let img = f.pmem.image(CrashStrategy::Random { seed });
-            images.push((format!("random {seed:#x}"), img, f.backing.image(|i| (seed >> (i % 60)) & 1 == 1)));
+            let seed = out.rng.next();
+            let (img, bimg) =
+                (f.pmem.image(CrashStrategy::Random { seed }), f.backing.image(|i| (seed >> (i % 60)) & 1 == 1));
+            out.image(&w, f, &format!("random {seed:#x}"), img, bimg, &ck);
         }
         if let Some(all) = f.pmem.exhaustive(12) {
             for (k, img) in all.into_iter().enumerate() {
-                images.push((format!("combination {k}"), img, f.backing.image(|i| (k >> (i % 8)) & 1 == 1)));
-            }
-        }
-        for (k, (what, img, bimg)) in images.into_iter().enumerate() {
-            // Every fourth image also crashes during its recovery.
-            let second = (k % 4 == 0).then(|| r.below(6));
-            match recover(img, bimg, w.cache_segs, &cands, &touched, second) {
-                Ok(n) => {
-                    tally.states += n;
-                    spent += n;
-                }
-                Err(e) => {
-                    tally.states += 1;
-                    spent += 1;
-                    tally.violation(w, f, &what, &e);
-                }
+                let bimg = f.backing.image(|i| (k >> (i % 8)) & 1 == 1);
+                out.image(&w, f, &format!("combination {k}"), img, bimg, &ck);
             }
         }
     }
+    *tally = run.out.tally;
     Ok(())
 }
 
 fn campaign(states: usize, tag: &str) -> Tally {
-    let mut tally = Tally { states: 0, violations: 0, shown: 0 };
+    let mut tally = Tally::default();
     let t = Instant::now();
     let mut seed = 0;
     while tally.states < states {
-        let w = workload(seed);
+        let w = Arc::new(workload(seed));
         let budget = (states - tally.states).min(if w.long { 300 } else { 150 });
-        if let Err(e) = campaign_workload(&w, budget, &mut tally) {
+        if let Err(e) = campaign_workload(w, budget, &mut tally) {
             // A workload that fails while running (not after a crash) is a violation too.
             tally.violations += 1;
             println!("  VIOLATION: workload {seed} failed while running: {e}");
@@ -682,12 +836,19 @@ fn campaign(states: usize, tag: &str) -> Tally {
         seed += 1;
     }
     println!(
-        "{tag}: {} workloads, {} crash states in {:.1} s, {} violations",
-        seed,
+        "{tag}: {seed} workloads, {} crash states in {:.1} s, {} violations\n  \
+         fences: {}, crashed: {}; stores crashed: {}; sampled for random subsets: {}; \
+         second crashes: {}",
         tally.states,
         t.elapsed().as_secs_f64(),
-        tally.violations
+        tally.violations,
+        tally.fences,
+        tally.fences_crashed,
+        tally.stores_crashed,
+        tally.sampled,
+        tally.second,
     );
+    assert_eq!(tally.fences_crashed, tally.fences, "{tag}: a fence went without a crash");
     tally
 }
 
