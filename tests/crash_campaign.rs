@@ -31,6 +31,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -516,8 +517,19 @@ impl<'a> Check<'a> {
     }
 }
 
-/// Recovers `image` and checks it; with `second`, also crashes during the
-/// recovery (at the fence `second` picks) and checks that recovery too.
+/// Phases of recovery a second crash can hit.
+const PHASES: [&str; 3] = ["start", "writeback", "gc"];
+
+/// A moment of recovery kept for a second crash.
+struct Caught {
+    pmem: CrashState,
+    backing: BackingCrash,
+    phase: usize,
+}
+
+/// Recovers `image` and checks it; with `second`, also crashes once during
+/// that recovery, at a fence drawn uniformly from all of its fences (start,
+/// writeback and GC), and checks the recovery of that crash too.
 fn recover(
     image: SimPmem,
     backing: SimBacking,
@@ -528,19 +540,30 @@ fn recover(
     tally.states += 1;
     let dev = CacheDev::open(image).map_err(|e| format!("recovery: open: {e}"))?;
     let b = Arc::new(backing);
-    let caught: Arc<Mutex<Option<(CrashState, BackingCrash)>>> = Arc::new(Mutex::new(None));
-    if let Some(pick) = second {
-        let (caught, b) = (caught.clone(), b.clone());
+    let caught: Arc<Mutex<Option<Caught>>> = Arc::new(Mutex::new(None));
+    let phase = Arc::new(AtomicUsize::new(0));
+    if let Some(seed) = second {
+        // Reservoir sampling of one fence: the n-th replaces the kept one
+        // with probability 1/n, so each is kept with the same probability
+        // without knowing their number in advance.
+        let (caught, b, phase) = (caught.clone(), b.clone(), phase.clone());
+        let (mut r, mut n) = (Rng(seed | 1), 0u64);
         dev.pmem().set_hook(Some(Box::new(move |ev| {
-            if ev.kind() == SimEventKind::Fence && ev.index() == pick {
-                *caught.lock().unwrap() = Some((ev.snapshot(), b.crash()));
+            if ev.kind() == SimEventKind::Fence {
+                n += 1;
+                if r.below(n) == 0 {
+                    let phase = phase.load(Ordering::SeqCst);
+                    *caught.lock().unwrap() = Some(Caught { pmem: ev.snapshot(), backing: b.crash(), phase });
+                }
             }
         })));
     }
     let (cache, _) = Cache::start(dev.clone(), b.clone(), &cache_opts(ck.segs, false))
         .map_err(|e| format!("recovery: start: {e}"))?;
     // What the background threads do after a start.
+    phase.store(1, Ordering::SeqCst);
     cache.write_back(|_, _| {}).map_err(|e| format!("recovery: writeback: {e}"))?;
+    phase.store(2, Ordering::SeqCst);
     cache.gc().map_err(|e| format!("recovery: gc: {e}"))?;
     dev.pmem().set_hook(None);
     ck.sectors(&cache)?;
@@ -551,11 +574,12 @@ fn recover(
         return Err(format!("check after recovery: {}", f.join("; ")));
     }
     let frozen = caught.lock().unwrap().take();
-    if let (Some((pmem, bk)), Some(seed)) = (frozen, second) {
-        tally.second += 1;
-        let img = pmem.image(CrashStrategy::Random { seed });
-        let bimg = bk.image(|i| (seed >> (i % 64)) & 1 == 1);
-        recover(img, bimg, ck, None, tally).map_err(|e| format!("second crash during recovery: {e}"))?;
+    if let (Some(c), Some(seed)) = (frozen, second) {
+        tally.second[c.phase] += 1;
+        let img = c.pmem.image(CrashStrategy::Random { seed });
+        let bimg = c.backing.image(|i| (seed >> (i % 64)) & 1 == 1);
+        recover(img, bimg, ck, None, tally)
+            .map_err(|e| format!("second crash during recovery ({}): {e}", PHASES[c.phase]))?;
     }
     Ok(())
 }
@@ -589,8 +613,8 @@ struct Tally {
     stores_crashed: usize,
     /// Moments that got the random-subset and exhaustive images.
     sampled: usize,
-    /// Second crashes, during recovery.
-    second: usize,
+    /// Second crashes, by phase of recovery.
+    second: [usize; 3],
 }
 
 impl Tally {
@@ -656,8 +680,7 @@ struct Out {
 impl Out {
     /// Recovers one image of `f` and records the outcome.
     fn image(&mut self, w: &Workload, f: &Frozen, what: &str, img: SimPmem, bimg: SimBacking, ck: &Check) {
-        // At one of the first fences of recovery.
-        let second = self.images.is_multiple_of(SECOND_EVERY).then(|| self.rng.below(6));
+        let second = self.images.is_multiple_of(SECOND_EVERY).then(|| self.rng.next());
         self.images += 1;
         if let Err(e) = recover(img, bimg, ck, second, &mut self.tally) {
             self.tally.violation(w, f, what, &e);
@@ -835,10 +858,11 @@ fn campaign(states: usize, tag: &str) -> Tally {
         }
         seed += 1;
     }
+    let [s, wb, gc] = tally.second;
     println!(
         "{tag}: {seed} workloads, {} crash states in {:.1} s, {} violations\n  \
          fences: {}, crashed: {}; stores crashed: {}; sampled for random subsets: {}; \
-         second crashes: {}",
+         second crashes: {} (during start {s}, writeback {wb}, gc {gc})",
         tally.states,
         t.elapsed().as_secs_f64(),
         tally.violations,
@@ -846,7 +870,7 @@ fn campaign(states: usize, tag: &str) -> Tally {
         tally.fences_crashed,
         tally.stores_crashed,
         tally.sampled,
-        tally.second,
+        s + wb + gc,
     );
     assert_eq!(tally.fences_crashed, tally.fences, "{tag}: a fence went without a crash");
     tally
