@@ -228,6 +228,8 @@ struct Workload {
     /// this one starts: its stale ksets and data are left in the segments
     /// this cache gets.
     previous_life: bool,
+    /// The cache keeps data CRCs, so reads after recovery verify them.
+    data_crc: bool,
     backing: u64,
     cache_segs: u64,
     ops: Vec<Op>,
@@ -303,7 +305,10 @@ fn workload(seed: u64) -> Workload {
     ops.push(Op::Flush);
     ops.push(Op::WriteBack { ksets: usize::MAX });
     ops.push(Op::Gc);
-    Workload { seed, long, previous_life, backing, cache_segs: if long { 10 } else { 12 }, ops }
+    // Every other workload keeps data CRCs, alternating by group of four so
+    // that each kind of workload runs with and without them.
+    let data_crc = (seed + seed / 4) % 2 == 1;
+    Workload { seed, long, previous_life, data_crc, backing, cache_segs: if long { 10 } else { 12 }, ops }
 }
 
 /// What each sector may hold: the writes since its value last became durable.
@@ -359,13 +364,14 @@ fn in_progress(op: &Op, id: u32) -> Option<(Range<usize>, u32)> {
     }
 }
 
-fn cache_opts(segs: u64, cache_reads: bool) -> CacheOptions {
+fn cache_opts(segs: u64, cache_reads: bool, data_crc: bool) -> CacheOptions {
     CacheOptions {
         cache_size: Some(segs * 16 * MIB),
         kset_flush_delay: Duration::from_secs(3600),
         background: false,
         gc_percent: Some(0),
         cache_reads,
+        data_crc,
         ..CacheOptions::default()
     }
 }
@@ -397,7 +403,8 @@ const PREVIOUS: u32 = 1 << 30;
 fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64, u64)>, String> {
     let old = Arc::new(SimBacking::new(vec![0u8; w.backing as usize]));
     let prev = Arc::new(Renamed(old, "/campaign/previous".into()));
-    let (c, _) = Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true)).map_err(|e| e.to_string())?;
+    let (c, _) =
+        Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true, false)).map_err(|e| e.to_string())?;
     let mut r = Rng(w.seed ^ 0x01d);
     let mut touched = Vec::new();
     // One key per kset: its ksets start at every multiple of 64 bytes of the
@@ -460,6 +467,7 @@ struct Frozen {
 /// What every sector may hold after a crash, and how to recover.
 struct Check<'a> {
     segs: u64,
+    data_crc: bool,
     /// Per sector, the writes it may hold once the ops before the crash completed.
     cands: &'a [Vec<u32>],
     /// The op in progress at the crash: sectors it may have changed, and the id.
@@ -476,7 +484,7 @@ impl<'a> Check<'a> {
             Step::Op(i) => in_progress(&w.ops[i], i as u32 + 1),
             Step::Start | Step::Stop => None,
         };
-        Check { segs: w.cache_segs, cands: &model.cands, extra, touched }
+        Check { segs: w.cache_segs, data_crc: w.data_crc, cands: &model.cands, extra, touched }
     }
 
     fn may_hold(&self, s: usize, held: u32) -> bool {
@@ -576,15 +584,22 @@ fn recover(
             }
         })));
     }
-    let (cache, _) = Cache::start(dev.clone(), b.clone(), &cache_opts(ck.segs, false))
+    let (cache, report) = Cache::start(dev.clone(), b.clone(), &cache_opts(ck.segs, false, ck.data_crc))
         .map_err(|e| format!("recovery: start: {e}"))?;
+    if !report.new && report.data_crc != ck.data_crc {
+        return Err(format!("recovery: data CRC {} after recovery", if report.data_crc { "on" } else { "off" }));
+    }
+    // What is read right after the restart: the recovered index over the
+    // cached data (with data CRCs, every hit verifies its key's CRC).
+    ck.sectors(&cache).map_err(|e| format!("after start: {e}"))?;
     // What the background threads do after a start.
     phase.store(1, Ordering::SeqCst);
     cache.write_back(|_, _| {}).map_err(|e| format!("recovery: writeback: {e}"))?;
     phase.store(2, Ordering::SeqCst);
     cache.gc().map_err(|e| format!("recovery: gc: {e}"))?;
     dev.pmem().set_hook(None);
-    ck.sectors(&cache)?;
+    // And once they are done: what was written back, read from the backing device.
+    ck.sectors(&cache).map_err(|e| format!("after writeback and gc: {e}"))?;
     cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
     check_image(dev.pmem(), "after recovery")?;
     let frozen = caught.lock().unwrap().take();
@@ -642,10 +657,11 @@ impl Tally {
                 Step::Stop => "cache stop".to_string(),
             };
             println!(
-                "  VIOLATION: workload {} ({} ops{}), {at}, {}, image {what}: {e}",
+                "  VIOLATION: workload {} ({} ops{}{}), {at}, {}, image {what}: {e}",
                 w.seed,
                 w.ops.len(),
                 if w.long { ", long" } else { "" },
+                if w.data_crc { ", data CRC" } else { "" },
                 f.event
             );
         }
@@ -791,7 +807,7 @@ fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally) -> Resu
         })));
     }
     let ran = (|| {
-        let opts = cache_opts(w.cache_segs, true);
+        let opts = cache_opts(w.cache_segs, true, w.data_crc);
         let (cache, _) = Cache::start(dev.clone(), backing.clone(), &opts).map_err(|e| format!("start: {e}"))?;
         for (i, op) in w.ops.iter().enumerate() {
             run.lock().unwrap().step = Step::Op(i);
