@@ -48,8 +48,8 @@
 //! at stores, the sampled ones and the second crashes by phase. The last
 //! line is `crash states: N, violations: 0`. With 10 000 states: 8
 //! workloads, 10 262 states, 4 004 fences all crashed, 2 015 second
-//! crashes, in 176 s; the whole test, mutations included, 213 s (release,
-//! 2 CPUs).
+//! crashes, in 176-190 s; the whole test, mutations included, 213-232 s
+//! (release, 2 CPUs; 329 s in the debug profile `tests/run-all.sh` uses).
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
