@@ -2,39 +2,62 @@
 //!
 //! Workloads of writes, overwrites, FUA writes, flushes, reads that fill
 //! misses, zeroing, discards, writeback and GC drive the engine on the
-//! crash simulator, crossing kset, slice and segment boundaries. At every
-//! fence (in long workloads, at sampled fences and stores) the state is
-//! frozen, and several crash images are made of it (nothing extra survives,
-//! everything survives, random subsets, every combination when few lines
-//! are pending), each with a crash image of the backing device (its writes
-//! since the last sync kept, dropped, or some of them). Each image is
-//! recovered with the real start path, followed by what the background
-//! threads would do (writeback, GC), and checked:
+//! crash simulator, crossing kset, slice and segment boundaries (the long
+//! ones wrap a 160 MiB cache, so GC frees segments); some start on segments
+//! a previous cache left behind; half keep data CRCs. Each workload runs
+//! once, and every fence of it, from creating the cache to stopping it, is
+//! a crash point, as is a random share of its stores: the state is frozen
+//! there and crashed on the spot, while the workload waits.
 //!
-//! * recovery succeeds;
-//! * every sector reads one of the values it may hold: what it held at the
-//!   last flush or FUA write covering it, or anything written after —
-//!   never anything else, so every acknowledged write before the last
-//!   completed flush or FUA reads back;
-//! * `pcache check` finds nothing;
-//! * a second crash, during that recovery, is just as safe.
+//! Every crash point gets the cheap images: nothing extra survives, and in
+//! short workloads everything survives too. A uniform sample of the crash
+//! points (reservoir sampling, about 150 crash states' worth a short
+//! workload and 300 a long one), plus the moment after the last op, also
+//! gets everything survives (long workloads), random subsets, and every
+//! combination when few lines are pending. Each pmem image is paired with
+//! a crash image of the backing device (its writes since the last sync
+//! kept, dropped, or some of them). Each image is checked:
+//!
+//! * `pcache check` of the raw crash image finds no problem (notes, such as
+//!   a kset torn at the end of the log, are what recovery handles);
+//! * recovery with the real start path succeeds;
+//! * every sector reads one of the values it may hold — what it held at
+//!   the last flush or FUA write covering it, or anything written after —
+//!   right after the start (with data CRCs, every hit verifies its key's
+//!   CRC) and again after writeback and GC, as the background threads would
+//!   run them; so every write acknowledged before the last completed flush
+//!   or FUA reads back, and nothing reads garbage, another sector's data,
+//!   a torn sector or a previous cache's data;
+//! * `pcache check` of the recovered image finds no problem;
+//! * every fourth image also crashes during its recovery, at a fence drawn
+//!   uniformly from all of that recovery's fences (start, writeback, GC),
+//!   and that image passes the same checks.
 //!
 //! ```text
 //! cargo test --release -p pcache-pmem --features mutations --test crash_campaign
-//! PCACHE_CRASH_STATES=100000 cargo test ...        # more states (default 1000)
+//! PCACHE_CRASH_STATES=10000 cargo test ...          # more states (default 1000)
 //! PCACHE_MUTATION=no-fence-terminator cargo test ... # one mutation, must find violations
 //! ```
 //!
-//! Without `PCACHE_MUTATION`, the campaign runs the states asked for and
-//! then each of the four mutations, which must each produce violations.
-//! The last line is `crash states: N, violations: 0`.
+//! A campaign runs whole workloads until it has recovered and checked at
+//! least the states asked for, so it ends a little past them. Without
+//! `PCACHE_MUTATION`, the campaign first runs each of the four mutations
+//! (600 states each, one short workload), which must each produce
+//! violations, then the states asked for. Each prints its workloads,
+//! crash states, `fences: F, crashed: F` (asserted equal), the crash points
+//! at stores, the sampled ones and the second crashes by phase. The last
+//! line is `crash states: N, violations: 0`. With 10 000 states: 8
+//! workloads, 10 262 states, 4 004 fences all crashed, 2 015 second
+//! crashes, in 176-190 s; the whole test, mutations included, 213-232 s
+//! (release, 2 CPUs; 329 s in the debug profile `tests/run-all.sh` uses).
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pcache_format::image::{ScanOptions, scan};
+use pcache_format::image::{ScanOptions, Severity, scan};
 use pcache_pmem::format::format;
 use pcache_pmem::mutation::{self, Mutation};
 use pcache_pmem::{
@@ -45,13 +68,34 @@ const SECTOR: u64 = 512;
 const MIB: u64 = 1 << 20;
 const ZERO: u32 = 1 << 31;
 
-/// Byte `off` as written by write `id` (0: the original content).
-fn val(id: u32, off: u64) -> u8 {
+/// The 8-byte word at byte `off` (a multiple of 8) of what write `id` put
+/// there (id 0: the original content; ids with `ZERO`: zeroing). It holds
+/// the id and the word's place, so a sector read back tells which write it
+/// holds, whether it sits where it belongs, and whether it is whole.
+fn word(id: u32, off: u64) -> u64 {
     if id & ZERO != 0 {
         return 0;
     }
-    let x = (u64::from(id).wrapping_mul(0x9E37_79B9) ^ off).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    (x >> 56) as u8
+    (u64::from(id) << 32) | (off / 8) | 1 << 31
+}
+
+/// `sectors` sectors from `sector` as write `id` puts them.
+fn data(id: u32, sector: u64, sectors: u64) -> Vec<u8> {
+    let off = sector * SECTOR;
+    (0..sectors * SECTOR / 8).flat_map(|i| word(id, off + i * 8).to_le_bytes()).collect()
+}
+
+/// The write whose content a sector at byte `off` holds: its id, `ZERO` for
+/// zeros, `None` if it holds no write's content (torn, misplaced, garbage).
+fn holds(sector: &[u8], off: u64) -> Option<u32> {
+    let (words, _) = sector.as_chunks::<8>();
+    let first = u64::from_le_bytes(words[0]);
+    let id = if first == 0 { ZERO } else { (first >> 32) as u32 };
+    let expect = word(id, off);
+    let step = if id == ZERO { 0 } else { 1 };
+    // Every word compared, no early exit: this loop vectorises.
+    let diff = words.iter().zip(0..).fold(0, |d, (w, i)| d | (u64::from_le_bytes(*w) ^ (expect + i * step)));
+    (diff == 0).then_some(id)
 }
 
 struct Rng(u64);
@@ -206,6 +250,8 @@ struct Workload {
     /// this one starts: its stale ksets and data are left in the segments
     /// this cache gets.
     previous_life: bool,
+    /// The cache keeps data CRCs, so reads after recovery verify them.
+    data_crc: bool,
     backing: u64,
     cache_segs: u64,
     ops: Vec<Op>,
@@ -213,15 +259,19 @@ struct Workload {
 
 fn workload(seed: u64) -> Workload {
     let mut r = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
-    let long = seed % 4 == 1;
+    // Each group of four: two short ones on a previous life's segments, one
+    // short one that fills a kset without a flush, one long one. The long
+    // one comes last, so that a small campaign (the mutation checks) runs
+    // short workloads first.
+    let long = seed % 4 == 3;
     let backing = if long { 32 * MIB } else { 8 * MIB };
     let sectors = backing / SECTOR;
-    let n = if long { 3000 } else { 40 + r.below(200) };
+    let n = if long { 600 } else { 40 + r.below(200) };
     let mut ops = Vec::new();
     let mut recent: Vec<(u64, u64)> = Vec::new();
     for i in 0..n {
         let len = if long {
-            64 + r.below(64)
+            256 + r.below(768)
         } else {
             match r.below(10) {
                 0 => 1 + r.below(2048),
@@ -267,7 +317,7 @@ fn workload(seed: u64) -> Workload {
         }
     }
     let previous_life = seed.is_multiple_of(2);
-    if previous_life && !long {
+    if previous_life {
         // Start with one-key ksets, 64 bytes each: they end exactly where the
         // previous life's ksets began.
         let first: Vec<Op> =
@@ -277,7 +327,10 @@ fn workload(seed: u64) -> Workload {
     ops.push(Op::Flush);
     ops.push(Op::WriteBack { ksets: usize::MAX });
     ops.push(Op::Gc);
-    Workload { seed, long, previous_life, backing, cache_segs: if long { 10 } else { 12 }, ops }
+    // Every other workload keeps data CRCs, alternating by group of four so
+    // that each kind of workload runs with and without them.
+    let data_crc = (seed + seed / 4) % 2 == 1;
+    Workload { seed, long, previous_life, data_crc, backing, cache_segs: if long { 10 } else { 12 }, ops }
 }
 
 /// What each sector may hold: the writes since its value last became durable.
@@ -321,29 +374,26 @@ impl Model {
             _ => {}
         }
     }
+}
 
-    /// The candidates while op `id` is in progress.
-    fn in_progress(&self, op: &Op, id: u32) -> Vec<Vec<u32>> {
-        let mut c = self.cands.clone();
-        let (range, id) = match *op {
-            Op::Write { sector, sectors, .. } => (sector as usize..(sector + sectors) as usize, id),
-            Op::Zero { sector, sectors } => (sector as usize..(sector + sectors) as usize, id | ZERO),
-            _ => (0..0, id),
-        };
-        for cands in &mut c[range] {
-            cands.push(id);
-        }
-        c
+/// The sectors op `id` may change while it is in progress, and the value
+/// it puts there.
+fn in_progress(op: &Op, id: u32) -> Option<(Range<usize>, u32)> {
+    match *op {
+        Op::Write { sector, sectors, .. } => Some((sector as usize..(sector + sectors) as usize, id)),
+        Op::Zero { sector, sectors } => Some((sector as usize..(sector + sectors) as usize, id | ZERO)),
+        _ => None,
     }
 }
 
-fn cache_opts(segs: u64, cache_reads: bool) -> CacheOptions {
+fn cache_opts(segs: u64, cache_reads: bool, data_crc: bool) -> CacheOptions {
     CacheOptions {
         cache_size: Some(segs * 16 * MIB),
         kset_flush_delay: Duration::from_secs(3600),
         background: false,
         gc_percent: Some(0),
         cache_reads,
+        data_crc,
         ..CacheOptions::default()
     }
 }
@@ -352,11 +402,7 @@ type TestCache = Arc<Cache<SimPmem, Arc<SimBacking>>>;
 
 fn run_op(c: &TestCache, op: &Op, id: u32) -> Result<(), String> {
     let r = match *op {
-        Op::Write { sector, sectors, fua } => {
-            let off = sector * SECTOR;
-            let data: Vec<u8> = (off..off + sectors * SECTOR).map(|o| val(id, o)).collect();
-            c.write(off, &data, fua)
-        }
+        Op::Write { sector, sectors, fua } => c.write(sector * SECTOR, &data(id, sector, sectors), fua),
         Op::Zero { sector, sectors } => c.write_zeroes(sector * SECTOR, sectors * SECTOR, false),
         Op::Read { sector, sectors } => {
             let mut buf = vec![0u8; (sectors * SECTOR) as usize];
@@ -379,16 +425,15 @@ const PREVIOUS: u32 = 1 << 30;
 fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64, u64)>, String> {
     let old = Arc::new(SimBacking::new(vec![0u8; w.backing as usize]));
     let prev = Arc::new(Renamed(old, "/campaign/previous".into()));
-    let (c, _) = Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true)).map_err(|e| e.to_string())?;
+    let (c, _) =
+        Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true, false)).map_err(|e| e.to_string())?;
     let mut r = Rng(w.seed ^ 0x01d);
     let mut touched = Vec::new();
     // One key per kset: its ksets start at every multiple of 64 bytes of the
     // log, where the next cache's ksets end too when they hold one key.
     for i in 0..300u32 {
         let sector = r.below(w.backing / SECTOR - 8);
-        let id = PREVIOUS | i;
-        let data: Vec<u8> = (0..4 * SECTOR).map(|o| val(id, sector * SECTOR + o)).collect();
-        c.write(sector * SECTOR, &data, true).map_err(|e| e.to_string())?;
+        c.write(sector * SECTOR, &data(PREVIOUS | i, sector, 4), true).map_err(|e| e.to_string())?;
         touched.push((sector, 4));
     }
     c.stop().map_err(|e| e.to_string())?;
@@ -418,103 +463,176 @@ impl BackingDev for Renamed {
     }
 }
 
+// ---- crash images and their checks --------------------------------------
+
+/// Where in a workload a crash happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// While the cache is created.
+    Start,
+    /// During op `i`.
+    Op(usize),
+    /// While the cache stops, after the last op.
+    Stop,
+}
+
 /// A frozen moment of a workload.
 struct Frozen {
     pmem: CrashState,
     backing: BackingCrash,
-    op: usize,
+    step: Step,
     event: String,
+    /// Position among the workload's frozen moments.
+    seq: usize,
 }
 
-/// A quick fingerprint of a sector's bytes.
-fn fingerprint(bytes: &[u8]) -> u64 {
-    bytes.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
-        let w = u64::from_le_bytes(w.try_into().unwrap_or([0; 8]));
-        (h ^ w).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29)
-    })
+/// What every sector may hold after a crash, and how to recover.
+struct Check<'a> {
+    segs: u64,
+    data_crc: bool,
+    /// Per sector, the writes it may hold once the ops before the crash completed.
+    cands: &'a [Vec<u32>],
+    /// The op in progress at the crash: sectors it may have changed, and the id.
+    extra: Option<(Range<usize>, u32)>,
+    /// Sector ranges to read back.
+    touched: &'a [(u64, u64)],
 }
 
-/// Fingerprints of what write `id` put in each sector, computed once.
-#[derive(Default)]
-struct Expected(std::collections::HashMap<(u32, usize), u64>);
+impl<'a> Check<'a> {
+    /// What may be read after a crash at `step`, with `model` the state
+    /// once the ops before it completed.
+    fn new(w: &Workload, model: &'a Model, touched: &'a [(u64, u64)], step: Step) -> Self {
+        let extra = match step {
+            Step::Op(i) => in_progress(&w.ops[i], i as u32 + 1),
+            Step::Start | Step::Stop => None,
+        };
+        Check { segs: w.cache_segs, data_crc: w.data_crc, cands: &model.cands, extra, touched }
+    }
 
-impl Expected {
-    fn of(&mut self, id: u32, s: usize) -> u64 {
-        *self.0.entry((id, s)).or_insert_with(|| {
-            let base = s as u64 * SECTOR;
-            let bytes: Vec<u8> = (base..base + SECTOR).map(|o| val(id, o)).collect();
-            fingerprint(&bytes)
-        })
+    fn may_hold(&self, s: usize, held: u32) -> bool {
+        let is = |id: u32| if held == ZERO { id & ZERO != 0 } else { id == held };
+        self.cands[s].iter().any(|&id| is(id)) || self.extra.as_ref().is_some_and(|(r, id)| r.contains(&s) && is(*id))
+    }
+
+    fn allowed(&self, s: usize) -> Vec<u32> {
+        let mut v = self.cands[s].clone();
+        v.extend(self.extra.iter().filter(|(r, _)| r.contains(&s)).map(|&(_, id)| id));
+        v
+    }
+
+    /// Reads every sector in `touched` and checks it against what it may hold.
+    fn sectors(&self, c: &TestCache) -> Result<(), String> {
+        let mut buf = Vec::new();
+        for &(sector, n) in self.touched {
+            buf.resize((n * SECTOR) as usize, 0);
+            c.read(sector * SECTOR, &mut buf).map_err(|e| format!("read of sector {sector}: {e}"))?;
+            for (i, chunk) in buf.chunks(SECTOR as usize).enumerate() {
+                let s = sector as usize + i;
+                match holds(chunk, s as u64 * SECTOR) {
+                    Some(id) if self.may_hold(s, id) => {}
+                    Some(id) => {
+                        let what = if id == ZERO { "zeros".to_string() } else { format!("write {id:#x}") };
+                        return Err(format!("sector {s} holds {what}, not one it may hold ({:?})", self.allowed(s)));
+                    }
+                    None => {
+                        return Err(format!(
+                            "sector {s} holds no write's content, torn or misplaced (may hold {:?})",
+                            self.allowed(s)
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-/// Checks every sector in `touched` against its candidates.
-fn check_sectors(
-    c: &TestCache,
-    cands: &[Vec<u32>],
-    touched: &[(u64, u64)],
-    expected: &mut Expected,
-) -> Result<(), String> {
-    for &(sector, n) in touched {
-        let mut buf = vec![0u8; (n * SECTOR) as usize];
-        c.read(sector * SECTOR, &mut buf).map_err(|e| format!("read of sector {sector}: {e}"))?;
-        for (i, chunk) in buf.chunks(SECTOR as usize).enumerate() {
-            let s = sector as usize + i;
-            let got = fingerprint(chunk);
-            if !cands[s].iter().any(|&id| expected.of(id, s) == got) {
-                return Err(format!("sector {s} holds none of the writes it may hold ({:?})", cands[s]));
-            }
-        }
+/// `pcache check` of an image: problems are violations, notes (what a crash
+/// leaves and recovery handles) are not.
+fn check_image(pmem: &SimPmem, when: &str) -> Result<(), String> {
+    let report = scan(&AsMedia(pmem), ScanOptions::default());
+    if report.problems() > 0 {
+        let f: Vec<String> =
+            report.findings.iter().filter(|f| f.severity == Severity::Problem).map(|f| f.to_string()).collect();
+        return Err(format!("check {when}: {}", f.join("; ")));
     }
     Ok(())
 }
 
-/// Recovers `image` and checks it; with `second`, also crashes during the
-/// recovery (at the fence `second` picks) and checks that recovery too.
+/// Phases of recovery a second crash can hit.
+const PHASES: [&str; 3] = ["start", "writeback", "gc"];
+
+/// A moment of recovery kept for a second crash.
+struct Caught {
+    pmem: CrashState,
+    backing: BackingCrash,
+    phase: usize,
+}
+
+/// Recovers `image` and checks it; with `second`, also crashes once during
+/// that recovery, at a fence drawn uniformly from all of its fences (start,
+/// writeback and GC), and checks the recovery of that crash too.
 fn recover(
     image: SimPmem,
     backing: SimBacking,
-    segs: u64,
-    cands: &[Vec<u32>],
-    touched: &[(u64, u64)],
+    ck: &Check,
     second: Option<u64>,
-    expected: &mut Expected,
-) -> Result<usize, String> {
+    tally: &mut Tally,
+) -> Result<(), String> {
+    tally.states += 1;
+    // The crash image itself, as `pcache check` would see it before any
+    // recovery. A crash can leave the newest kset half written just past
+    // the end of the log (its CRC bad or its key count not yet stored):
+    // the scan reports that as a note, since recovery stops the log there
+    // and the kset was never acknowledged; only problems count.
+    check_image(&image, "of the crash image")?;
     let dev = CacheDev::open(image).map_err(|e| format!("recovery: open: {e}"))?;
     let b = Arc::new(backing);
-    let caught: Arc<Mutex<Option<(CrashState, BackingCrash)>>> = Arc::new(Mutex::new(None));
-    if let Some(pick) = second {
-        let (caught, b) = (caught.clone(), b.clone());
+    let caught: Arc<Mutex<Option<Caught>>> = Arc::new(Mutex::new(None));
+    let phase = Arc::new(AtomicUsize::new(0));
+    if let Some(seed) = second {
+        // Reservoir sampling of one fence: the n-th replaces the kept one
+        // with probability 1/n, so each is kept with the same probability
+        // without knowing their number in advance.
+        let (caught, b, phase) = (caught.clone(), b.clone(), phase.clone());
+        let (mut r, mut n) = (Rng(seed | 1), 0u64);
         dev.pmem().set_hook(Some(Box::new(move |ev| {
-            if ev.kind() == SimEventKind::Fence && ev.index() == pick {
-                *caught.lock().unwrap() = Some((ev.snapshot(), b.crash()));
+            if ev.kind() == SimEventKind::Fence {
+                n += 1;
+                if r.below(n) == 0 {
+                    let phase = phase.load(Ordering::SeqCst);
+                    *caught.lock().unwrap() = Some(Caught { pmem: ev.snapshot(), backing: b.crash(), phase });
+                }
             }
         })));
     }
-    let (cache, _) =
-        Cache::start(dev.clone(), b.clone(), &cache_opts(segs, false)).map_err(|e| format!("recovery: start: {e}"))?;
+    let (cache, report) = Cache::start(dev.clone(), b.clone(), &cache_opts(ck.segs, false, ck.data_crc))
+        .map_err(|e| format!("recovery: start: {e}"))?;
+    if !report.new && report.data_crc != ck.data_crc {
+        return Err(format!("recovery: data CRC {} after recovery", if report.data_crc { "on" } else { "off" }));
+    }
+    // What is read right after the restart: the recovered index over the
+    // cached data (with data CRCs, every hit verifies its key's CRC).
+    ck.sectors(&cache).map_err(|e| format!("after start: {e}"))?;
     // What the background threads do after a start.
+    phase.store(1, Ordering::SeqCst);
     cache.write_back(|_, _| {}).map_err(|e| format!("recovery: writeback: {e}"))?;
+    phase.store(2, Ordering::SeqCst);
     cache.gc().map_err(|e| format!("recovery: gc: {e}"))?;
-    check_sectors(&cache, cands, touched, expected)?;
-    cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
     dev.pmem().set_hook(None);
-    let report = scan(&AsMedia(dev.pmem()), ScanOptions::default());
-    if report.problems() > 0 {
-        let f: Vec<String> = report.findings.iter().map(|f| f.to_string()).collect();
-        return Err(format!("check after recovery: {}", f.join("; ")));
-    }
-    let mut states = 1;
+    // And once they are done: what was written back, read from the backing device.
+    ck.sectors(&cache).map_err(|e| format!("after writeback and gc: {e}"))?;
+    cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
+    check_image(dev.pmem(), "after recovery")?;
     let frozen = caught.lock().unwrap().take();
-    if let Some((pmem, bk)) = frozen {
-        let seed = second.unwrap_or(0);
-        let img = pmem.image(CrashStrategy::Random { seed });
-        let bimg = bk.image(|i| (seed >> (i % 64)) & 1 == 1);
-        recover(img, bimg, segs, cands, touched, None, expected)
-            .map_err(|e| format!("second crash during recovery: {e}"))?;
-        states += 1;
+    if let (Some(c), Some(seed)) = (frozen, second) {
+        tally.second[c.phase] += 1;
+        let img = c.pmem.image(CrashStrategy::Random { seed });
+        let bimg = c.backing.image(|i| (seed >> (i % 64)) & 1 == 1);
+        recover(img, bimg, ck, None, tally)
+            .map_err(|e| format!("second crash during recovery ({}): {e}", PHASES[c.phase]))?;
     }
-    Ok(states)
+    Ok(())
 }
 
 /// Merges touched sector ranges.
@@ -533,10 +651,21 @@ fn coalesce(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     out
 }
 
+#[derive(Default)]
 struct Tally {
+    /// Crash images recovered and checked (second crashes included).
     states: usize,
     violations: usize,
     shown: usize,
+    /// Fences of the workloads, and how many of them were crashed.
+    fences: usize,
+    fences_crashed: usize,
+    /// Moments frozen at a random store.
+    stores_crashed: usize,
+    /// Moments that got the random-subset and exhaustive images.
+    sampled: usize,
+    /// Second crashes, by phase of recovery.
+    second: [usize; 3],
 }
 
 impl Tally {
@@ -544,155 +673,258 @@ impl Tally {
         self.violations += 1;
         if self.shown < 5 {
             self.shown += 1;
+            let at = match f.step {
+                Step::Start => "cache start".to_string(),
+                Step::Op(i) => format!("op {i} {:?}", w.ops[i]),
+                Step::Stop => "cache stop".to_string(),
+            };
             println!(
-                "  VIOLATION: workload {} ({} ops{}), op {} {:?}, {} , image {what}: {e}",
+                "  VIOLATION: workload {} ({} ops{}{}), {at}, {}, image {what}: {e}",
                 w.seed,
                 w.ops.len(),
                 if w.long { ", long" } else { "" },
-                f.op,
-                w.ops[f.op],
+                if w.data_crc { ", data CRC" } else { "" },
                 f.event
             );
         }
     }
 }
 
-/// Runs workload `w`, freezing it at its crash points, and checks images of
-/// each until `budget` crash states are spent.
-fn campaign_workload(w: &Workload, budget: usize, tally: &mut Tally) -> Result<(), String> {
+/// The images every crash point gets: cheap, one recovery each.
+const CHEAP: [(&str, CrashStrategy, bool); 2] =
+    [("nothing extra", CrashStrategy::NothingExtra, false), ("everything", CrashStrategy::Everything, true)];
+
+impl Workload {
+    /// The cheap images each of its crash points gets: both in short
+    /// workloads; in long ones, whose every recovery writes back and scans
+    /// a cache full of data, only "nothing extra" (the sample gets the rest).
+    fn cheap(&self) -> &'static [(&'static str, CrashStrategy, bool)] {
+        if self.long { &CHEAP[..1] } else { &CHEAP }
+    }
+}
+
+/// Every how many recovered images one also crashes during its recovery.
+const SECOND_EVERY: usize = 4;
+
+/// What a crash point is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Fence,
+    Store,
+    /// Right after the last op, with whatever is still pending.
+    End,
+}
+
+/// The outcome of a workload's crash points so far.
+struct Out {
+    tally: Tally,
+    rng: Rng,
+    /// Images recovered so far (every `SECOND_EVERY`-th crashes again).
+    images: usize,
+    /// Crash points kept for random subsets and exhaustive images: a
+    /// uniform sample (reservoir) of `keep` of the `seen` ones, plus the end.
+    sample: Vec<Frozen>,
+    keep: usize,
+    seen: usize,
+    end: Option<Frozen>,
+}
+
+impl Out {
+    /// Recovers one image of `f` and records the outcome.
+    fn image(&mut self, w: &Workload, f: &Frozen, what: &str, img: SimPmem, bimg: SimBacking, ck: &Check) {
+        let second = self.images.is_multiple_of(SECOND_EVERY).then(|| self.rng.next());
+        self.images += 1;
+        if let Err(e) = recover(img, bimg, ck, second, &mut self.tally) {
+            self.tally.violation(w, f, what, &e);
+        }
+    }
+}
+
+/// A workload's run, as its crash points see it.
+struct Run {
+    w: Arc<Workload>,
+    touched: Vec<(u64, u64)>,
+    /// The model once the ops before `step` completed.
+    model: Model,
+    step: Step,
+    out: Out,
+}
+
+impl Run {
+    /// A crash point, while the workload runs: its cheap images now, and
+    /// maybe kept for more once the workload is done.
+    fn crash_point(&mut self, mut f: Frozen, kind: Kind) {
+        let ck = Check::new(&self.w, &self.model, &self.touched, f.step);
+        for &(what, strategy, keep) in self.w.cheap() {
+            let (img, bimg) = (f.pmem.image(strategy), f.backing.image(|_| keep));
+            self.out.image(&self.w, &f, what, img, bimg, &ck);
+        }
+        let out = &mut self.out;
+        match kind {
+            Kind::Fence => out.tally.fences_crashed += 1,
+            Kind::Store => out.tally.stores_crashed += 1,
+            Kind::End => {
+                out.end = Some(f);
+                return;
+            }
+        }
+        f.seq = out.seen;
+        out.seen += 1;
+        if out.sample.len() < out.keep {
+            out.sample.push(f);
+        } else {
+            let j = out.rng.below(out.seen as u64) as usize;
+            if j < out.keep {
+                out.sample[j] = f;
+            }
+        }
+    }
+}
+
+/// Runs workload `w` once. Every fence (and a random share of stores) is a
+/// crash point, frozen and checked on the spot with its cheap images; a
+/// uniform sample of them, about `budget` crash states' worth, also gets
+/// random subsets and every combination when few lines are pending.
+fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally) -> Result<(), String> {
     let pmem = SimPmem::new(512 * MIB);
     format(&pmem, false).map_err(|e| e.to_string())?;
     let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
-    let mut touched = if w.previous_life { previous_life(&dev, w)? } else { Vec::new() };
-    let original: Vec<u8> = (0..w.backing).map(|o| val(0, o)).collect();
-    let backing = Arc::new(SimBacking::new(original));
-    let (cache, _) =
-        Cache::start(dev.clone(), backing.clone(), &cache_opts(w.cache_segs, true)).map_err(|e| e.to_string())?;
-    let frozen: Arc<Mutex<Vec<Frozen>>> = Arc::new(Mutex::new(Vec::new()));
-    let op_now = Arc::new(AtomicUsize::new(0));
-    {
-        let (frozen, op_now, backing) = (frozen.clone(), op_now.clone(), backing.clone());
-        let mut r = Rng(w.seed ^ 0xdead_beef);
-        let long = w.long;
-        dev.pmem().set_hook(Some(Box::new(move |ev| {
-            let take = match (ev.kind(), long) {
-                (SimEventKind::Fence, false) => true,
-                (SimEventKind::Write, false) => r.below(8) == 0,
-                (SimEventKind::Fence, true) => r.below(60) == 0,
-                (SimEventKind::Write, true) => r.below(400) == 0,
-            };
-            if take {
-                let event = format!("at {:?} {}", ev.kind(), ev.index());
-                frozen.lock().unwrap().push(Frozen {
-                    pmem: ev.snapshot(),
-                    backing: backing.crash(),
-                    op: op_now.load(Ordering::SeqCst),
-                    event,
-                });
-            }
-        })));
-    }
-    let mut model = Model::new((w.backing / SECTOR) as usize);
-    for (i, op) in w.ops.iter().enumerate() {
-        op_now.store(i, Ordering::SeqCst);
-        run_op(&cache, op, i as u32 + 1).map_err(|e| format!("workload {} op {i}: {e}", w.seed))?;
-        model.apply(op, i as u32 + 1);
+    let mut touched = if w.previous_life { previous_life(&dev, &w)? } else { Vec::new() };
+    for op in &w.ops {
         if let Op::Write { sector, sectors, .. } | Op::Zero { sector, sectors } = *op {
             touched.push((sector, sectors));
         }
     }
-    dev.pmem().set_hook(None);
-    // A crash right at the end, with whatever is still pending.
-    frozen.lock().unwrap().push(Frozen {
-        pmem: dev.pmem().snapshot(),
-        backing: backing.crash(),
-        op: w.ops.len() - 1,
-        event: "after the last op".into(),
-    });
-    cache.stop().map_err(|e| e.to_string())?;
     // Also check a few sectors never written, and the slice boundary.
     let sectors = w.backing / SECTOR;
     touched.extend([(0, 4), (sectors - 4, 4), (4 * MIB / SECTOR - 2, 4)]);
     let touched = coalesce(touched);
+    let backing = Arc::new(SimBacking::new(data(0, 0, sectors)));
+    let out = Out {
+        tally: std::mem::take(tally),
+        rng: Rng(w.seed ^ 0x5eed),
+        images: 0,
+        sample: Vec::new(),
+        keep: (budget / 4).max(1),
+        seen: 0,
+        end: None,
+    };
+    let model = Model::new(sectors as usize);
+    let run = Arc::new(Mutex::new(Run { w: w.clone(), touched, model, step: Step::Start, out }));
+    {
+        let (run, backing) = (run.clone(), backing.clone());
+        let mut r = Rng(w.seed ^ 0xdead_beef);
+        let store_share = if w.long { 40 } else { 8 };
+        dev.pmem().set_hook(Some(Box::new(move |ev| {
+            let kind = if ev.kind() == SimEventKind::Fence { Kind::Fence } else { Kind::Store };
+            let mut run = run.lock().unwrap();
+            if kind == Kind::Fence {
+                run.out.tally.fences += 1;
+            } else if r.below(store_share) != 0 {
+                return;
+            }
+            let event = format!("at {:?} {}", ev.kind(), ev.index());
+            let f = Frozen { pmem: ev.snapshot(), backing: backing.crash(), step: run.step, event, seq: 0 };
+            run.crash_point(f, kind);
+        })));
+    }
+    let ran = (|| {
+        let opts = cache_opts(w.cache_segs, true, w.data_crc);
+        let (cache, _) = Cache::start(dev.clone(), backing.clone(), &opts).map_err(|e| format!("start: {e}"))?;
+        for (i, op) in w.ops.iter().enumerate() {
+            run.lock().unwrap().step = Step::Op(i);
+            run_op(&cache, op, i as u32 + 1).map_err(|e| format!("op {i}: {e}"))?;
+            run.lock().unwrap().model.apply(op, i as u32 + 1);
+        }
+        let mut r = run.lock().unwrap();
+        r.step = Step::Stop;
+        let end = Frozen {
+            pmem: dev.pmem().snapshot(),
+            backing: backing.crash(),
+            step: Step::Stop,
+            event: "after the last op".into(),
+            seq: 0,
+        };
+        r.crash_point(end, Kind::End);
+        drop(r);
+        cache.stop().map_err(|e| format!("stop: {e}"))
+    })();
+    dev.pmem().set_hook(None);
+    let mut run = Arc::try_unwrap(run).ok().expect("the hook is gone").into_inner().unwrap();
+    if let Err(e) = ran {
+        *tally = run.out.tally;
+        return Err(e);
+    }
 
-    // Replay the model to each frozen moment and check its images.
-    let frozen = std::mem::take(&mut *frozen.lock().unwrap());
-    let mut replay = Model::new((w.backing / SECTOR) as usize);
+    // The sample, in order, with the model replayed to each.
+    let mut sample = std::mem::take(&mut run.out.sample);
+    sample.sort_by_key(|f| f.seq);
+    sample.extend(run.out.end.take());
+    let mut replay = Model::new(sectors as usize);
     let mut applied = 0usize;
-    let mut r = Rng(w.seed ^ 0x5eed);
-    let mut spent = 0usize;
-    let mut expected = Expected::default();
-    // Spread the budget over the whole workload (about 5 states a point),
-    // always including the last point.
-    let stride = (frozen.len() * 5).div_ceil(budget.max(1)).max(1);
-    let last = frozen.len() - 1;
-    for (n, f) in frozen.iter().enumerate() {
-        if spent >= budget + 10 {
-            break;
-        }
-        if n % stride != 0 && n != last {
-            continue;
-        }
-        while applied < f.op {
+    for f in &sample {
+        let before = match f.step {
+            Step::Start => 0,
+            Step::Op(i) => i,
+            Step::Stop => w.ops.len(),
+        };
+        while applied < before {
             replay.apply(&w.ops[applied], applied as u32 + 1);
             applied += 1;
         }
-        let cands = replay.in_progress(&w.ops[f.op], f.op as u32 + 1);
-        let mut images: Vec<(String, SimPmem, SimBacking)> = Vec::new();
-        let keep_all = |_| true;
-        let keep_none = |_| false;
-        images.push(("nothing extra".into(), f.pmem.image(CrashStrategy::NothingExtra), f.backing.image(keep_none)));
-        images.push(("everything".into(), f.pmem.image(CrashStrategy::Everything), f.backing.image(keep_all)));
+        let ck = Check::new(&w, &replay, &run.touched, f.step);
+        let out = &mut run.out;
+        out.tally.sampled += 1;
+        for &(what, strategy, keep) in &CHEAP[w.cheap().len()..] {
+            let (img, bimg) = (f.pmem.image(strategy), f.backing.image(|_| keep));
+            out.image(&w, f, what, img, bimg, &ck);
+        }
         for _ in 0..2 {
-            let seed = r.next();
-            let img = f.pmem.image(CrashStrategy::Random { seed });
-            images.push((format!("random {seed:#x}"), img, f.backing.image(|i| (seed >> (i % 60)) & 1 == 1)));
+            let seed = out.rng.next();
+            let (img, bimg) =
+                (f.pmem.image(CrashStrategy::Random { seed }), f.backing.image(|i| (seed >> (i % 60)) & 1 == 1));
+            out.image(&w, f, &format!("random {seed:#x}"), img, bimg, &ck);
         }
         if let Some(all) = f.pmem.exhaustive(12) {
             for (k, img) in all.into_iter().enumerate() {
-                images.push((format!("combination {k}"), img, f.backing.image(|i| (k >> (i % 8)) & 1 == 1)));
-            }
-        }
-        for (k, (what, img, bimg)) in images.into_iter().enumerate() {
-            // Every fourth image also crashes during its recovery.
-            let second = (k % 4 == 0).then(|| r.below(6));
-            match recover(img, bimg, w.cache_segs, &cands, &touched, second, &mut expected) {
-                Ok(n) => {
-                    tally.states += n;
-                    spent += n;
-                }
-                Err(e) => {
-                    tally.states += 1;
-                    spent += 1;
-                    tally.violation(w, f, &what, &e);
-                }
+                let bimg = f.backing.image(|i| (k >> (i % 8)) & 1 == 1);
+                out.image(&w, f, &format!("combination {k}"), img, bimg, &ck);
             }
         }
     }
+    *tally = run.out.tally;
     Ok(())
 }
 
 fn campaign(states: usize, tag: &str) -> Tally {
-    let mut tally = Tally { states: 0, violations: 0, shown: 0 };
+    let mut tally = Tally::default();
     let t = Instant::now();
     let mut seed = 0;
     while tally.states < states {
-        let w = workload(seed);
+        let w = Arc::new(workload(seed));
         let budget = (states - tally.states).min(if w.long { 300 } else { 150 });
-        if let Err(e) = campaign_workload(&w, budget, &mut tally) {
+        if let Err(e) = campaign_workload(w, budget, &mut tally) {
             // A workload that fails while running (not after a crash) is a violation too.
             tally.violations += 1;
             println!("  VIOLATION: workload {seed} failed while running: {e}");
         }
         seed += 1;
     }
+    let [s, wb, gc] = tally.second;
     println!(
-        "{tag}: {} workloads, {} crash states in {:.1} s, {} violations",
-        seed,
+        "{tag}: {seed} workloads, {} crash states in {:.1} s, {} violations\n  \
+         fences: {}, crashed: {}; stores crashed: {}; sampled for random subsets: {}; \
+         second crashes: {} (during start {s}, writeback {wb}, gc {gc})",
         tally.states,
         t.elapsed().as_secs_f64(),
-        tally.violations
+        tally.violations,
+        tally.fences,
+        tally.fences_crashed,
+        tally.stores_crashed,
+        tally.sampled,
+        s + wb + gc,
     );
+    assert_eq!(tally.fences_crashed, tally.fences, "{tag}: a fence went without a crash");
     tally
 }
 
