@@ -22,19 +22,48 @@ use crate::units::human;
 type PmemCache = Cache<DaxMapping, FileBacking>;
 
 /// What to do, from the command line.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct AttachArgs {
+    /// The pmem device (formatted with `pcache format`).
     pub device: PathBuf,
+    /// A backing device or file to cache and serve; repeat for several.
+    #[arg(long = "backing", value_name = "BACKING", required = true)]
     pub backings: Vec<PathBuf>,
+    /// Export name for each --backing, in order (default: the file name).
+    #[arg(long = "export", value_name = "EXPORT")]
     pub exports: Vec<String>,
+    /// Size of each new cache (default: the free segments, shared
+    /// between the new caches). An existing cache keeps its size.
+    #[arg(long, value_parser = crate::units::parse_size)]
     pub cache_size: Option<u64>,
+    /// Ksets and data heads per cache (default: the CPUs, at most one
+    /// per 10 segments).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=128))]
     pub queues: Option<u32>,
+    /// Keep a CRC of all cached data and verify it on every read hit
+    /// (new caches; an existing cache keeps its setting).
+    #[arg(long)]
     pub data_crc: bool,
+    /// Start GC when this percentage of a cache's segments is in use.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=90))]
     pub gc_percent: Option<u16>,
+    /// Where to listen: unix:PATH (mode 0600) or tcp:HOST:PORT.
+    #[arg(long, default_value = "tcp:127.0.0.1:10809", value_parser = parse_listen)]
     pub listen: Listen,
+    /// Print a status line every SECS seconds (SIGUSR1 prints one any time).
+    #[arg(long, value_name = "SECS")]
     pub status_interval: Option<u64>,
+    /// Limit writeback to this many bytes a second (e.g. 100M), to
+    /// spare the backing device; default unlimited.
+    #[arg(long, value_parser = crate::units::parse_size)]
     pub writeback_rate: Option<u64>,
+    /// Do not cache what read misses fetch from the backing device: the
+    /// cache then holds only written data (for read-mostly backings
+    /// that are fast enough on their own).
+    #[arg(long)]
     pub no_read_cache: bool,
+    /// Close an open kset at most this many milliseconds after its first key.
+    #[arg(long, value_name = "MS", hide = true)]
     pub kset_flush_ms: Option<u64>,
 }
 

@@ -53,49 +53,7 @@ enum Command {
     },
     /// Cache backing devices on a pmem device and serve each as an NBD
     /// export, until SIGINT or SIGTERM (the cache stays warm).
-    Attach {
-        /// The pmem device (formatted with `pcache format`).
-        device: PathBuf,
-        /// A backing device or file to cache and serve; repeat for several.
-        #[arg(long, required = true)]
-        backing: Vec<PathBuf>,
-        /// Export name for each --backing, in order (default: the file name).
-        #[arg(long)]
-        export: Vec<String>,
-        /// Size of each new cache (default: the free segments, shared
-        /// between the new caches). An existing cache keeps its size.
-        #[arg(long, value_parser = units::parse_size)]
-        cache_size: Option<u64>,
-        /// Ksets and data heads per cache (default: the CPUs, at most one
-        /// per 10 segments).
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=128))]
-        queues: Option<u32>,
-        /// Keep a CRC of all cached data and verify it on every read hit
-        /// (new caches; an existing cache keeps its setting).
-        #[arg(long)]
-        data_crc: bool,
-        /// Start GC when this percentage of a cache's segments is in use.
-        #[arg(long, value_parser = clap::value_parser!(u16).range(0..=90))]
-        gc_percent: Option<u16>,
-        /// Where to listen: unix:PATH (mode 0600) or tcp:HOST:PORT.
-        #[arg(long, default_value = "tcp:127.0.0.1:10809", value_parser = attach::parse_listen)]
-        listen: attach::Listen,
-        /// Print a status line every SECS seconds (SIGUSR1 prints one any time).
-        #[arg(long, value_name = "SECS")]
-        status_interval: Option<u64>,
-        /// Limit writeback to this many bytes a second (e.g. 100M), to
-        /// spare the backing device; default unlimited.
-        #[arg(long, value_parser = units::parse_size)]
-        writeback_rate: Option<u64>,
-        /// Do not cache what read misses fetch from the backing device: the
-        /// cache then holds only written data (for read-mostly backings
-        /// that are fast enough on their own).
-        #[arg(long)]
-        no_read_cache: bool,
-        /// Close an open kset at most this many milliseconds after its first key.
-        #[arg(long, value_name = "MS", hide = true)]
-        kset_flush_ms: Option<u64>,
-    },
+    Attach(attach::AttachArgs),
     /// Write every dirty block of a backing device's cache back to it, then
     /// give the cache up (offline: the device must not be attached).
     Detach {
@@ -133,33 +91,7 @@ fn main() -> ExitCode {
         Command::Inspect { device, json } => inspect::run(&device, json),
         Command::Check { device, no_data } => check::run(&device, !no_data),
         Command::Detach { device, backing } => detach::run(&device, &backing),
-        Command::Attach {
-            device,
-            backing,
-            export,
-            cache_size,
-            queues,
-            data_crc,
-            gc_percent,
-            listen,
-            status_interval,
-            writeback_rate,
-            no_read_cache,
-            kset_flush_ms,
-        } => attach::run(attach::AttachArgs {
-            device,
-            backings: backing,
-            exports: export,
-            cache_size,
-            queues,
-            data_crc,
-            gc_percent,
-            listen,
-            status_interval,
-            writeback_rate,
-            no_read_cache,
-            kset_flush_ms,
-        }),
+        Command::Attach(args) => attach::run(args),
     };
     ExitCode::from(code)
 }
