@@ -237,22 +237,7 @@ fn image(out: &mut Out) {
 /// transmission, then requests of every kind.
 fn nbd(out: &mut Out) {
     use pcache_cli::nbd::*;
-    let opt = |kind: u32, data: &[u8]| {
-        let mut v = IHAVEOPT.to_be_bytes().to_vec();
-        v.extend_from_slice(&kind.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        v.extend_from_slice(data);
-        v
-    };
-    let req = |kind: u16, flags: u16, handle: u64, off: u64, len: u32| {
-        let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&kind.to_be_bytes());
-        v.extend_from_slice(&handle.to_be_bytes());
-        v.extend_from_slice(&off.to_be_bytes());
-        v.extend_from_slice(&len.to_be_bytes());
-        v
-    };
+    let (opt, req) = (encode_option, encode_request);
     let mut go = 1u32.to_be_bytes().to_vec();
     go.extend_from_slice(b"a");
     go.extend_from_slice(&2u16.to_be_bytes());

@@ -442,6 +442,29 @@ pub struct Request {
     pub length: u32,
 }
 
+/// The bytes a client sends for option `kind` with `data` (the server's
+/// counterpart of [`negotiate`]; for tests, fuzz seeds and tools).
+pub fn encode_option(kind: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + data.len());
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// The 28-byte request header [`parse_request`] reads.
+pub fn encode_request(kind: u16, flags: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut v = Vec::with_capacity(28);
+    v.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(&handle.to_be_bytes());
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(&length.to_be_bytes());
+    v
+}
+
 /// Parses a 28-byte request header.
 pub fn parse_request(h: &[u8; 28]) -> Result<Request, NbdError> {
     let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
@@ -678,13 +701,8 @@ mod tests {
         (vec![Export { name: "disk".into(), description: "a test disk".into(), device: dev.clone() }], dev)
     }
 
-    fn opt(kind: u32, data: &[u8]) -> Vec<u8> {
-        let mut v = IHAVEOPT.to_be_bytes().to_vec();
-        v.extend_from_slice(&kind.to_be_bytes());
-        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        v.extend_from_slice(data);
-        v
-    }
+    use super::encode_option as opt;
+    use super::encode_request as request;
 
     fn go(name: &str) -> Vec<u8> {
         let mut d = (name.len() as u32).to_be_bytes().to_vec();
@@ -785,16 +803,6 @@ mod tests {
         let mut input = 0u32.to_be_bytes().to_vec();
         input.extend(&opt(OPT_GO, &[0, 0, 0, 4])[..20]);
         assert!(matches!(negotiate(&mut &input[..], &mut Vec::new(), &ex), Err(NbdError::Io(_))));
-    }
-
-    fn request(kind: u16, flags: u16, handle: u64, off: u64, len: u32) -> Vec<u8> {
-        let mut v = REQUEST_MAGIC.to_be_bytes().to_vec();
-        v.extend_from_slice(&flags.to_be_bytes());
-        v.extend_from_slice(&kind.to_be_bytes());
-        v.extend_from_slice(&handle.to_be_bytes());
-        v.extend_from_slice(&off.to_be_bytes());
-        v.extend_from_slice(&len.to_be_bytes());
-        v
     }
 
     /// A writer whose contents the test can read after the connection ends.
