@@ -69,10 +69,11 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// Both copies exactly 128 apart and valid: the one state where the update
-/// rule does not hold.
+/// Both copies valid and 126 or more apart: the states where the update
+/// rule need not hold (the new sequence, one or, across 0, two steps on,
+/// may not be after the other copy). The protocol never produces them.
 fn ambiguous(infos: &[CopyInfo; 2]) -> bool {
-    infos[0].crc_ok() && infos[1].crc_ok() && infos[0].seq.wrapping_sub(infos[1].seq) == 128
+    infos[0].valid() && infos[1].valid() && (infos[0].seq.wrapping_sub(infos[1].seq) as i8).unsigned_abs() >= 126
 }
 
 /// The selection functions agree with each other and with the rules.
@@ -88,11 +89,13 @@ fn selection(slots: &[u8], stride: usize) {
                 assert_eq!(info.seq, copy[4]);
                 assert_eq!(info.stored_crc, stored_crc(copy).unwrap());
                 assert_eq!(info.computed_crc, meta_crc(copy));
+                assert_eq!(info.blank, copy.iter().all(|&b| b == 0));
+                assert_eq!(info.valid(), info.crc_ok() && !info.blank);
             }
             None => {
                 assert!(stride < 8 || (i + 1).checked_mul(stride).is_none_or(|end| end > slots.len()));
-                assert_eq!(*info, CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0 });
-                assert!(!info.crc_ok());
+                assert_eq!(*info, CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false });
+                assert!(!info.crc_ok() && !info.valid());
             }
         }
     }
@@ -100,13 +103,15 @@ fn selection(slots: &[u8], stride: usize) {
     let oldest = find_oldest(slots, stride);
     let next = next_seq(slots, stride);
     assert!(oldest < 2);
+    // A written copy is never all zeros: sequence 0 is never used.
+    assert_ne!(next, 0);
     match latest {
         Some(l) => {
             assert!(l < 2);
-            assert!(infos[l].crc_ok(), "latest copy {l} has a bad CRC");
-            assert_eq!(next, infos[l].seq.wrapping_add(1));
+            assert!(infos[l].valid(), "latest copy {l} is not valid");
+            assert_eq!(next, infos[l].seq.wrapping_add(1).max(1));
             let other = &infos[1 - l];
-            if other.crc_ok() {
+            if other.valid() {
                 // Not before the other copy; ties go to copy 0.
                 assert!(!seq_after(other.seq, infos[l].seq));
                 if !seq_after(infos[l].seq, other.seq) {
@@ -115,11 +120,11 @@ fn selection(slots: &[u8], stride: usize) {
             }
         }
         None => {
-            assert!(!infos[0].crc_ok() && !infos[1].crc_ok());
+            assert!(!infos[0].valid() && !infos[1].valid());
             assert_eq!(next, 1);
         }
     }
-    match infos.iter().position(|c| !c.crc_ok()) {
+    match infos.iter().position(|c| !c.valid()) {
         Some(bad) => assert_eq!(oldest, bad),
         None => {
             if latest == Some(oldest) {
@@ -144,7 +149,7 @@ fn update(buf: &mut [u8], stride: usize, write: impl FnOnce(&mut [u8], u8)) -> u
     assert!(after[target].crc_ok() && after[target].seq == seq);
     if !ambiguous(&before) {
         assert_eq!(find_latest(buf, stride), Some(target), "update did not make copy {target} the latest: {before:?}");
-        assert_eq!(next_seq(buf, stride), seq.wrapping_add(1));
+        assert_eq!(next_seq(buf, stride), seq.wrapping_add(1).max(1));
         // The next write goes to the other copy.
         assert_eq!(find_oldest(buf, stride), 1 - target);
     }

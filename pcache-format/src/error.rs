@@ -74,11 +74,17 @@ pub enum ErrorKind {
         /// CRC computed over the record's bytes.
         computed: u32,
     },
-    /// Neither copy of a double-buffered record has a valid CRC.
+    /// Neither copy of a double-buffered record is valid, and at least one
+    /// was written: damage.
     NoValidCopy {
         /// `(stored, computed)` CRC of copy 0 and copy 1.
         crcs: [(u32, u32); 2],
+        /// Which copies are all zeros (never written).
+        never_written: [bool; 2],
     },
+    /// Both copies of a double-buffered record are all zeros: it was never
+    /// written.
+    NeverWritten,
     /// The image was formatted on a big-endian host.
     BigEndian,
     /// Flag bits this implementation does not know.
@@ -188,11 +194,21 @@ impl fmt::Display for ErrorKind {
             ErrorKind::BadCrc { stored, computed } => {
                 write!(f, "CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")
             }
-            ErrorKind::NoValidCopy { crcs: [(s0, c0), (s1, c1)] } => write!(
-                f,
-                "no valid copy (copy 0: stored CRC {s0:#010x}, computed {c0:#010x}; \
-                 copy 1: stored CRC {s1:#010x}, computed {c1:#010x})"
-            ),
+            ErrorKind::NoValidCopy { crcs, never_written } => {
+                f.write_str("no valid copy (")?;
+                for (i, ((s, c), blank)) in crcs.iter().zip(never_written).enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    if blank {
+                        write!(f, "copy {i}: never written")?;
+                    } else {
+                        write!(f, "copy {i}: stored CRC {s:#010x}, computed {c:#010x}")?;
+                    }
+                }
+                f.write_str(")")
+            }
+            ErrorKind::NeverWritten => f.write_str("never written (both copies are all zeros)"),
             ErrorKind::BigEndian => {
                 f.write_str("formatted on a big-endian host (BIGENDIAN flag set); this host cannot use it")
             }
@@ -232,7 +248,10 @@ mod tests {
 
     #[test]
     fn display_names_record_copy_and_facts() {
-        let e = Error::new(Record::BackingDevInfo, ErrorKind::NoValidCopy { crcs: [(1, 2), (3, 4)] });
+        let e = Error::new(
+            Record::BackingDevInfo,
+            ErrorKind::NoValidCopy { crcs: [(1, 2), (3, 4)], never_written: [false, false] },
+        );
         assert_eq!(
             e.to_string(),
             "backing device info: no valid copy (copy 0: stored CRC 0x00000001, computed 0x00000002; \

@@ -73,6 +73,11 @@ pub enum Location {
         /// Device segment number.
         dev_seg: u32,
     },
+    /// A device segment that no backing entry's chain holds.
+    DeviceSegment {
+        /// Device segment number.
+        dev_seg: u32,
+    },
     /// A position in a cache's key log.
     Log {
         /// Backing-table entry id.
@@ -94,6 +99,7 @@ impl fmt::Display for Location {
             Location::Segment { backing, cache_seg, dev_seg } => {
                 write!(f, "backing {backing}, cache segment {cache_seg} (device segment {dev_seg})")
             }
+            Location::DeviceSegment { dev_seg } => write!(f, "device segment {dev_seg}"),
             Location::Log { backing, cache_seg, seg_off } => {
                 write!(f, "backing {backing}, key log at segment {cache_seg} offset {seg_off:#x}")
             }
@@ -131,6 +137,22 @@ pub enum Issue {
     PathShared {
         /// The other entry.
         other: u32,
+    },
+    /// The current copy of an entry is its only written copy: one damaged
+    /// page would lose the entry.
+    SingleCopy {
+        /// The copy that was never written.
+        never_written: u8,
+    },
+    /// A cache (a chain of running segments with tails and a key log) that
+    /// no backing entry owns: its entry was lost or never written.
+    OrphanCache {
+        /// Segments in its chain.
+        segs: u32,
+        /// Ksets on its log from the key tail.
+        ksets: u64,
+        /// Dirty keys on its log (not yet written back).
+        dirty_keys: u64,
     },
     /// A LAST kset leads back to a segment the log already went through.
     LogLoop {
@@ -184,6 +206,22 @@ impl fmt::Display for Issue {
                 )
             }
             Issue::PathShared { other } => write!(f, "same backing path as backing {other}"),
+            Issue::SingleCopy { never_written } => write!(
+                f,
+                "copy {never_written} was never written, so one damaged page would lose this entry \
+                 (`pcache repair` writes it)"
+            ),
+            Issue::OrphanCache { segs, ksets, dirty_keys: 0 } => write!(
+                f,
+                "a cache of {segs} segment(s) with {ksets} kset(s) on its log but no dirty data is owned by \
+                 no backing entry (left by an interrupted create or detach); its segments are free"
+            ),
+            Issue::OrphanCache { segs, ksets, dirty_keys } => write!(
+                f,
+                "a cache of {segs} segment(s) holding {dirty_keys} dirty key(s) in {ksets} kset(s) is owned by no \
+                 backing entry (its entry was lost); its segments are kept, never reused: \
+                 `pcache repair` rebuilds the entry"
+            ),
             Issue::LogLoop { next } => write!(f, "LAST kset leads back to segment {next}, already in the log"),
             Issue::LogGarbage { magic } => {
                 write!(f, "no kset and no terminator where the log continues (magic {magic:#018x})")
@@ -274,6 +312,10 @@ pub struct LogReport {
     pub end: (u32, u32),
     /// Whether the dirty tail was met on the way.
     pub dirty_tail_reached: bool,
+    /// Keys that carry a non-zero data CRC.
+    pub keys_with_crc: u64,
+    /// The end of the furthest backing range any valid key covers.
+    pub key_end: u64,
 }
 
 /// A backing-table entry in use and its cache.
@@ -312,6 +354,8 @@ pub struct Report {
     pub meta: Option<Pair<MetaSegmentInfo>>,
     /// Entries in use.
     pub backings: Vec<BackingReport>,
+    /// Caches owned by no entry.
+    pub orphans: Vec<Orphan>,
     /// Problems and notes, in the order found.
     pub findings: Vec<Finding>,
 }
@@ -341,6 +385,10 @@ impl<M: ReadMedia + ?Sized> Scanner<'_, M> {
 
     fn problem(&mut self, location: Location, issue: Issue) {
         self.push(Severity::Problem, location, issue);
+    }
+
+    fn problems(&self) -> usize {
+        self.findings.iter().filter(|f| f.severity == Severity::Problem).count()
     }
 
     fn read_error(&mut self, location: Location, e: ReadError<M::Error>) {
@@ -373,7 +421,7 @@ impl<M: ReadMedia + ?Sized> Scanner<'_, M> {
 /// img[4096..8192].copy_from_slice(&Superblock::encode_area(1));
 /// let report = scan(&img[..], ScanOptions::default());
 /// assert!(report.superblock_ok());
-/// // Segment 0 is all zeros: its info copies have valid CRCs but no meaning.
+/// // Segment 0 is all zeros: its info was never written.
 /// assert_eq!(report.problems(), 1);
 /// ```
 pub fn scan<M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions) -> Report {
@@ -384,6 +432,7 @@ pub fn scan<M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions) -> Report {
         layout: None,
         meta: None,
         backings: Vec::new(),
+        orphans: Vec::new(),
         findings: Vec::new(),
     };
     report.layout = scan_superblock(&mut s, &mut report.superblock);
@@ -398,7 +447,16 @@ pub fn scan<M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions) -> Report {
             }
             Err(e) => s.read_error(Location::MetaSegment, e),
         }
-        report.backings = scan_backings(&mut s, &layout);
+        let (backings, owner) = scan_backings(&mut s, &layout);
+        report.backings = backings;
+        let owned: Vec<bool> = owner.iter().map(Option::is_some).collect();
+        report.orphans = find_orphans(m, &layout, &owned);
+        for o in &report.orphans {
+            let severity = if o.holds_dirty_data() { Severity::Problem } else { Severity::Note };
+            let issue =
+                Issue::OrphanCache { segs: o.segs.len() as u32, ksets: o.log.ksets, dirty_keys: o.log.dirty_keys };
+            s.push(severity, Location::DeviceSegment { dev_seg: o.head }, issue);
+        }
     }
     report.findings = s.findings;
     report
@@ -441,7 +499,10 @@ fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, sb: &mut Super
     }
 }
 
-fn scan_backings<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, layout: &Layout) -> Vec<BackingReport> {
+fn scan_backings<M: ReadMedia + ?Sized>(
+    s: &mut Scanner<'_, M>,
+    layout: &Layout,
+) -> (Vec<BackingReport>, Vec<Option<u32>>) {
     let mut backings: Vec<BackingReport> = Vec::new();
     // Which backing owns each device segment.
     let mut owner: Vec<Option<u32>> = vec![None; usize::from(layout.seg_num())];
@@ -456,6 +517,8 @@ fn scan_backings<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, layout: &Layout)
         };
         let latest = match pair.latest {
             Ok(l) => l,
+            // A free entry that was never written.
+            Err(e) if e.kind == ErrorKind::NeverWritten => continue,
             Err(e) => {
                 s.problem(loc, Issue::Record(e));
                 continue;
@@ -465,6 +528,10 @@ fn scan_backings<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, layout: &Layout)
             continue;
         }
         s.stale_copies(loc, &pair);
+        let other = 1 - usize::from(latest.copy);
+        if pair.copies[other].blank {
+            s.push(Severity::Note, loc, Issue::SingleCopy { never_written: other as u8 });
+        }
         if let Some(other) = backings.iter().find(|b| b.info.path() == latest.record.path()) {
             s.problem(loc, Issue::PathShared { other: other.id });
         }
@@ -482,7 +549,125 @@ fn scan_backings<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, layout: &Layout)
         scan_cache(s, layout, &mut owner, &mut b);
         backings.push(b);
     }
-    backings
+    (backings, owner)
+}
+
+/// A cache that no backing entry owns: a chain of running data segments
+/// whose first segment has valid tails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    /// Its first device segment (where its tails are).
+    pub head: u32,
+    /// Its chain, in cache-segment order.
+    pub segs: Vec<u32>,
+    /// The key tail.
+    pub key_tail: CachePos,
+    /// The dirty tail.
+    pub dirty_tail: CachePos,
+    /// Its key log, walked from the key tail (keys checked against nothing
+    /// but the chain: the entry that knew the backing size is gone).
+    pub log: LogReport,
+    /// Whether the walk of the log met damage before its end.
+    pub log_damaged: bool,
+}
+
+impl Orphan {
+    /// Whether it holds data not yet written back (or cannot tell).
+    pub fn holds_dirty_data(&self) -> bool {
+        self.log.dirty_keys > 0 || self.log_damaged
+    }
+
+    /// Whether its keys carry data CRCs (so its cache kept them).
+    pub fn data_crc(&self) -> bool {
+        self.log.keys_with_crc > 0
+    }
+}
+
+/// Whether both copies of the segment info of `seg` start with 16 zero
+/// bytes: a segment no cache ever used (formatting zeroes nothing but
+/// segment 0). A cheap look before a full read, so that a scan of a large,
+/// mostly unused device reads 32 bytes per segment, not 8 KiB.
+fn never_written_info<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, seg: u32) -> bool {
+    let Ok(off) = layout.seg_info_offset(seg) else { return false };
+    let mut head = [0u8; 16];
+    [0u64, crate::consts::SEG_INFO_SIZE as u64]
+        .iter()
+        .all(|&copy| read(m, off + copy, &mut head).is_ok() && head.iter().all(|&b| b == 0))
+}
+
+/// Finds the caches on a device that no backing entry owns: device segments
+/// outside `owned` (indexed by device segment) whose segment info says a
+/// running data segment and whose control page holds valid tails, each with
+/// the chain that follows from it and a walk of its key log.
+///
+/// Detach and create leave such chains when a crash interrupts them, with no
+/// dirty data; an entry lost to damage leaves one with its dirty data. The
+/// segments of one that [`Orphan::holds_dirty_data`] must never be reused.
+pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool]) -> Vec<Orphan> {
+    let seg_num = u32::from(layout.seg_num());
+    let mut taken: Vec<bool> = (0..seg_num as usize).map(|i| owned.get(i).copied().unwrap_or(i == 0)).collect();
+    let mut orphans = Vec::new();
+    for head in 1..seg_num {
+        if taken[head as usize] || never_written_info(m, layout, head) {
+            continue;
+        }
+        if crate::media::read_cache_segment_info(m, layout, head).is_err() {
+            continue;
+        }
+        let Ok(tails) = read_tails(m, layout, head, seg_num) else { continue };
+        let (Ok(kt), Ok(dt)) = (tails.key_tail.latest, tails.dirty_tail.latest) else { continue };
+        // Follow the chain while it leads to running data segments not yet taken.
+        let mut segs = alloc::vec![head];
+        let mut at = head;
+        while segs.len() < seg_num as usize {
+            let Ok(found) = crate::media::read_cache_segment_info(m, layout, at) else { break };
+            match found.latest.record.next() {
+                Some(next) if !taken[next as usize] && !segs.contains(&next) => {
+                    if crate::media::read_cache_segment_info(m, layout, next).is_err() {
+                        break;
+                    }
+                    segs.push(next);
+                    at = next;
+                }
+                _ => break,
+            }
+        }
+        let n = segs.len() as u32;
+        let (kt, dt) = (kt.record, dt.record);
+        if kt.cache_seg_id.get() >= n || dt.cache_seg_id.get() >= n {
+            continue;
+        }
+        for &seg in &segs {
+            taken[seg as usize] = true;
+        }
+        let chain = segs
+            .iter()
+            .map(|&dev_seg| SegmentReport {
+                dev_seg,
+                info_copies: [CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false }; 2],
+                gen_: read_gen(m, layout, dev_seg).ok().and_then(|p| p.latest.ok()).map(|l| l.record.gen_.get()),
+            })
+            .collect();
+        let ci = crate::backing::CacheInfo::new(head, n, 0, crate::backing::CacheFlags::empty());
+        let info = BackingDevInfo::running(u32::MAX, b"?", 0, ci).unwrap_or_else(|_| BackingDevInfo::free(u32::MAX));
+        let b = BackingReport {
+            id: u32::MAX,
+            copy: 0,
+            copies: [CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false }; 2],
+            info,
+            chain,
+            chain_complete: true,
+            key_tail: Some(kt),
+            dirty_tail: Some(dt),
+            log: None,
+        };
+        let mut scratch =
+            Scanner { m, opts: ScanOptions { walk_logs: true, verify_data: false }, findings: Vec::new() };
+        let log = scan_log(&mut scratch, layout, &b, pos(&kt), pos(&dt));
+        let log_damaged = scratch.problems() > 0;
+        orphans.push(Orphan { head, segs, key_tail: kt, dirty_tail: dt, log, log_damaged });
+    }
+    orphans
 }
 
 fn scan_cache<M: ReadMedia + ?Sized>(
@@ -654,10 +839,14 @@ fn scan_key<M: ReadMedia + ?Sized>(
     data: &mut Vec<u8>,
 ) {
     log.keys += 1;
+    if key.data_crc.get() != 0 {
+        log.keys_with_crc += 1;
+    }
     if let Err(e) = key.check_in(b.chain.len() as u32, dev_size) {
         s.problem(at, Issue::Record(e.at_index(index)));
         return;
     }
+    log.key_end = log.key_end.max(key.off.get().saturating_add(key.len.get().into()));
     let seg = &b.chain[key.cache_seg_id.get() as usize];
     let Some(seg_gen) = seg.gen_ else { return };
     let key_gen = key.seg_gen.get();

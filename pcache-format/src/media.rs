@@ -185,11 +185,14 @@ pub fn read_backing<M: ReadMedia + ?Sized>(
 }
 
 /// Whether a backing-table entry is in use: its latest copy is valid and
-/// RUNNING. An entry with no valid copy is free (as in the RFC).
+/// RUNNING, or it is damaged (a copy that was written but no valid copy:
+/// it may have owned a cache, so it is never taken for free). Only an entry
+/// whose latest copy says NONE, or that was never written, is free. (The
+/// RFC took every entry without a valid copy for free.)
 pub fn backing_in_use(pair: &Pair<BackingDevInfo>) -> bool {
     match &pair.latest {
         Ok(l) => l.record.is_running(),
-        Err(e) => !matches!(e.kind, ErrorKind::NoValidCopy { .. }),
+        Err(e) => !matches!(e.kind, ErrorKind::NeverWritten),
     }
 }
 

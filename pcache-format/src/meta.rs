@@ -16,7 +16,19 @@
 //!   is kept and replaced only by a copy strictly after it (ties go to copy 0).
 //! * [`find_oldest`]: the first copy with a bad CRC is the oldest; otherwise
 //!   copy 0 unless copy 1 is strictly older (ties go to copy 0).
-//! * [`next_seq`]: the latest valid sequence plus one, or 1 if no copy is valid.
+//! * [`next_seq`]: the latest valid sequence plus one, or 1 if no copy is
+//!   valid; 0 is skipped (255 is followed by 1).
+//!
+//! One rule is ours, not the RFC's: a copy whose bytes are all zero was
+//! **never written**, and is not a valid copy although its CRC (seed 0)
+//! matches. Writers never use sequence 0, so no written copy is all zeros.
+//! Without this rule a record created with one copy reads back as a zeroed
+//! record once that copy is damaged — a backing entry as *free*, handing its
+//! cache's segments to the next cache — and a copy that was never written
+//! can even win over a real one (sequence 0 is "after" 129..=255). A pair
+//! with one damaged copy and one never-written copy is damage
+//! ([`ErrorKind::NoValidCopy`]); two never-written copies are
+//! [`ErrorKind::NeverWritten`].
 
 use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -79,12 +91,20 @@ pub struct CopyInfo {
     pub computed_crc: u32,
     /// Sequence number stored in the copy (0 if incomplete).
     pub seq: u8,
+    /// Every byte of the copy is zero: it was never written.
+    pub blank: bool,
 }
 
 impl CopyInfo {
-    /// The copy is complete and its CRC matches.
+    /// The copy is complete and its CRC matches (a never-written copy's
+    /// does too: see [`CopyInfo::valid`]).
     pub const fn crc_ok(&self) -> bool {
         self.complete && self.stored_crc == self.computed_crc
+    }
+
+    /// The copy was written and its CRC matches: it may be selected.
+    pub const fn valid(&self) -> bool {
+        self.crc_ok() && !self.blank
     }
 }
 
@@ -105,8 +125,9 @@ pub fn copy_info(copies: &[u8], stride: usize, index: usize) -> CopyInfo {
             stored_crc: stored_crc(copy).unwrap_or(0),
             computed_crc: meta_crc(copy),
             seq: copy[4],
+            blank: copy.iter().all(|&b| b == 0),
         },
-        None => CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0 },
+        None => CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false },
     }
 }
 
@@ -115,7 +136,8 @@ pub fn copy_infos(copies: &[u8], stride: usize) -> [CopyInfo; META_INDEX_MAX] {
     [copy_info(copies, stride, 0), copy_info(copies, stride, 1)]
 }
 
-/// Index of the latest copy with a valid CRC, or `None` if neither is valid.
+/// Index of the latest valid copy (written, CRC matching), or `None` if
+/// neither is valid.
 pub fn find_latest(copies: &[u8], stride: usize) -> Option<usize> {
     latest_of(&copy_infos(copies, stride))
 }
@@ -123,7 +145,7 @@ pub fn find_latest(copies: &[u8], stride: usize) -> Option<usize> {
 fn latest_of(infos: &[CopyInfo; META_INDEX_MAX]) -> Option<usize> {
     let mut latest: Option<usize> = None;
     for (i, info) in infos.iter().enumerate() {
-        if !info.crc_ok() {
+        if !info.valid() {
             continue;
         }
         match latest {
@@ -134,13 +156,13 @@ fn latest_of(infos: &[CopyInfo; META_INDEX_MAX]) -> Option<usize> {
     latest
 }
 
-/// Index of the copy a writer overwrites: the first copy with a bad CRC,
-/// otherwise the older one (ties go to copy 0).
+/// Index of the copy a writer overwrites: the first copy that is not valid
+/// (bad CRC or never written), otherwise the older one (ties go to copy 0).
 pub fn find_oldest(copies: &[u8], stride: usize) -> usize {
     let infos = copy_infos(copies, stride);
     let mut oldest: Option<usize> = None;
     for (i, info) in infos.iter().enumerate() {
-        if !info.crc_ok() {
+        if !info.valid() {
             return i;
         }
         match oldest {
@@ -152,11 +174,15 @@ pub fn find_oldest(copies: &[u8], stride: usize) -> usize {
 }
 
 /// Sequence number for the next write: the latest valid sequence plus one
-/// (mod 256), or 1 if no copy is valid.
+/// (mod 256, skipping 0), or 1 if no copy is valid. Never 0, so that no
+/// written copy is all zeros.
 pub fn next_seq(copies: &[u8], stride: usize) -> u8 {
     let infos = copy_infos(copies, stride);
     match latest_of(&infos) {
-        Some(l) => infos[l].seq.wrapping_add(1),
+        Some(l) => match infos[l].seq.wrapping_add(1) {
+            0 => 1,
+            s => s,
+        },
         None => 1,
     }
 }
@@ -227,7 +253,8 @@ pub fn decode_copy<R: MetaRecord>(copy: &[u8]) -> Result<R, Error> {
 
 /// Selects the latest copy by the rules of [`find_latest`] and decodes it.
 ///
-/// Errors with [`ErrorKind::NoValidCopy`] if neither CRC is valid; if the
+/// Errors with [`ErrorKind::NeverWritten`] if both copies are all zeros,
+/// with [`ErrorKind::NoValidCopy`] if neither copy is valid otherwise; if the
 /// latest copy fails [`MetaRecord::check`], the error names that copy (the
 /// other copy is not used: it is older).
 pub fn read_latest<R: MetaRecord>(copies: &[u8]) -> Result<Latest<R>, Error> {
@@ -237,7 +264,11 @@ pub fn read_latest<R: MetaRecord>(copies: &[u8]) -> Result<Latest<R>, Error> {
         if copies.len() < R::COPY_SIZE * META_INDEX_MAX {
             return Err(Error::truncated(R::RECORD, R::COPY_SIZE * META_INDEX_MAX, copies.len()));
         }
-        return Err(Error::new(R::RECORD, ErrorKind::NoValidCopy { crcs }));
+        if infos[0].blank && infos[1].blank {
+            return Err(Error::new(R::RECORD, ErrorKind::NeverWritten));
+        }
+        let never_written = [infos[0].blank, infos[1].blank];
+        return Err(Error::new(R::RECORD, ErrorKind::NoValidCopy { crcs, never_written }));
     };
     let copy = copy_bytes(copies, R::COPY_SIZE, index).unwrap_or(&[]);
     let record = decode_copy::<R>(copy).map_err(|e| e.in_copy(index as u8))?;
@@ -291,16 +322,47 @@ mod tests {
     fn next_seq_continues_from_media() {
         assert_eq!(next_seq(&pair(None, None), 16), 1);
         assert_eq!(next_seq(&pair(Some(41), Some(40)), 16), 42);
-        assert_eq!(next_seq(&pair(Some(255), None), 16), 0);
-        // All-zero copies are valid (CRC 0) with seq 0.
+        assert_eq!(next_seq(&pair(Some(255), None), 16), 1);
+        assert_eq!(next_seq(&pair(Some(254), None), 16), 255);
+        // All-zero copies were never written: not valid.
         assert_eq!(next_seq(&[0u8; 32], 16), 1);
+    }
+
+    #[test]
+    fn never_written_copies_are_not_valid() {
+        let mut b = pair(Some(200), Some(9));
+        // Without the rule, a zeroed copy 1 (seq 0) would win over seq 200.
+        b[16..].fill(0);
+        assert_eq!(find_latest(&b, 16), Some(0));
+        assert_eq!(find_oldest(&b, 16), 1);
+        assert_eq!(next_seq(&b, 16), 201);
+        let infos = copy_infos(&b, 16);
+        assert!(infos[1].blank && infos[1].crc_ok() && !infos[1].valid());
+        // A damaged copy beside a never-written one is damage, not "free".
+        let mut d = [0u8; 32];
+        d[..16].copy_from_slice(&pair(Some(3), None)[..16]);
+        d[0] ^= 0x40;
+        let e = read_latest::<crate::CachePos>(&d).unwrap_err();
+        assert!(matches!(e.kind, ErrorKind::NoValidCopy { never_written: [false, true], .. }), "{e}");
+        // Two never-written copies are just that.
+        let e = read_latest::<crate::CachePos>(&[0u8; 32]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NeverWritten);
+        // A record written with next_seq is never all zeros, even at the wrap.
+        let mut w = [0u8; 32];
+        w[..16].copy_from_slice(&pair(Some(255), None)[..16]);
+        let seq = next_seq(&w, 16);
+        assert_eq!(seq, 1);
+        let t = find_oldest(&w, 16);
+        encode_copy(&crate::CachePos::new(0, 0), seq, &mut w[t * 16..t * 16 + 16]).unwrap();
+        assert!(copy_infos(&w, 16)[t].valid());
+        assert_eq!(find_latest(&w, 16), Some(t));
     }
 
     #[test]
     fn short_input_and_tiny_stride_do_not_panic() {
         assert_eq!(find_latest(&[], 16), None);
-        assert_eq!(find_latest(&[0u8; 31], 16), Some(0));
-        assert_eq!(find_oldest(&[0u8; 31], 16), 1);
+        assert_eq!(find_latest(&[0u8; 31], 16), None);
+        assert_eq!(find_oldest(&[0u8; 31], 16), 0);
         assert_eq!(find_latest(&[0u8; 32], 4), None);
         assert_eq!(find_oldest(&[0u8; 32], 0), 0);
         assert_eq!(next_seq(&[0u8; 8], usize::MAX), 1);
@@ -341,18 +403,19 @@ mod tests {
             };
             prop_assert_eq!(find_latest(&b, 16), model_latest);
             prop_assert_eq!(find_oldest(&b, 16), model_oldest);
-            let model_next = model_latest.map(|i| [c0, c1][i].unwrap().wrapping_add(1)).unwrap_or(1);
+            let model_next = model_latest.map(|i| [c0, c1][i].unwrap().wrapping_add(1)).unwrap_or(1).max(1);
             prop_assert_eq!(next_seq(&b, 16), model_next);
         }
 
         /// Writing `next_seq` into the oldest copy makes that copy the latest,
-        /// whatever the pair held before, except two valid copies exactly 128
-        /// apart: neither is after the other, a state the protocol itself
-        /// never produces (its copies differ by one).
+        /// whatever the pair held before, except two valid copies 126 or
+        /// more apart: the new sequence (one or, across 0, two steps on) may
+        /// then not be after the other, a state the protocol itself never
+        /// produces (its copies differ by one or two).
         #[test]
         fn update_protocol_makes_new_copy_latest(c0: Option<u8>, c1: Option<u8>) {
             if let (Some(a), Some(b)) = (c0, c1) {
-                prop_assume!(a.wrapping_sub(b) != 128);
+                prop_assume!((a.wrapping_sub(b) as i8).unsigned_abs() < 126);
             }
             let mut b = pair(c0, c1);
             let seq = next_seq(&b, 16);

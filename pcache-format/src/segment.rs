@@ -285,10 +285,10 @@ mod tests {
     }
 
     #[test]
-    fn meta_info_of_a_zeroed_segment_is_invalid_but_crc_ok() {
-        // A zeroed slot pair passes the CRC (seed 0) but is no meta info.
+    fn meta_info_of_a_zeroed_segment_was_never_written() {
+        // A zeroed slot pair passes the CRC (seed 0) but was never written.
         let err = read_latest::<MetaSegmentInfo>(&[0u8; 2 * SEG_INFO_SIZE]).unwrap_err();
-        assert_eq!(err.copy, Some(0));
+        assert_eq!(err.kind, ErrorKind::NeverWritten);
         assert_eq!(err.record, Record::MetaSegmentInfo);
         let mut pair = [0u8; 2 * SEG_INFO_SIZE];
         encode_copy(&MetaSegmentInfo::default(), 1, &mut pair[..SEG_INFO_SIZE]).unwrap();

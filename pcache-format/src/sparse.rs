@@ -143,6 +143,13 @@ impl ImageBuilder {
         self.img.write_at(off, &buf).map_err(oob)
     }
 
+    /// Writes both copies, as a writer creating a record does: copy 0 with
+    /// seq 1, then copy 1 with seq 2 (the current one).
+    fn put_both<R: MetaRecord>(&mut self, off: u64, record: &R) -> Result<(), Error> {
+        self.put_copy(off, record, 1)?;
+        self.put_copy(off + R::COPY_SIZE as u64, record, 2)
+    }
+
     /// Creates a new cache of `n_segs` segments in backing-table entry `id`
     /// for the backing device `path` of `dev_size` bytes: its chain (the
     /// lowest free segments), segment infos, generations 0, both tails at
@@ -172,17 +179,17 @@ impl ImageBuilder {
         }
         for (i, &seg) in chain.iter().enumerate() {
             let info = SegmentInfo::data(seg, chain.get(i + 1).copied());
-            self.put_copy(self.layout.seg_info_offset(seg)?, &info, 1)?;
-            self.put_copy(self.layout.ctrl_offset(seg)?, &CacheSegGen::new(0), 1)?;
+            self.put_both(self.layout.seg_info_offset(seg)?, &info)?;
+            self.put_both(self.layout.ctrl_offset(seg)?, &CacheSegGen::new(0))?;
         }
         let ctrl = self.layout.ctrl_offset(chain[0])?;
-        self.put_copy(ctrl + KEY_TAIL_OFF as u64, &CachePos::new(0, 0), 1)?;
-        self.put_copy(ctrl + DIRTY_TAIL_OFF as u64, &CachePos::new(0, 0), 1)?;
+        self.put_both(ctrl + KEY_TAIL_OFF as u64, &CachePos::new(0, 0))?;
+        self.put_both(ctrl + DIRTY_TAIL_OFF as u64, &CachePos::new(0, 0))?;
         self.img.write_at(self.layout.data_offset(chain[0])?, &TERMINATOR).map_err(oob)?;
         let flags = if data_crc { CacheFlags::DATA_CRC } else { CacheFlags::empty() };
         let ci = CacheInfo::new(chain[0], n_segs, CACHE_GC_PERCENT_DEFAULT, flags);
         let info = BackingDevInfo::running(id, path, dev_size / 512, ci)?;
-        self.put_copy(self.layout.meta_entry_offset(id)?, &info, 1)?;
+        self.put_both(self.layout.meta_entry_offset(id)?, &info)?;
         Ok(CacheWriter { chain, data_crc, key_head: (0, 0), log_segs: 1, data_head: (1, 0), pending: Vec::new() })
     }
 }

@@ -99,17 +99,78 @@ fn torn_copy_that_is_not_current_is_only_a_note() {
 }
 
 #[test]
-fn damaged_current_copy_is_a_problem() {
+fn damaged_current_copy_falls_back_and_both_damaged_is_a_problem() {
     let (mut b, c) = cached_image();
     let seg = c.chain()[2];
     let copy0 = b.layout().seg_info_offset(seg).unwrap();
+    // Copy 1 is current (records are created with both copies): damage it.
+    b.image_mut().write_at(copy0 + 4096 + 40, &[0xff]).unwrap();
+    let r = scan(b.image(), ScanOptions::default());
+    assert_eq!(problems(&r), Vec::<String>::new());
+    assert!(r.backings[0].chain_complete);
+    // Both copies damaged: a problem, and the chain ends there.
     b.image_mut().write_at(copy0 + 40, &[0xff]).unwrap();
     let r = scan(b.image(), ScanOptions::default());
-    // Copy 1 (all zeros, seq 0) is now the latest valid copy, and no segment info.
     let p = problems(&r);
     assert_eq!(p.len(), 1, "{p:?}");
-    assert!(p[0].contains("segment info copy 1: invalid type 0"), "{p:?}");
+    assert!(p[0].contains("segment info: no valid copy"), "{p:?}");
     assert!(!r.backings[0].chain_complete);
+}
+
+/// What one damaged page did to a cache whose entry had one written copy:
+/// the entry read as free and its dirty data was lost without a word.
+#[test]
+fn a_damaged_entry_is_never_free_and_its_cache_is_found() {
+    for how in ["garbage", "zeros"] {
+        let (mut b, c) = cached_image();
+        let entry = b.layout().meta_entry_offset(0).unwrap();
+        // An entry as the RFC wrote it: copy 1 never written.
+        b.image_mut().write_at(entry + 4096, &[0u8; 4096]).unwrap();
+        let r = scan(b.image(), ScanOptions::default());
+        assert_eq!(problems(&r), Vec::<String>::new());
+        assert!(notes(&r).iter().any(|n| n.contains("copy 1 was never written")), "{:?}", notes(&r));
+        // Now one page of damage over copy 0.
+        let page = if how == "zeros" { [0u8; 4096] } else { [0x5au8; 4096] };
+        b.image_mut().write_at(entry, &page).unwrap();
+        let r = scan(b.image(), ScanOptions::default());
+        let p = problems(&r);
+        assert!(r.backings.is_empty());
+        // Its cache is found, with its dirty keys, and is a problem.
+        assert_eq!(r.orphans.len(), 1, "{how}");
+        let o = &r.orphans[0];
+        assert_eq!(o.head, c.chain()[0]);
+        assert_eq!(o.segs, c.chain());
+        assert_eq!((o.log.ksets, o.log.dirty_keys), (2, 3));
+        assert!(o.holds_dirty_data() && o.data_crc());
+        assert!(p.iter().any(|m| m.contains("holding 3 dirty key(s)") && m.contains("pcache repair")), "{how}: {p:?}");
+        if how == "garbage" {
+            // The entry itself is damage, not a free entry.
+            assert!(p.iter().any(|m| m.starts_with("backing 0:") && m.contains("copy 1: never written")), "{p:?}");
+        }
+    }
+}
+
+#[test]
+fn an_orphan_without_dirty_data_is_only_a_note() {
+    let (mut b, _) = cached_image();
+    // As after a crash between freeing the entry and clearing the control
+    // pages in detach: every key written back.
+    let ctrl = b.layout().ctrl_offset(1).unwrap();
+    let end = CachePos::new(0, (kset_size(3) + kset_size(1)) as u32);
+    let mut pair = [0u8; 32];
+    encode_copy(&end, 3, &mut pair[..16]).unwrap();
+    encode_copy(&end, 4, &mut pair[16..]).unwrap();
+    b.image_mut().write_at(ctrl + DIRTY_TAIL_OFF as u64, &pair).unwrap();
+    let entry = b.layout().meta_entry_offset(0).unwrap();
+    let mut free = vec![0u8; 8192];
+    encode_copy(&BackingDevInfo::free(0), 3, &mut free[..4096]).unwrap();
+    encode_copy(&BackingDevInfo::free(0), 4, &mut free[4096..]).unwrap();
+    b.image_mut().write_at(entry, &free).unwrap();
+    let r = scan(b.image(), ScanOptions::default());
+    assert_eq!(problems(&r), Vec::<String>::new());
+    assert_eq!(r.orphans.len(), 1);
+    assert!(!r.orphans[0].holds_dirty_data());
+    assert!(notes(&r).iter().any(|n| n.contains("no dirty data")), "{:?}", notes(&r));
 }
 
 #[test]
