@@ -3,7 +3,6 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +19,79 @@ pub struct BackingError {
     pub source: io::Error,
 }
 
+/// What a backing device *is*, whatever it is called: the same file or
+/// block device reached through another path (a symlink, `..`, a hard link,
+/// `/dev/disk/by-id/…`) has the same identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackingId {
+    /// A regular file: its filesystem's device and its inode.
+    File {
+        /// `st_dev`.
+        dev: u64,
+        /// `st_ino`.
+        ino: u64,
+    },
+    /// A block device: its device number.
+    Block {
+        /// `st_rdev`.
+        rdev: u64,
+    },
+}
+
+impl BackingId {
+    /// The identity of what `path` names now (following symlinks), if it
+    /// exists and is a file or block device.
+    pub fn of_path(path: &Path) -> Option<Self> {
+        Self::of_meta(&std::fs::metadata(path).ok()?)
+    }
+
+    /// The identity of a file or block device from its metadata.
+    pub fn of_meta(meta: &std::fs::Metadata) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let ft = meta.file_type();
+        if ft.is_block_device() {
+            Some(Self::Block { rdev: meta.rdev() })
+        } else if ft.is_file() {
+            Some(Self::File { dev: meta.dev(), ino: meta.ino() })
+        } else {
+            None
+        }
+    }
+}
+
+/// The name to store for the backing device at `path`: its canonical path
+/// (symlinks and `..` resolved); for a block device, a stable
+/// `/dev/disk/by-id/` name of it when the system has one, since `/dev/sdX`
+/// names can change between boots.
+pub fn stored_name(path: &Path) -> io::Result<PathBuf> {
+    let canonical = std::fs::canonicalize(path)?;
+    let meta = std::fs::metadata(&canonical)?;
+    if !meta.file_type().is_block_device() {
+        return Ok(canonical);
+    }
+    Ok(stable_block_name(&canonical, &meta).unwrap_or(canonical))
+}
+
+/// A `/dev/disk/by-id/` link to the block device `meta` describes: a
+/// `wwn-` name first (the device's own world-wide name), then the others
+/// in name order, so the choice is the same at every boot.
+fn stable_block_name(canonical: &Path, meta: &std::fs::Metadata) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut names: Vec<PathBuf> = std::fs::read_dir("/dev/disk/by-id")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == meta.rdev()))
+        .filter(|p| p.as_os_str().len() < 255)
+        .collect();
+    names.sort_by_key(|p| {
+        let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        (!n.starts_with("wwn-"), n)
+    });
+    let _ = canonical;
+    names.into_iter().next()
+}
+
 /// The device a cache sits in front of. pcache keeps no metadata on it.
 pub trait BackingDev: Send + Sync {
     /// Size in bytes.
@@ -32,6 +104,11 @@ pub trait BackingDev: Send + Sync {
     fn sync(&self) -> Result<(), BackingError>;
     /// The path, as recorded in the backing table.
     fn path(&self) -> &Path;
+    /// What the device is, if it is a file or block device (two paths
+    /// that name one device have one identity).
+    fn identity(&self) -> Option<BackingId> {
+        None
+    }
 }
 
 impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
@@ -54,24 +131,32 @@ impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
     fn path(&self) -> &Path {
         (**self).path()
     }
+
+    fn identity(&self) -> Option<BackingId> {
+        (**self).identity()
+    }
 }
 
 /// A file or block device, through `pread`/`pwrite`/`fdatasync`.
+///
+/// It is held exclusively for as long as it is open: an exclusive `flock`
+/// (and, for a block device, an `O_EXCL` open as the kernel's own users of
+/// a disk take), so a second cache, a `pcache format` or a second process
+/// cannot write it at the same time.
 #[derive(Debug)]
 pub struct FileBacking {
     file: File,
     path: PathBuf,
     size: u64,
+    id: Option<BackingId>,
 }
 
-/// `_IOR(0x12, 114, size_t)`.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-
 impl FileBacking {
-    /// Opens `path` read-write. A block device is opened `O_EXCL`, so it
-    /// cannot be in use by a mounted filesystem at the same time. The
-    /// recorded path is `path` made absolute (symlinks are kept: a stable
-    /// `/dev/disk/by-id/...` name stays stable).
+    /// Opens `path` read-write and locks it. The recorded path is its
+    /// [`stored_name`]: canonical, or a stable `/dev/disk/by-id/` name.
+    ///
+    /// Refuses anything but a regular file or a block device, an empty
+    /// device, and a device another process holds.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, BackingError> {
         let path = path.as_ref();
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -79,23 +164,30 @@ impl FileBacking {
         let meta = std::fs::metadata(path).map_err(|e| err("open", e))?;
         let block = meta.file_type().is_block_device();
         if !block && !meta.is_file() {
-            return Err(err("open", io::Error::new(io::ErrorKind::InvalidInput, "not a file or block device")));
+            let what = crate::sys::file_kind(&meta);
+            return Err(err(
+                "open",
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{what}, not a file or block device")),
+            ));
         }
+        let name = stored_name(path).map_err(|e| err("resolve", e))?;
         let mut oo = OpenOptions::new();
         oo.read(true).write(true).custom_flags(libc::O_CLOEXEC | if block { libc::O_EXCL } else { 0 });
-        let file = oo.open(path).map_err(|e| err("open", e))?;
-        let size = if block {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
-            // points at a live local.
-            if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) } != 0 {
-                return Err(err("ioctl BLKGETSIZE64", io::Error::last_os_error()));
+        let file = oo.open(&name).map_err(|e| {
+            if block && e.raw_os_error() == Some(libc::EBUSY) {
+                err("open", io::Error::new(io::ErrorKind::ResourceBusy, "in use (mounted, or held by another program)"))
+            } else {
+                err("open", e)
             }
-            size
-        } else {
-            meta.len()
-        };
-        Ok(Self { file, path: abs, size })
+        })?;
+        let opened = file.metadata().map_err(|e| err("stat", e))?;
+        if let Err(e) = crate::sys::lock_exclusive(&file) {
+            let holder = crate::sys::holder_of(&opened).map(|p| format!(" (pid {p})")).unwrap_or_default();
+            return Err(err("lock", io::Error::new(e.kind(), format!("in use by another process{holder}"))));
+        }
+        let size =
+            if block { crate::sys::block_size(&file).map_err(|e| err("ioctl BLKGETSIZE64", e))? } else { opened.len() };
+        Ok(Self { file, path: name, size, id: BackingId::of_meta(&opened) })
     }
 
     fn err(&self, op: &'static str, source: io::Error) -> BackingError {
@@ -137,6 +229,10 @@ impl BackingDev for FileBacking {
 
     fn path(&self) -> &Path {
         &self.path
+    }
+
+    fn identity(&self) -> Option<BackingId> {
+        self.id
     }
 }
 
@@ -243,6 +339,10 @@ impl<B: BackingDev> BackingDev for FaultyBacking<B> {
 
     fn path(&self) -> &Path {
         self.inner.path()
+    }
+
+    fn identity(&self) -> Option<BackingId> {
+        self.inner.identity()
     }
 }
 

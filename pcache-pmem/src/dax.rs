@@ -162,10 +162,30 @@ fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
     })
 }
 
+/// Why a file of this type cannot be pmem, or `None` when it may be: a
+/// regular file, a block device or a character device (device DAX, checked
+/// further by [`probe`]).
+fn refuse_kind(ft: std::fs::FileType) -> Option<&'static str> {
+    if ft.is_file() || ft.is_block_device() || ft.is_char_device() {
+        None
+    } else if ft.is_fifo() {
+        Some("a FIFO, not a file, block device or device DAX")
+    } else if ft.is_socket() {
+        Some("a socket, not a file, block device or device DAX")
+    } else if ft.is_dir() {
+        Some("a directory, not a file, block device or device DAX")
+    } else {
+        Some("not a file, block device or device DAX")
+    }
+}
+
 /// Size and kind of the device behind `file`.
 fn probe(file: &File, path: &Path) -> Result<(u64, bool), PmemError> {
     let meta = file.metadata().map_err(|e| io_err("stat", path, e))?;
     let ft = meta.file_type();
+    if let Some(why) = refuse_kind(ft) {
+        return Err(unsupported(path, why));
+    }
     if ft.is_file() {
         return Ok((meta.len(), false));
     }
@@ -215,8 +235,18 @@ impl DaxMapping {
     /// Opens and maps the whole of `path`.
     pub fn open(path: impl AsRef<Path>, opts: &DaxOptions) -> Result<Self, PmemError> {
         let path = path.as_ref();
+        // Refuse what cannot be pmem before opening it: opening a FIFO
+        // blocks until a writer comes, for ever if none does. O_NONBLOCK
+        // covers a FIFO swapped in after the stat (it only affects FIFOs
+        // and sockets here: regular files, block devices and device DAX
+        // ignore it for mmap, flock and ioctl); `probe` checks the opened
+        // file again.
+        let meta = std::fs::metadata(path).map_err(|e| io_err("open", path, e))?;
+        if let Some(why) = refuse_kind(meta.file_type()) {
+            return Err(unsupported(path, why));
+        }
         let mut oo = OpenOptions::new();
-        oo.read(true).write(!opts.read_only).custom_flags(libc::O_CLOEXEC);
+        oo.read(true).write(!opts.read_only).custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK);
         let file = oo.open(path).map_err(|e| io_err("open", path, e))?;
         if !opts.no_lock {
             let op = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
@@ -305,6 +335,16 @@ impl DaxMapping {
         }
         let msync = mode == MapMode::Emulated
             || (mode == MapMode::FileDaxSync && !can_flush && !no_flush_wanted && !eadr && !opts.read_only);
+        if matches!(mode, MapMode::Emulated | MapMode::ForcedPmem | MapMode::FileDax) {
+            // A cache reads and writes small records and blocks all over the
+            // device: without this, each first touch of a page through the
+            // page cache reads ahead the pages around it (holes of a large
+            // sparse image included), and a scan of every segment's info
+            // reads gigabytes. Advice only: a failure changes nothing.
+            // SAFETY: madvise on the mapping just made, whole; MADV_RANDOM
+            // changes no contents.
+            let _ = unsafe { libc::madvise(addr, map_len, libc::MADV_RANDOM) };
+        }
         let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| unsupported(path, "mmap returned a null mapping"))?;
         Ok(Self {
             ptr,
@@ -487,6 +527,50 @@ impl Pmem for DaxMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Opens `path` on another thread and waits at most 10 s for the answer,
+    /// so that an open that blocks fails the test rather than hanging it.
+    fn open_with_deadline(path: &Path, read_only: bool) -> Result<DaxMapping, PmemError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = tx.send(DaxMapping::open(&path, &DaxOptions { read_only, ..DaxOptions::default() }));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("DaxMapping::open still blocked after 10 s")
+    }
+
+    #[test]
+    fn fifos_sockets_and_directories_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path, which outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "{}", io::Error::last_os_error());
+        let sock = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let cases = [(&fifo, "a FIFO"), (&sock, "a socket"), (&dir.path().to_path_buf(), "a directory")];
+        for (path, kind) in cases {
+            for read_only in [true, false] {
+                match open_with_deadline(path, read_only) {
+                    Err(e @ PmemError::Unsupported { .. }) => {
+                        let msg = e.to_string();
+                        assert!(
+                            msg.contains(&format!("{kind}, not a file, block device or device DAX")),
+                            "{kind} (read_only {read_only}): {msg}"
+                        );
+                    }
+                    other => panic!("{kind} (read_only {read_only}): {other:?}"),
+                }
+            }
+        }
+        // Ordinary files still open; a missing one is still an open error.
+        let file = dir.path().join("pmem.img");
+        std::fs::File::create(&file).unwrap().set_len(1 << 20).unwrap();
+        let map = open_with_deadline(&file, false).unwrap();
+        assert_eq!(map.size(), 1 << 20);
+        let missing = open_with_deadline(&dir.path().join("missing"), true).unwrap_err();
+        assert!(matches!(missing, PmemError::Io { op: "open", .. }), "{missing:?}");
+    }
 
     #[test]
     fn eadr_needs_every_region_in_the_cpu_cache_domain() {

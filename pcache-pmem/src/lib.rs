@@ -18,11 +18,12 @@ pub mod mutation;
 pub mod pmem;
 pub mod records;
 pub mod sim;
+pub mod sys;
 
-pub use backing::{BackingDev, BackingError, FaultyBacking, FileBacking, MemBacking};
+pub use backing::{BackingDev, BackingError, BackingId, FaultyBacking, FileBacking, MemBacking, stored_name};
 pub use cache::{
-    Cache, CacheDev, CacheOptions, CacheSummary, DetachReport, EngineError, Health, StartReport, Stats, detach,
-    summarize,
+    Cache, CacheDev, CacheOptions, CacheSummary, DamagedKset, DetachReport, EngineError, Entry, Health, LostExtent,
+    SalvageReport, StartReport, Stats, default_cache_segs, detach, detach_salvage, summarize,
 };
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};

@@ -2,14 +2,37 @@
 //! device segments belong to a cache (spec §2.7).
 
 use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use pcache_format::image::{Orphan, find_orphans};
 use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock};
-use pcache_format::{BackingDevInfo, Layout, META_ENTRIES, ReadError};
+use pcache_format::{BackingDevInfo, ErrorKind, Layout, META_ENTRIES, ReadError};
 
 use super::EngineError;
+use crate::backing::BackingId;
 use crate::pmem::{AsMedia, Pmem, PmemError};
 use crate::records::write_record;
+
+/// A backing-table entry that is not free.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    /// A cache exists for this backing device.
+    Running(Box<BackingDevInfo>),
+    /// Neither copy is valid, but one was written: it may have owned a
+    /// cache, so the id is never reused (`pcache repair` deals with it).
+    Damaged(String),
+}
+
+impl Entry {
+    fn running(&self) -> Option<&BackingDevInfo> {
+        match self {
+            Entry::Running(info) => Some(info),
+            Entry::Damaged(_) => None,
+        }
+    }
+}
 
 /// Which device segments are in use.
 #[derive(Debug)]
@@ -24,9 +47,12 @@ pub struct CacheDev<P> {
     pmem: P,
     layout: Layout,
     segs: Mutex<DevSegs>,
-    /// The backing table as on the media: the running entries by id. Read
+    /// The backing table as on the media: the entries in use by id. Read
     /// once at open, kept up to date by every write (which it serialises).
-    table: Mutex<Vec<Option<BackingDevInfo>>>,
+    table: Mutex<Vec<Option<Entry>>>,
+    /// Caches owned by no entry, found at open; `reserved` ones keep their
+    /// segments out of the free pool.
+    orphans: Mutex<Vec<(Orphan, bool)>>,
     /// Entries with a cache started in this process.
     started: Mutex<HashSet<u32>>,
 }
@@ -48,6 +74,12 @@ impl<P: Pmem> CacheDev<P> {
     /// every running backing entry, each id bounds-checked and no segment
     /// in two chains. Refuses a device with a damaged backing table rather
     /// than risk handing a cache's segments to another.
+    ///
+    /// A damaged entry (no valid copy, one written) does not stop the
+    /// others: it is kept as [`Entry::Damaged`], never reused. Caches that
+    /// no entry owns are found ([`find_orphans`]); the segments of those
+    /// holding dirty data — and of every one while an entry is damaged, as
+    /// it may be the damaged entry's — are never allocated.
     pub fn open(pmem: P) -> Result<Arc<Self>, EngineError> {
         let media = AsMedia(&pmem);
         let (_, layout) = read_superblock(&media).map_err(format_err)?;
@@ -60,14 +92,18 @@ impl<P: Pmem> CacheDev<P> {
         let mut table = vec![None; META_ENTRIES as usize];
         for id in 0..META_ENTRIES {
             let pair = read_backing(&media, &layout, id).map_err(format_err)?;
-            let info = pair
-                .latest
-                .map_err(|e| EngineError::Corrupt(format!("backing {id}: {e} (run `pcache check`)")))?
-                .record;
+            let info = match pair.latest {
+                Ok(latest) => latest.record,
+                Err(e) if e.kind == ErrorKind::NeverWritten => continue,
+                Err(e) => {
+                    table[id as usize] = Some(Entry::Damaged(e.to_string()));
+                    continue;
+                }
+            };
             if !info.is_running() {
                 continue;
             }
-            table[id as usize] = Some(info);
+            table[id as usize] = Some(Entry::Running(Box::new(info)));
             let ci = info.cache_info;
             let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
             while let Some(step) = walk.next(&media, &layout) {
@@ -82,12 +118,28 @@ impl<P: Pmem> CacheDev<P> {
                 *slot = true;
             }
         }
+        let any_damaged = table.iter().any(|e| matches!(e, Some(Entry::Damaged(_))));
+        let orphans: Vec<(Orphan, bool)> = find_orphans(&media, &layout, &used)
+            .into_iter()
+            .map(|o| {
+                let reserved = any_damaged || o.holds_dirty_data();
+                (o, reserved)
+            })
+            .collect();
+        for (o, reserved) in &orphans {
+            if *reserved {
+                for &seg in &o.segs {
+                    used[seg as usize] = true;
+                }
+            }
+        }
         let free = used.iter().filter(|u| !**u).count() as u32;
         Ok(Arc::new(Self {
             pmem,
             layout,
             segs: Mutex::new(DevSegs { used, free }),
             table: Mutex::new(table),
+            orphans: Mutex::new(orphans),
             started: Mutex::new(HashSet::new()),
         }))
     }
@@ -110,16 +162,107 @@ impl<P: Pmem> CacheDev<P> {
     /// The running backing entries: `(id, entry)`.
     pub fn backings(&self) -> Result<Vec<(u32, BackingDevInfo)>, EngineError> {
         let table = lock(&self.table);
-        Ok(table.iter().enumerate().filter_map(|(id, e)| e.map(|e| (id as u32, e))).collect())
+        Ok(table.iter().enumerate().filter_map(|(id, e)| Some((id as u32, *e.as_ref()?.running()?))).collect())
     }
 
-    /// The running entry for `path`, or the first free id.
-    pub(crate) fn find_entry(&self, path: &[u8]) -> Result<Result<(u32, BackingDevInfo), u32>, EngineError> {
+    /// The damaged entries: `(id, why)`.
+    pub fn damaged(&self) -> Vec<(u32, String)> {
         let table = lock(&self.table);
-        if let Some((id, e)) =
-            table.iter().enumerate().find_map(|(id, e)| e.filter(|e| e.path() == path).map(|e| (id, e)))
+        table
+            .iter()
+            .enumerate()
+            .filter_map(|(id, e)| match e {
+                Some(Entry::Damaged(why)) => Some((id as u32, why.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Why a new cache must not be created now, if it must not: an entry
+    /// is damaged, or a cache holding dirty data is owned by no entry.
+    pub fn lost_cache(&self) -> Option<String> {
+        if let Some((id, _)) = self.damaged().first() {
+            return Some(format!("backing entry {id} is damaged"));
+        }
+        let orphans = lock(&self.orphans);
+        let (o, _) = orphans.iter().find(|(o, reserved)| *reserved && o.holds_dirty_data())?;
+        Some(format!(
+            "the cache in segments from {} ({} segment(s), {} dirty key(s)) is owned by no backing entry",
+            o.head,
+            o.segs.len(),
+            o.log.dirty_keys
+        ))
+    }
+
+    /// Caches owned by no entry, as found at open, each with whether its
+    /// segments are kept out of the free pool.
+    pub fn orphans(&self) -> Vec<(Orphan, bool)> {
+        lock(&self.orphans).clone()
+    }
+
+    /// Gives the orphan cache whose chain starts at `head` the entry `info`
+    /// in slot `id` (both copies written): its segments become the entry's.
+    pub(crate) fn adopt(&self, head: u32, id: u32, info: &BackingDevInfo) -> Result<(), EngineError> {
+        let mut orphans = lock(&self.orphans);
+        let at = orphans.iter().position(|(o, _)| o.head == head).ok_or_else(|| {
+            EngineError::InvalidOption(format!("no cache owned by no entry starts at segment {head}"))
+        })?;
         {
-            return Ok(Ok((id as u32, e)));
+            let mut segs = lock(&self.segs);
+            for &seg in &orphans[at].0.segs {
+                if let Some(u) = segs.used.get_mut(seg as usize)
+                    && !*u
+                {
+                    *u = true;
+                    segs.free -= 1;
+                }
+            }
+        }
+        self.write_entry_both(id, info)?;
+        orphans.remove(at);
+        Ok(())
+    }
+
+    /// The running entry for the backing device at `path` (as stored:
+    /// canonical) with identity `id`, or the first free id.
+    ///
+    /// An entry matches when its stored path is `path`, or when what its
+    /// stored path names now is the same file or block device (`id`): the
+    /// same backing reached by another name is the same backing. Two
+    /// entries that both match are refused: one backing must never have two
+    /// caches.
+    pub fn find_entry(
+        &self,
+        path: &Path,
+        id: Option<BackingId>,
+    ) -> Result<Result<(u32, BackingDevInfo), u32>, EngineError> {
+        let table = lock(&self.table);
+        let bytes = path.as_os_str().as_bytes();
+        let matches: Vec<(u32, BackingDevInfo)> = table
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i as u32, *e.as_ref()?.running()?)))
+            .filter(|(_, e)| {
+                e.path() == bytes
+                    || id.is_some_and(|id| {
+                        BackingId::of_path(Path::new(std::ffi::OsStr::from_bytes(e.path()))) == Some(id)
+                    })
+            })
+            .collect();
+        match matches.as_slice() {
+            [] => {}
+            [one] => return Ok(Ok(*one)),
+            [a, b, ..] => {
+                return Err(EngineError::Corrupt(format!(
+                    "backing entries {} ({}) and {} ({}) both name {}: one backing cannot have two caches \
+                     (run `pcache check`)",
+                    a.0,
+                    String::from_utf8_lossy(a.1.path()),
+                    b.0,
+                    String::from_utf8_lossy(b.1.path()),
+                    path.display()
+                )));
+            }
         }
         table.iter().position(|e| e.is_none()).map(|id| Err(id as u32)).ok_or(EngineError::TableFull)
     }
@@ -128,17 +271,30 @@ impl<P: Pmem> CacheDev<P> {
     pub(crate) fn read_entry(&self, id: u32) -> Result<BackingDevInfo, EngineError> {
         lock(&self.table)
             .get(id as usize)
-            .copied()
-            .flatten()
+            .and_then(|e| e.as_ref()?.running().copied())
             .ok_or_else(|| EngineError::Corrupt(format!("backing {id} is not running")))
     }
 
-    /// Writes backing entry `id`, durably.
+    /// Writes backing entry `id`, durably: one copy, the older one, so that
+    /// a crash leaves the old entry or the new one.
     pub(crate) fn write_entry(&self, id: u32, info: &BackingDevInfo) -> Result<(), EngineError> {
+        self.put_entry(id, info, 1)
+    }
+
+    /// Writes both copies of backing entry `id`, one after the other, each
+    /// durable before the next: how an entry is created or freed, so that
+    /// one damaged page can never make it read as something else.
+    pub(crate) fn write_entry_both(&self, id: u32, info: &BackingDevInfo) -> Result<(), EngineError> {
+        self.put_entry(id, info, 2)
+    }
+
+    fn put_entry(&self, id: u32, info: &BackingDevInfo, copies: usize) -> Result<(), EngineError> {
         let mut table = lock(&self.table);
         let off = self.layout.meta_entry_offset(id).map_err(|e| EngineError::Corrupt(e.to_string()))?;
-        write_record(&self.pmem, off, info)?;
-        table[id as usize] = info.is_running().then_some(*info);
+        for _ in 0..copies {
+            write_record(&self.pmem, off, info)?;
+        }
+        table[id as usize] = info.is_running().then(|| Entry::Running(Box::new(*info)));
         Ok(())
     }
 

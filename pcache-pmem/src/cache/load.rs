@@ -69,6 +69,36 @@ fn torn(e: &pcache_format::Error) -> bool {
         && matches!(e.kind, ErrorKind::BadCrc { .. } | ErrorKind::OutOfRange { field: "key_num", found: 0, .. })
 }
 
+/// Whether the kset at `off` of device segment `dev_seg`, which fails its
+/// CRC (or has no key count), is the newest kset torn by a crash rather than
+/// damage in the middle of the log.
+///
+/// A kset is written over a durable terminator, after the terminator that
+/// follows it was made durable. Its header words are each either the old
+/// terminator's zeros or the new value, so a torn kset has key count 0, is a
+/// LAST kset, or its key count leads to a terminator. A kset whose size
+/// leads anywhere else was written whole once: it was damaged since, and
+/// the log may go on after it.
+fn torn_end<M: pcache_format::ReadMedia + ?Sized>(m: &M, layout: &Layout, dev_seg: u32, off: u32, n_segs: u32) -> bool {
+    let mut h = [0u8; pcache_format::KSET_HEADER_SIZE];
+    let Ok(base) = layout.data_range(dev_seg, off, h.len() as u32) else { return false };
+    if m.read_at(base, &mut h).is_err() {
+        return false;
+    }
+    let key_num = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    let flags = u64::from_le_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]);
+    if flags & pcache_format::KsetFlags::LAST.bits() != 0 || key_num == 0 {
+        return true;
+    }
+    if key_num as usize > pcache_format::KSET_KEYS_MAX {
+        return false;
+    }
+    let next = off as usize + pcache_format::kset_size(key_num as usize);
+    let Ok(next) = u32::try_from(next) else { return false };
+    let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
+    matches!(read_kset(m, layout, dev_seg, next, n_segs, &mut buf), Ok(KsetRecord::End { magic: 0 }))
+}
+
 /// Loads the cache of backing entry `info` for a backing device of
 /// `dev_size` bytes. Every on-media value is checked before use; a damaged
 /// cache is refused with the place and the reason, except for the one
@@ -122,6 +152,16 @@ pub fn load<P: Pmem + ?Sized>(
         let record = match read_kset(&media, layout, dev_segs[at.0 as usize], at.1, n_segs, &mut buf) {
             Ok(r) => r,
             Err(pcache_format::ReadError::Format(e)) if torn(&e) => {
+                if !torn_end(&media, layout, dev_segs[at.0 as usize], at.1, n_segs) {
+                    return Err(corrupt(
+                        at,
+                        format!(
+                            "{e}, and this is no kset torn by a crash (no terminator follows it): the log goes on \
+                             past damage, and the writes recorded after it cannot be replayed; \
+                             `pcache detach --salvage` writes back what can be read"
+                        ),
+                    ));
+                }
                 replay.torn_end = true;
                 break;
             }

@@ -22,10 +22,11 @@ pub mod detach;
 pub mod dev;
 pub mod index;
 pub mod load;
+pub mod repair;
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -38,13 +39,13 @@ use pcache_format::{
     encode_kset, encode_last, kset_size,
 };
 
-pub use detach::{DetachReport, detach};
-pub use dev::CacheDev;
+pub use detach::{DamagedKset, DetachReport, LostExtent, SalvageReport, detach, detach_salvage};
+pub use dev::{CacheDev, Entry};
 pub use index::IKey;
 pub use load::{LogPos, ReplayStats};
 
 use crate::backing::{BackingDev, BackingError};
-use crate::pmem::{Pmem, PmemError};
+use crate::pmem::{AsMedia, Pmem, PmemError};
 use crate::records::write_record;
 use index::{CLEAN, Delta, Piece, Slice};
 
@@ -125,6 +126,11 @@ pub enum EngineError {
     /// The cache was stopped.
     #[error("the cache is stopped")]
     Stopped,
+    /// A new cache was asked for while the device holds a cache whose
+    /// entry was lost (or a damaged entry): that cache may be this backing
+    /// device's, with data not yet written back, so none is created over it.
+    #[error("{0}")]
+    LostCache(String),
     /// The device holds no cache for this backing device.
     #[error("no cache for {} on this device", path.display())]
     NoCache {
@@ -137,7 +143,8 @@ pub enum EngineError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheOptions {
     /// Size of a new cache in bytes (rounded up to 16 MiB segments); `None`
-    /// takes every free segment. An existing cache keeps its size.
+    /// sizes it for the backing device ([`default_cache_segs`]). An existing
+    /// cache keeps its size.
     pub cache_size: Option<u64>,
     /// Ksets and data heads: how many writers append in parallel (1..=128;
     /// the cache needs 10 segments per queue).
@@ -529,6 +536,18 @@ fn create<P: Pmem>(dev: &CacheDev<P>, segs: &[u32]) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Segments for a new cache of a backing device of `dev_size` bytes when
+/// no size is asked for: enough to hold all of it (16 MiB segments, rounded
+/// up) plus an eighth for its key log and GC's headroom, at least 10 per
+/// queue, and no more than `free`. A small backing no longer takes every
+/// free segment of the device from the caches after it.
+pub fn default_cache_segs(dev_size: u64, queues: u32, free: u32) -> u32 {
+    let data = dev_size.div_ceil(SEG_SIZE);
+    let want = data + data.div_ceil(8) + 2;
+    let min = u64::from(CACHE_SEGS_EACH_PARAL) * u64::from(queues.max(1));
+    u32::try_from(want.max(min)).unwrap_or(u32::MAX).min(free)
+}
+
 thread_local! {
     static HEAD_HINT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
@@ -562,7 +581,14 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
                 pcache_format::PATH_LEN - 1
             )));
         }
-        let found = dev.find_entry(path_bytes)?;
+        if backing.size() < 512 {
+            return Err(EngineError::InvalidOption(format!(
+                "backing device {} holds {} bytes: nothing to cache (it needs at least one 512-byte sector)",
+                path.display(),
+                backing.size()
+            )));
+        }
+        let found = dev.find_entry(&path, backing.identity())?;
         let id = match found {
             Ok((id, _)) | Err(id) => id,
         };
@@ -601,18 +627,21 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
                         ));
                     }
                 }
-                if opts.data_crc != ci.data_crc() {
-                    notes.push(format!(
-                        "data CRC {} asked for; the existing cache keeps it {}",
-                        if opts.data_crc { "on" } else { "off" },
-                        if ci.data_crc() { "on" } else { "off" }
-                    ));
+                // Only what was asked for and is not granted is worth a note:
+                // `data_crc: false` is the default, not a request.
+                if opts.data_crc && !ci.data_crc() {
+                    notes.push("data CRC on asked for; the existing cache keeps it off".to_string());
                 }
                 let stored_sectors = info.dev_size.get();
                 if stored_sectors > sectors {
                     return Err(EngineError::BackingShrunk { path, found: dev_size, expected: stored_sectors * 512 });
                 }
-                let mut changed = false;
+                // An entry written with one copy (by the RFC, or by an
+                // earlier pcache) gets its second now: a damaged page must
+                // never make it read as free.
+                let media = AsMedia(dev.pmem());
+                let pair = pcache_format::media::read_backing(&media, dev.layout(), id).map_err(dev::format_err)?;
+                let mut changed = !pair.copies.iter().all(|c| c.valid());
                 if stored_sectors != sectors {
                     info.dev_size = sectors.into();
                     changed = true;
@@ -627,10 +656,35 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
                 (info, false)
             }
             None => {
+                if let Some(why) = dev.lost_cache() {
+                    return Err(EngineError::LostCache(format!(
+                        "no cache for {} is known, but {why}: it may be this device's, with data not yet written \
+                         back, so no new cache is created; see `pcache check`, then `pcache repair`",
+                        path.display()
+                    )));
+                }
+                if backing.identity().is_some()
+                    && let Some((old_id, old)) = dev.backings()?.into_iter().find(|(_, e)| {
+                        e.dev_size.get() == sectors && !Path::new(std::ffi::OsStr::from_bytes(e.path())).exists()
+                    })
+                {
+                    return Err(EngineError::LostCache(format!(
+                        "no cache for {} is known, but backing entry {old_id} caches {}, which no longer exists and \
+                         had the same size: if {} is that device under a new name, run `pcache rename DEVICE \
+                         --backing {} --to {}`; if that device is gone for good, drop its cache first with \
+                         `pcache detach DEVICE --backing {} --discard` (its dirty data is lost)",
+                        path.display(),
+                        String::from_utf8_lossy(old.path()),
+                        path.display(),
+                        String::from_utf8_lossy(old.path()),
+                        path.display(),
+                        String::from_utf8_lossy(old.path()),
+                    )));
+                }
                 let free = dev.free_segments();
                 let n = match opts.cache_size {
                     Some(size) => u32::try_from(size.div_ceil(SEG_SIZE)).unwrap_or(u32::MAX),
-                    None => free,
+                    None => default_cache_segs(dev_size, opts.queues, free),
                 };
                 let min = CACHE_SEGS_EACH_PARAL * opts.queues;
                 if n < min {
@@ -648,7 +702,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
                         .map_err(data_err)
                         .and_then(|info| {
                             create(dev, &segs)?;
-                            dev.write_entry(id, &info)?;
+                            dev.write_entry_both(id, &info)?;
                             Ok(info)
                         });
                 match made {
