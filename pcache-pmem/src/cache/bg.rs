@@ -34,7 +34,7 @@ const BATCH_KSETS: usize = 64;
 const BATCH_BYTES: u64 = 64 << 20;
 
 impl<P: Pmem, B: BackingDev> Inner<P, B> {
-    fn log_end(&self) -> LogPos {
+    pub(super) fn log_end(&self) -> LogPos {
         unpack(self.log_end.load(Ordering::Acquire))
     }
 
@@ -57,60 +57,95 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         })
     }
 
+    /// Reads the log record at `at`, with the raw error: [`Inner::read_log`]
+    /// without the mapping.
+    fn read_log_raw<'b>(
+        &self,
+        at: LogPos,
+        buf: &'b mut [u8; pcache_format::KSET_ONMEDIA_SIZE_MAX],
+    ) -> Result<KsetRecord<'b>, pcache_format::ReadError<crate::pmem::PmemError>> {
+        let dev_seg = self.dev_segs[at.0 as usize];
+        read_kset(&AsMedia(self.pmem()), self.dev.layout(), dev_seg, at.1, self.n_segs, buf)
+    }
+
     /// Writes back up to a batch of ksets from the dirty tail, syncs the
     /// backing device and persists the dirty tail. Returns the ksets (LAST
     /// ones included) written back; 0 when there is nothing to do.
+    ///
+    /// A kset that cannot be read or decoded, or a dirty key whose cached
+    /// data cannot be read correctly (CRC mismatch, pmem media error),
+    /// stops the batch there: the ksets before it are still synced and the
+    /// dirty tail persisted up to them, then the failure is logged, recorded
+    /// in the health (see [`super::Cache::stuck`]) and returned.
     pub(super) fn writeback_batch(&self, max_ksets: usize) -> Result<usize, EngineError> {
+        self.writeback_step(max_ksets).map_err(|f| f.err)
+    }
+
+    fn writeback_step(&self, max_ksets: usize) -> Result<usize, Failure> {
         let _writeback = lock(&self.writeback);
         let end = self.log_end();
         let mut at = *lock(&self.dirty_tail);
         let (mut ksets, mut bytes, mut done_dirty) = (0usize, 0u64, 0u64);
         let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
         let mut data = Vec::new();
+        let mut blocked = None;
         while at != end && ksets < max_ksets.min(BATCH_KSETS) && bytes < BATCH_BYTES {
-            match self.read_log(at, &mut buf)? {
-                KsetRecord::End { .. } => {
-                    return Err(format_err_at(at, "the log ends before its published end"));
+            let record = match self.read_log_raw(at, &mut buf) {
+                Ok(r) => r,
+                Err(e) => {
+                    blocked = Some(Blocked::kset(at, e));
+                    break;
+                }
+            };
+            match record {
+                KsetRecord::End { magic } => {
+                    let why = format!("the log ends (magic {magic:#018x}) before its published end");
+                    blocked = Some(Blocked { at, range: None, err: format_err_at(at, &why), why, retry: false });
+                    break;
                 }
                 KsetRecord::Last { next_cache_seg } => at = (next_cache_seg, 0),
                 KsetRecord::Keys { keys } => {
-                    // Collapse the kset: later keys win, as in the index.
-                    let mut tree = Slice::default();
-                    let mut d = Delta::default();
-                    for k in keys {
-                        let len = k.len.get();
-                        let ikey = IKey {
-                            seg_gen: k.seg_gen.get(),
-                            len,
-                            cache_seg: k.cache_seg_id.get(),
-                            seg_off: k.cache_seg_off.get(),
-                            crc: k.data_crc.get(),
-                            orig_delta: 0,
-                            orig_len: len,
-                            flags: if k.is_dirty() { 0 } else { super::index::CLEAN },
-                        };
-                        if k.is_dirty() {
-                            done_dirty += u64::from(len);
-                        }
-                        tree.insert(k.off.get(), ikey, &mut d);
-                    }
+                    let tree = collapse(keys);
+                    let (mut kset_bytes, mut stop) = (0u64, None);
                     for (off, k) in tree.iter().filter(|(_, k)| k.is_dirty()) {
                         if k.cache_seg >= self.n_segs || self.is_stale(k) {
-                            return Err(format_err_at(at, format!("dirty key at {off} points at reclaimed data")));
+                            let why = "the key points at reclaimed cached data".to_string();
+                            let err = format_err_at(at, format!("dirty key at {off} points at reclaimed data"));
+                            stop = Some(Blocked { at, range: Some((off, k.len)), why, retry: false, err });
+                            break;
                         }
-                        self.read_key_data(off, k, &mut data)?;
-                        self.backing.write_at(off, &data)?;
-                        bytes += u64::from(k.len);
-                        self.throttle(u64::from(k.len))?;
+                        if let Err(e) = self.read_key_data(off, k, &mut data) {
+                            stop = Some(Blocked::extent(at, off, k, e));
+                            break;
+                        }
+                        self.backing.write_at(off, &data).map_err(|e| Failure::other(e.into()))?;
+                        kset_bytes += u64::from(k.len);
+                        self.throttle(u64::from(k.len)).map_err(Failure::other)?;
                     }
+                    if stop.is_some() {
+                        blocked = stop;
+                        break;
+                    }
+                    bytes += kset_bytes;
+                    done_dirty += keys.iter().filter(|k| k.is_dirty()).map(|k| u64::from(k.len.get())).sum::<u64>();
                     at.1 += pcache_format::kset_size(keys.len()) as u32;
                 }
             }
             ksets += 1;
         }
-        if ksets == 0 {
-            return Ok(0);
+        if ksets > 0 {
+            // Whatever stopped the batch, the ksets before it are done.
+            self.commit_writeback(at, ksets, bytes, done_dirty).map_err(Failure::other)?;
         }
+        match blocked {
+            Some(b) => Err(self.record_blocked(b)),
+            None => Ok(ksets),
+        }
+    }
+
+    /// Syncs the backing device, then persists and publishes the dirty tail
+    /// at `at`, past `ksets` ksets written back.
+    fn commit_writeback(&self, at: LogPos, ksets: usize, bytes: u64, done_dirty: u64) -> Result<(), EngineError> {
         self.backing.sync()?;
         self.persist_tail(DIRTY_TAIL_OFF, at)?;
         // Published after it is durable: GC, which stops at the published
@@ -126,31 +161,42 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
         s.ksets_written_back.fetch_add(ksets as u64, Ordering::Relaxed);
         s.bytes_written_back.fetch_add(bytes, Ordering::Relaxed);
         self.wake.notify();
-        Ok(ksets)
+        Ok(())
+    }
+
+    /// Logs a place writeback cannot pass (once, not on every retry) and
+    /// records it in the health: latched, or failing while it may clear.
+    fn record_blocked(&self, b: Blocked) -> Failure {
+        let path = self.backing.path().display().to_string();
+        let msg = b.message(&path);
+        let mut h = lock(&self.health);
+        let repeat = h.writeback_stopped.as_deref() == Some(msg.as_str())
+            || h.writeback_last_error.as_deref() == Some(msg.as_str());
+        if b.retry {
+            h.writeback_failing_since.get_or_insert_with(Instant::now);
+            h.writeback_last_error = Some(msg.clone());
+        } else {
+            h.writeback_stopped = Some(msg.clone());
+        }
+        drop(h);
+        if !repeat {
+            let (off, len) = b.range.map_or((None, None), |(o, l)| (Some(o), Some(l)));
+            tracing::error!(
+                backing = %path,
+                segment = b.at.0,
+                offset = b.at.1,
+                backing_offset = off,
+                length = len,
+                "{msg}"
+            );
+        }
+        Failure { err: b.err, blocked: Some(b.retry) }
     }
 
     /// Reads a key's data out of pmem into `data`, verifying its CRC when
     /// the cache keeps them.
     fn read_key_data(&self, off: u64, k: &IKey, data: &mut Vec<u8>) -> Result<(), EngineError> {
-        data.resize(k.len as usize, 0);
-        if !self.data_crc {
-            self.pmem().read(self.data_addr(k.cache_seg, k.seg_off, k.len)?, data)?;
-            return Ok(());
-        }
-        let mut whole = vec![0u8; k.orig_len as usize];
-        self.pmem().read(self.data_addr(k.cache_seg, k.seg_off - k.orig_delta, k.orig_len)?, &mut whole)?;
-        let computed = pcache_format::crc::crc32(&whole);
-        if computed != k.crc {
-            return Err(EngineError::DataCrc {
-                off: off - u64::from(k.orig_delta),
-                len: k.orig_len,
-                stored: k.crc,
-                computed,
-            });
-        }
-        let from = k.orig_delta as usize;
-        data.copy_from_slice(&whole[from..from + k.len as usize]);
-        Ok(())
+        read_extent(self.pmem(), self.dev.layout(), &self.dev_segs, self.data_crc, off, k, data)
     }
 
     /// Sleeps as long as writing `bytes` takes at the writeback rate, but
@@ -177,26 +223,32 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
-            match self.writeback_batch(BATCH_KSETS) {
+            match self.writeback_step(BATCH_KSETS) {
                 Ok(0) => {
                     self.wake.wait(seen, pcache_format::WORKER_INTERVAL);
                 }
                 Ok(_) => backoff = Duration::from_millis(10),
-                Err(EngineError::Stopped) => return,
-                Err(e) => {
+                Err(Failure { err: EngineError::Stopped, .. }) => return,
+                Err(Failure { err, blocked }) => {
                     self.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
-                    let retry = matches!(e, EngineError::Backing(_) | EngineError::Pmem(_));
+                    // A place writeback cannot pass was recorded (and
+                    // logged) where it was met; other errors are recorded
+                    // here.
+                    let retry = blocked.unwrap_or(matches!(err, EngineError::Backing(_) | EngineError::Pmem(_)));
                     let mut h = lock(&self.health);
-                    if retry {
-                        h.writeback_failing_since.get_or_insert_with(Instant::now);
-                        h.writeback_last_error = Some(e.to_string());
-                    } else {
-                        h.writeback_stopped = Some(e.to_string());
-                        drop(h);
+                    if blocked.is_none() {
+                        if retry {
+                            h.writeback_failing_since.get_or_insert_with(Instant::now);
+                            h.writeback_last_error = Some(err.to_string());
+                        } else {
+                            h.writeback_stopped = Some(err.to_string());
+                        }
+                    }
+                    drop(h);
+                    if !retry {
                         self.wake_writers();
                         return;
                     }
-                    drop(h);
                     self.wake.wait(seen, backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
@@ -397,5 +449,178 @@ impl<P: Pmem, B: BackingDev> Inner<P, B> {
             }
         }
         Ok(())
+    }
+}
+
+/// A failed writeback batch: the error, and for a place writeback cannot
+/// pass (already recorded in the health and logged), whether it is worth
+/// retrying.
+struct Failure {
+    err: EngineError,
+    blocked: Option<bool>,
+}
+
+impl Failure {
+    fn other(err: EngineError) -> Self {
+        Self { err, blocked: None }
+    }
+}
+
+/// A kset, or a dirty key's cached data, that writeback cannot read
+/// correctly.
+struct Blocked {
+    /// The kset.
+    at: LogPos,
+    /// The backing range of the key whose data is bad; `None` for the kset
+    /// itself.
+    range: Option<(u64, u32)>,
+    /// Why, in words.
+    why: String,
+    /// A pmem media error may clear (the poison repaired): retried.
+    /// Anything else stops writeback until the cache is restarted.
+    retry: bool,
+    err: EngineError,
+}
+
+impl Blocked {
+    fn kset(at: LogPos, e: pcache_format::ReadError<crate::pmem::PmemError>) -> Self {
+        match e {
+            pcache_format::ReadError::Media { source, .. } => Self {
+                at,
+                range: None,
+                why: format!("pmem media error under the kset: {source}"),
+                retry: true,
+                err: EngineError::Pmem(source),
+            },
+            pcache_format::ReadError::Format(e) => {
+                Self { at, range: None, why: format!("undecodable kset: {e}"), retry: false, err: format_err_at(at, e) }
+            }
+        }
+    }
+
+    fn extent(at: LogPos, off: u64, k: &IKey, err: EngineError) -> Self {
+        Self {
+            at,
+            range: Some((off, k.len)),
+            why: extent_why(&err, off, k.len),
+            retry: matches!(err, EngineError::Pmem(_)),
+            err,
+        }
+    }
+
+    fn message(&self, path: &str) -> String {
+        let (seg, pos) = self.at;
+        match self.range {
+            Some((off, len)) => format!(
+                "writeback of {path} is stuck at backing offset {off} length {len} (a key of the kset at key log \
+                 segment {seg} offset {pos:#x}): {}",
+                self.why
+            ),
+            None => format!(
+                "writeback of {path} is stuck at the kset at key log segment {seg} offset {pos:#x}: {}",
+                self.why
+            ),
+        }
+    }
+}
+
+/// Why the data of the key at `off` (`len` bytes) could not be read
+/// correctly, in words.
+pub(super) fn extent_why(err: &EngineError, off: u64, len: u32) -> String {
+    match err {
+        EngineError::DataCrc { off: woff, len: wlen, stored, computed } => {
+            let whole = if (*woff, *wlen) == (off, len) {
+                String::new()
+            } else {
+                format!(" of the whole {wlen}-byte write at {woff}")
+            };
+            format!("data CRC mismatch{whole} (stored {stored:#010x}, computed {computed:#010x})")
+        }
+        EngineError::Pmem(e @ crate::pmem::PmemError::Media { .. }) => format!("pmem media error: {e}"),
+        EngineError::Pmem(e) => format!("pmem read failed: {e}"),
+        e => e.to_string(),
+    }
+}
+
+/// Collapses a kset's keys as the index does: later keys win.
+pub(super) fn collapse(keys: &[pcache_format::Key]) -> Slice {
+    let mut tree = Slice::default();
+    let mut d = Delta::default();
+    for k in keys {
+        let len = k.len.get();
+        let ikey = IKey {
+            seg_gen: k.seg_gen.get(),
+            len,
+            cache_seg: k.cache_seg_id.get(),
+            seg_off: k.cache_seg_off.get(),
+            crc: k.data_crc.get(),
+            orig_delta: 0,
+            orig_len: len,
+            flags: if k.is_dirty() { 0 } else { super::index::CLEAN },
+        };
+        tree.insert(k.off.get(), ikey, &mut d);
+    }
+    tree
+}
+
+/// Reads the data of key `k` at backing offset `off` out of pmem into
+/// `data`; with `data_crc`, verifies the CRC of the whole write it came
+/// from first.
+pub(super) fn read_extent<P: Pmem + ?Sized>(
+    pmem: &P,
+    layout: &pcache_format::Layout,
+    dev_segs: &[u32],
+    data_crc: bool,
+    off: u64,
+    k: &IKey,
+    data: &mut Vec<u8>,
+) -> Result<(), EngineError> {
+    let addr = |seg_off: u32, len: u32| -> Result<u64, EngineError> {
+        let dev_seg = *dev_segs
+            .get(k.cache_seg as usize)
+            .ok_or_else(|| EngineError::Corrupt(format!("cache segment {}", k.cache_seg)))?;
+        layout.data_range(dev_seg, seg_off, len).map_err(super::data_err)
+    };
+    data.resize(k.len as usize, 0);
+    if !data_crc {
+        pmem.read(addr(k.seg_off, k.len)?, data)?;
+        return Ok(());
+    }
+    let mut whole = vec![0u8; k.orig_len as usize];
+    pmem.read(addr(k.seg_off - k.orig_delta, k.orig_len)?, &mut whole)?;
+    let computed = pcache_format::crc::crc32(&whole);
+    if computed != k.crc {
+        return Err(EngineError::DataCrc {
+            off: off - u64::from(k.orig_delta),
+            len: k.orig_len,
+            stored: k.crc,
+            computed,
+        });
+    }
+    let from = k.orig_delta as usize;
+    data.copy_from_slice(&whole[from..from + k.len as usize]);
+    Ok(())
+}
+
+impl<P: Pmem + 'static, B: BackingDev + 'static> super::Cache<P, B> {
+    /// Why dirty data cannot be written back, while it cannot: writeback
+    /// stopped at a kset or cached data it cannot read correctly (a data
+    /// CRC mismatch, a pmem media error, an undecodable kset), or writeback
+    /// keeps failing (the backing device refuses writes), and dirty bytes
+    /// are still pending. `None` once nothing is dirty or writeback works.
+    /// The cache itself stays intact either way; `pcache detach --salvage`
+    /// ([`super::detach::detach_salvage`]) writes back everything else.
+    pub fn stuck(&self) -> Option<String> {
+        let pending = self.inner.stats.dirty_pending.load(Ordering::Relaxed).max(0) as u64;
+        if pending == 0 {
+            return None;
+        }
+        let h = lock(&self.inner.health);
+        let why = match (&h.writeback_stopped, h.writeback_failing_since, &h.writeback_last_error) {
+            (Some(e), _, _) => e.clone(),
+            (None, Some(since), Some(e)) => format!("{e} (failing for {} s)", since.elapsed().as_secs()),
+            _ => return None,
+        };
+        Some(format!("{why}; {pending} dirty bytes are not written back"))
     }
 }
