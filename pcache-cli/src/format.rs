@@ -1,18 +1,49 @@
 //! `pcache format`.
 
-use std::fs::OpenOptions;
-use std::io::ErrorKind;
+use std::fs::{File, OpenOptions};
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use pcache_format::{CACHE_DEV_SIZE_MIN, SEG_SIZE, SEGMENTS_OFF};
-use pcache_pmem::format::{FormatError, format};
-use pcache_pmem::{DaxMapping, DaxOptions};
+use pcache_format::{CACHE_DEV_SIZE_MIN, Layout, SB_OFF, SB_SIZE, SEG_SIZE, SEGMENTS_OFF};
+use pcache_pmem::format::{FormatError, allocate, existing_format, format, free_space};
+use pcache_pmem::{DaxMapping, DaxOptions, Pmem};
 
+use crate::signatures::{self, Kind, Signature};
 use crate::units::human;
 
-/// Creates `device` as a sparse file of `size` bytes if it does not exist;
-/// an existing file must already have that size.
-fn prepare(device: &Path, size: u64) -> Result<(), String> {
+/// Refuses to allocate `needed` more bytes for `device` on a filesystem
+/// (the one holding `on`) that has less than that free, before trying: a
+/// failed `fallocate` may first fill the filesystem.
+fn check_space(device: &Path, on: &File, size: u64, needed: u64) -> Result<(), String> {
+    let free = free_space(on)
+        .map_err(|e| format!("{}: cannot tell the free space of its filesystem: {e}", device.display()))?;
+    if needed > free {
+        return Err(format!(
+            "cannot allocate {} ({size} bytes) for {}: its filesystem has only {} ({free} bytes) free; \
+             free some space or choose a smaller device",
+            human(size),
+            device.display(),
+            human(free)
+        ));
+    }
+    Ok(())
+}
+
+fn allocate_error(device: &Path, size: u64, e: &io::Error) -> String {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOSPC) => "; its filesystem is full",
+        Some(libc::EFBIG) => "; the filesystem does not allow a file that large",
+        _ => "",
+    };
+    format!("cannot allocate {} ({size} bytes) for {}: {e}{hint}", human(size), device.display())
+}
+
+/// Creates `device` as a file of `size` bytes if it does not exist, all of
+/// it allocated unless `sparse`; an existing file must already have that
+/// size. Returns whether it created the file. A refusal or a failure leaves
+/// no file behind.
+fn prepare(device: &Path, size: u64, sparse: bool) -> Result<bool, String> {
     match std::fs::metadata(device) {
         Ok(meta) if meta.is_file() => {
             if meta.len() != size {
@@ -24,7 +55,7 @@ fn prepare(device: &Path, size: u64) -> Result<(), String> {
                     human(size)
                 ));
             }
-            Ok(())
+            Ok(false)
         }
         Ok(_) => {
             Err(format!("{}: --size applies only to regular files; a device has the size it has", device.display()))
@@ -37,28 +68,76 @@ fn prepare(device: &Path, size: u64) -> Result<(), String> {
                     device.display()
                 ));
             }
+            if !sparse {
+                let parent = match device.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                let dir = File::open(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+                check_space(device, &dir, size, size)?;
+            }
             let file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(device)
                 .map_err(|e| format!("cannot create {}: {e}", device.display()))?;
-            file.set_len(size).map_err(|e| format!("cannot size {} to {size} bytes: {e}", device.display()))?;
-            Ok(())
+            let sized = if sparse {
+                file.set_len(size).map_err(|e| format!("cannot size {} to {size} bytes: {e}", device.display()))
+            } else {
+                allocate(&file, size).map_err(|e| allocate_error(device, size, &e))
+            };
+            if let Err(msg) = sized {
+                drop(file);
+                let _ = std::fs::remove_file(device);
+                return Err(msg);
+            }
+            Ok(true)
         }
         Err(e) => Err(format!("{}: {e}", device.display())),
     }
 }
 
-pub fn run(device: &Path, size: Option<u64>, force: bool) -> u8 {
-    if let Some(size) = size {
-        if let Err(msg) = prepare(device, size) {
-            eprintln!("pcache format: {msg}");
-            return 1;
+/// Allocates every block of the existing regular file `device` of `size`
+/// bytes, refusing if its filesystem cannot hold the blocks it lacks.
+fn allocate_existing(device: &Path, size: u64) -> Result<(), String> {
+    let file = OpenOptions::new().write(true).open(device).map_err(|e| format!("{}: {e}", device.display()))?;
+    let meta = file.metadata().map_err(|e| format!("{}: {e}", device.display()))?;
+    let needed = size.saturating_sub(meta.blocks().saturating_mul(512));
+    if needed == 0 {
+        return Ok(());
+    }
+    check_space(device, &file, size, needed)?;
+    allocate(&file, size).map_err(|e| allocate_error(device, size, &e))
+}
+
+pub fn run(device: &Path, size: Option<u64>, force: bool, sparse: bool) -> u8 {
+    let created = if let Some(size) = size {
+        match prepare(device, size, sparse) {
+            Ok(created) => created,
+            Err(msg) => {
+                eprintln!("pcache format: {msg}");
+                return 1;
+            }
         }
     } else if !device.exists() {
         eprintln!("pcache format: {} does not exist; give --size to create it as a file", device.display());
         return 1;
+    } else {
+        false
+    };
+    let code = format_device(device, force, sparse, created);
+    if code != 0 && created {
+        // Whatever went wrong, a file this run created is not left behind.
+        let _ = std::fs::remove_file(device);
     }
+    code
+}
+
+fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 {
+    let fail = |msg: &dyn std::fmt::Display| {
+        eprintln!("pcache format: {}: {msg}", device.display());
+        1
+    };
     let map = match DaxMapping::open(device, &DaxOptions::default()) {
         Ok(m) => m,
         Err(e) => {
@@ -66,16 +145,63 @@ pub fn run(device: &Path, size: Option<u64>, force: bool) -> u8 {
             return 1;
         }
     };
+    let size = map.size();
+    // Every refusal comes before anything is written or allocated.
+    if Layout::plan(size).is_err() {
+        return fail(&FormatError::TooSmall { size, min: CACHE_DEV_SIZE_MIN });
+    }
+    let found: Option<Signature> = if created {
+        None
+    } else {
+        match signatures::detect(|off, buf| map.read(off, buf).map_err(io::Error::other), size) {
+            Ok(found) => found,
+            Err(e) => return fail(&format_args!("cannot read what it holds: {e}")),
+        }
+    };
+    match found {
+        Some(sig) if sig.kind != Kind::Pcache && !force => {
+            return fail(&format_args!("holds {sig}; add --force to destroy it"));
+        }
+        _ => {}
+    }
+    if !force {
+        match existing_format(&map) {
+            Ok(Some(seg_num)) => {
+                return fail(&format_args!(
+                    "{}; add --force to format it anyway",
+                    FormatError::AlreadyFormatted { seg_num }
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => return fail(&e),
+        }
+    }
+    let is_file = std::fs::metadata(device).is_ok_and(|m| m.is_file());
+    if is_file
+        && !sparse
+        && !created
+        && let Err(msg) = allocate_existing(device, size)
+    {
+        eprintln!("pcache format: {msg}");
+        return 1;
+    }
+    // The first 4 KiB is never used by pcache, but it is where partition
+    // tables, LVM labels and the superblocks of ext*, XFS, FAT, NTFS and LUKS
+    // live: zeroed so that nothing still recognises the device as what it
+    // was. The superblock area after it (where dm-pcache, bcache, md 1.2 and
+    // a 4Kn GPT keep theirs) is zeroed with it, first and durably, so that a
+    // crash midway leaves a device that is plainly neither what it was nor
+    // formatted. The other signatures looked for lie in the reserved area
+    // and segment 0, which the format zeroes.
+    if !created && let Err(e) = map.zero_persist(0, SB_OFF + SB_SIZE as u64) {
+        return fail(&e);
+    }
     let done = match format(&map, force) {
         Ok(done) => done,
         Err(e @ FormatError::AlreadyFormatted { .. }) => {
-            eprintln!("pcache format: {}: {e}; add --force to format it anyway", device.display());
-            return 1;
+            return fail(&format_args!("{e}; add --force to format it anyway"));
         }
-        Err(e) => {
-            eprintln!("pcache format: {}: {e}", device.display());
-            return 1;
-        }
+        Err(e) => return fail(&e),
     };
     let layout = done.plan.layout;
     let segs = layout.seg_num();
@@ -96,8 +222,18 @@ pub fn run(device: &Path, size: Option<u64>, force: bool) -> u8 {
             human(done.plan.unused_bytes())
         );
     }
-    if done.overwrote {
-        println!("  note      the previous pcache format was overwritten (--force)");
+    match found {
+        Some(sig) if sig.kind != Kind::Pcache => {
+            println!("  note      {} on it was destroyed (--force)", sig.what);
+        }
+        Some(_) => println!("  note      the previous pcache format was overwritten (--force)"),
+        _ => {}
+    }
+    if sparse && is_file {
+        println!(
+            "  note      --sparse: the file's holes are not allocated; a write to one fails (SIGBUS) \
+             if its filesystem is full"
+        );
     }
     0
 }

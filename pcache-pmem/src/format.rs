@@ -83,3 +83,63 @@ pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, Form
     pmem.copy_persist(SB_OFF, &Superblock::encode_area(plan.layout.seg_num()))?;
     Ok(Formatted { plan, overwrote: existing.is_some() })
 }
+
+/// Allocates every block of the first `len` bytes of the regular file
+/// `file`, extending it to `len` bytes if it is shorter, so that writes
+/// through a mapping of it can never fail for want of space (a sparse file
+/// that cannot grow a block turns a store into SIGBUS). Data already there
+/// is kept. Uses `posix_fallocate`: `fallocate(2)`, or on a filesystem
+/// without it, glibc writes the missing blocks.
+pub fn allocate(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let len = libc::off_t::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: posix_fallocate takes an fd we own and two integers; no
+    // memory is passed. It returns the error number rather than setting
+    // errno.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::from_raw_os_error(rc)) }
+}
+
+/// Bytes that an unprivileged process may still allocate on the filesystem
+/// holding `file` (a file or a directory): `f_bavail * f_frsize` of
+/// `fstatvfs(2)`.
+pub fn free_space(file: &std::fs::File) -> std::io::Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs fills the struct through a pointer to a live local,
+    // on an fd we own.
+    let rc = unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::useless_conversion)] // the field widths differ between targets
+    let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(avail.saturating_mul(frsize))
+}
+
+#[cfg(test)]
+mod space_tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    #[test]
+    fn allocate_fills_holes_and_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"keep").unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        allocate(&file, 1 << 20).unwrap();
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), 1 << 20);
+        assert!(meta.blocks() * 512 >= 1 << 20, "{} blocks", meta.blocks());
+        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"keep");
+        assert!(free_space(&file).unwrap() > 0);
+        let too_big = allocate(&file, u64::MAX).unwrap_err();
+        assert_eq!(too_big.raw_os_error(), Some(libc::EFBIG));
+    }
+}
