@@ -7,127 +7,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
-
-fn tool(name: &str, package: &str) -> String {
-    let found =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file())).unwrap_or(false);
-    assert!(found, "{name} is not installed: apt-get install {package} (tests/run-all.sh says what CI installs)");
-    name.to_string()
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let o = run(cmd);
-    assert!(o.status.success(), "{cmd:?} failed: {}\n{}", stdout(&o), stderr(&o));
-    o
-}
-
-/// A running `pcache attach`.
-struct Attach {
-    child: Option<Child>,
-    lines: mpsc::Receiver<String>,
-    socket: PathBuf,
-    stdout: Vec<String>,
-}
-
-/// The command line of `pcache attach` of `dev` serving `backings` on `listen`.
-fn attach_cmd(dev: &Path, backings: &[&Path], listen: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pcache"));
-    cmd.arg("attach").arg(dev);
-    for b in backings {
-        cmd.arg("--backing").arg(b);
-    }
-    cmd.arg("--listen").arg(listen);
-    cmd.args(extra);
-    cmd.env("PCACHE_LOG", "warn");
-    cmd
-}
-
-impl Attach {
-    fn start(dev: &Path, backings: &[&Path], socket: &Path, extra: &[&str]) -> Attach {
-        Attach::spawn(attach_cmd(dev, backings, &format!("unix:{}", socket.display()), extra), socket)
-    }
-
-    /// Starts `cmd` (from `attach_cmd`) and waits until it serves.
-    fn spawn(mut cmd: Command, socket: &Path) -> Attach {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn pcache attach");
-        let out: ChildStdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut a = Attach { child: Some(child), lines, socket: socket.to_path_buf(), stdout: Vec::new() };
-        a.wait_for("SIGINT or SIGTERM stops it");
-        a
-    }
-
-    /// Waits for a stdout line containing `what`.
-    fn wait_for(&mut self, what: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) => {
-                    self.stdout.push(line.clone());
-                    if line.contains(what) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("no line with {what:?} from pcache attach; it printed:\n{}", self.stdout.join("\n")),
-            }
-        }
-    }
-
-    fn uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.socket.display())
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().unwrap().id() as i32;
-        // SAFETY: kill(2) on a child this test started and has not reaped.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-    }
-
-    /// Stops the server with SIGTERM and returns its exit code.
-    fn stop(mut self) -> (i32, Vec<String>) {
-        self.signal(libc::SIGTERM);
-        let mut child = self.child.take().unwrap();
-        let status = child.wait().unwrap();
-        let mut rest: Vec<String> = self.lines.try_iter().collect();
-        let mut all = std::mem::take(&mut self.stdout);
-        all.append(&mut rest);
-        (status.code().unwrap_or(-1), all)
-    }
-
-    /// Kills the server with SIGKILL: a crash.
-    fn kill9(mut self) {
-        self.signal(libc::SIGKILL);
-        let _ = self.child.take().unwrap().wait();
-    }
-}
-
-impl Drop for Attach {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 struct Rig {
     d: Dir,
@@ -166,16 +53,6 @@ impl Rig {
     fn socket(&self) -> PathBuf {
         self.d.path("nbd.sock")
     }
-}
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> Output {
-    let mut c = Command::new(tool("qemu-io", "qemu-utils"));
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(uri);
-    run(&mut c)
 }
 
 #[test]

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use pcache_cli::nbd::{self, BlockDevice, DevError, Export, NbdError};
 use pcache_format::SEG_SIZE;
-use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, EngineError, FileBacking};
+use pcache_pmem::{
+    BackingDev, BackingId, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, EngineError, FileBacking,
+    default_cache_segs,
+};
 use tracing::{info, warn};
 
 use crate::units::human;
@@ -32,8 +35,9 @@ pub struct AttachArgs {
     /// Export name for each --backing, in order (default: the file name).
     #[arg(long = "export", value_name = "EXPORT")]
     pub exports: Vec<String>,
-    /// Size of each new cache (default: the free segments, shared
-    /// between the new caches). An existing cache keeps its size.
+    /// Size of each new cache (default: sized for its backing device —
+    /// the backing rounded up to 16 MiB segments plus an eighth for its
+    /// log — within the free segments). An existing cache keeps its size.
     #[arg(long, value_parser = crate::units::parse_size)]
     pub cache_size: Option<u64>,
     /// Ksets and data heads per cache (default: the CPUs, at most one
@@ -54,8 +58,9 @@ pub struct AttachArgs {
     #[arg(long, value_name = "SECS")]
     pub status_interval: Option<u64>,
     /// Limit writeback to this many bytes a second (e.g. 100M), to
-    /// spare the backing device; default unlimited.
-    #[arg(long, value_parser = crate::units::parse_size)]
+    /// spare the backing device; default unlimited (0 is refused: it
+    /// would stop writeback for good).
+    #[arg(long, value_parser = parse_rate)]
     pub writeback_rate: Option<u64>,
     /// Do not cache what read misses fetch from the backing device: the
     /// cache then holds only written data (for read-mostly backings
@@ -65,6 +70,14 @@ pub struct AttachArgs {
     /// Close an open kset at most this many milliseconds after its first key.
     #[arg(long, value_name = "MS", hide = true)]
     pub kset_flush_ms: Option<u64>,
+}
+
+/// Parses a writeback rate: a size a second, not 0.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match crate::units::parse_size(s)? {
+        0 => Err("0 would never write anything back; leave --writeback-rate out for no limit".into()),
+        n => Ok(n),
+    }
 }
 
 /// Where to listen.
@@ -432,6 +445,87 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+fn stop_all(exports: &[(String, Arc<PmemCache>)]) {
+    for (_, c) in exports {
+        let _ = c.stop();
+    }
+}
+
+/// Refuses a pmem file with holes: a store into a hole allocates a block
+/// in the middle of a request, and a full filesystem answers with SIGBUS.
+fn check_allocated(device: &Path) -> Result<(), String> {
+    let Ok(meta) = std::fs::metadata(device) else { return Ok(()) };
+    if !meta.is_file() {
+        return Ok(());
+    }
+    match pcache_pmem::sys::unallocated(&meta) {
+        0 => Ok(()),
+        holes => Err(format!(
+            "{} is sparse ({holes} of its {} bytes have no blocks): a write into a hole needs a new block, and a \
+             full filesystem answers that with SIGBUS; allocate the whole file first, keeping its contents: \
+             fallocate -l {} {}",
+            device.display(),
+            meta.len(),
+            meta.len(),
+            shell_quote(&device.display().to_string())
+        )),
+    }
+}
+
+/// Refuses backings that are the pmem device (or hold it), and one backing
+/// given twice under two names, before anything is opened for writing.
+pub(crate) fn check_backings(device: &Path, backings: &[PathBuf]) -> Result<(), String> {
+    let pmem_meta = std::fs::metadata(device).ok();
+    let pmem_id = pmem_meta.as_ref().and_then(BackingId::of_meta);
+    let mut seen: Vec<(BackingId, &Path)> = Vec::new();
+    for b in backings {
+        let Ok(meta) = std::fs::metadata(b) else { continue };
+        let Some(id) = BackingId::of_meta(&meta) else { continue };
+        if Some(id) == pmem_id {
+            return Err(format!(
+                "{} is the pmem device {} itself: a cache cannot be its own backing device (every write \
+                 to the export would overwrite the cache)",
+                b.display(),
+                device.display()
+            ));
+        }
+        if let (BackingId::Block { rdev }, Some(pm)) = (id, &pmem_meta)
+            && pm.is_file()
+        {
+            if std::os::unix::fs::MetadataExt::dev(pm) == rdev {
+                return Err(format!(
+                    "{} holds the filesystem that the pmem file {} lives on: writing it would destroy the cache",
+                    b.display(),
+                    device.display()
+                ));
+            }
+            if loop_backing_file(rdev).is_some_and(|f| BackingId::of_path(&f) == pmem_id) {
+                return Err(format!(
+                    "{} is a loop device over the pmem file {}: a cache cannot be its own backing device",
+                    b.display(),
+                    device.display()
+                ));
+            }
+        }
+        if let Some((_, first)) = seen.iter().find(|(i, _)| *i == id) {
+            return Err(format!(
+                "{} and {} are the same backing device: give it once (one backing, one cache)",
+                first.display(),
+                b.display()
+            ));
+        }
+        seen.push((id, b));
+    }
+    Ok(())
+}
+
+/// The file a loop block device reads, from sysfs.
+fn loop_backing_file(rdev: u64) -> Option<PathBuf> {
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let f = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(f.trim_end()))
+}
+
 fn cpus() -> u32 {
     std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
 }
@@ -446,29 +540,36 @@ pub fn run(a: AttachArgs) -> u8 {
         Ok(m) => m,
         Err(e) => return fail(e.to_string()),
     };
+    if let Err(msg) = check_allocated(&a.device) {
+        return fail(msg);
+    }
     let mode = map.mode();
     let flush = map.flush_text();
     let dev = match CacheDev::open(map) {
         Ok(d) => d,
         Err(e) => return fail(format!("{}: {e}", a.device.display())),
     };
-    let known = dev.backings().unwrap_or_default();
+    for (id, why) in dev.damaged() {
+        warn!(entry = id, error = %why, "backing entry damaged; its id is not reused (see `pcache check`, `pcache repair`)");
+    }
+    for (o, _) in dev.orphans().iter().filter(|(_, r)| *r) {
+        warn!(
+            first_segment = o.head,
+            segments = o.segs.len(),
+            dirty_keys = o.log.dirty_keys,
+            "a cache owned by no backing entry is kept aside, never reused (see `pcache check`, `pcache repair`)"
+        );
+    }
     let mut files = Vec::new();
+    if let Err(msg) = check_backings(&a.device, &a.backings) {
+        return fail(msg);
+    }
     for path in &a.backings {
         match FileBacking::open(path) {
             Ok(f) => files.push(f),
             Err(e) => return fail(e.to_string()),
         }
     }
-    let existing: Vec<Option<u32>> = files
-        .iter()
-        .map(|f| {
-            let p = f.path().as_os_str().as_encoded_bytes();
-            known.iter().find(|(_, b)| b.path() == p).map(|(_, b)| b.cache_info.n_segs.get())
-        })
-        .collect();
-    let new_count = existing.iter().filter(|e| e.is_none()).count() as u64;
-    let free = u64::from(dev.free_segments());
     let mut names = a.exports.clone();
     for f in files.iter().skip(names.len()) {
         names.push(f.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "disk".into()));
@@ -481,16 +582,36 @@ pub fn run(a: AttachArgs) -> u8 {
             return fail(format!("two exports named {n:?}: give each --backing its own --export"));
         }
     }
+    // Listen before any cache is created: a typo in --listen or a busy
+    // port must not leave new caches behind holding segments.
+    let listener = match Listener::bind(&a.listen) {
+        Ok(l) => Arc::new(l),
+        Err(e) => return fail(e),
+    };
+    let cleanup_socket = |listener: &Listener| {
+        if let Listener::Unix(_, path) = listener {
+            let _ = std::fs::remove_file(path);
+        }
+    };
     println!("pcache attach {}: {mode} (flush: {flush})", a.device.display());
     let mut exports: Vec<(String, Arc<PmemCache>)> = Vec::new();
-    for ((file, stored), name) in files.into_iter().zip(existing).zip(names) {
+    for (file, name) in files.into_iter().zip(names) {
         let path = file.path().to_path_buf();
         let size = file.size();
+        let stored = match dev.find_entry(&path, file.identity()) {
+            Ok(Ok((_, info))) => Some(info.cache_info.n_segs.get()),
+            Ok(Err(_)) => None,
+            Err(e) => {
+                stop_all(&exports);
+                cleanup_socket(&listener);
+                return fail(format!("{}: {e}", path.display()));
+            }
+        };
         let n_segs = match (stored, a.cache_size) {
             (Some(n), _) => u64::from(n),
             (None, Some(bytes)) => bytes.div_ceil(SEG_SIZE),
-            // The free segments, shared between the new caches.
-            (None, None) => free / new_count.max(1),
+            // Sized for the backing device, within what is free.
+            (None, None) => u64::from(default_cache_segs(size, cpus(), dev.free_segments())),
         };
         let queues = a.queues.unwrap_or_else(|| cpus().min((n_segs / 10).max(1) as u32).clamp(1, 128));
         let opts = CacheOptions {
@@ -507,9 +628,8 @@ pub fn run(a: AttachArgs) -> u8 {
         let (cache, rep) = match Cache::start(dev.clone(), file, &opts) {
             Ok(c) => c,
             Err(e) => {
-                for (_, c) in &exports {
-                    let _ = c.stop();
-                }
+                stop_all(&exports);
+                cleanup_socket(&listener);
                 return fail(format!("{}: {e}", path.display()));
             }
         };
@@ -530,15 +650,6 @@ pub fn run(a: AttachArgs) -> u8 {
         }
         exports.push((name, cache));
     }
-    let listener = match Listener::bind(&a.listen) {
-        Ok(l) => Arc::new(l),
-        Err(e) => {
-            for (_, c) in &exports {
-                let _ = c.stop();
-            }
-            return fail(e);
-        }
-    };
     let nbd_exports: Arc<Vec<Export>> = Arc::new(
         exports
             .iter()
@@ -635,6 +746,7 @@ pub fn run(a: AttachArgs) -> u8 {
     let _ = sig_thread.join();
     let mut code = 0;
     for (name, c) in exports.iter() {
+        let stuck = c.stuck();
         match c.stop() {
             Ok(()) => println!(
                 "stopped {name:?}: every kset closed, the cache stays warm ({} dirty)",
@@ -644,6 +756,17 @@ pub fn run(a: AttachArgs) -> u8 {
                 eprintln!("pcache attach: stopping {name:?}: {e}");
                 code = 1;
             }
+        }
+        // Dirty data that writeback cannot write is not a clean stop: say
+        // so, and what to run, with a status scripts and systemd notice.
+        if let Some(why) = stuck {
+            let device = shell_quote(&a.device.display().to_string());
+            let backing = shell_quote(&c.backing().path().display().to_string());
+            eprintln!(
+                "pcache attach: {name:?}: {why}\n  the data stays in the cache; `pcache detach {device} --backing \
+                 {backing}` names what is wrong, `--salvage` writes back everything else and lists the rest"
+            );
+            code = 1;
         }
     }
     if let Listener::Unix(_, path) = &*listener {

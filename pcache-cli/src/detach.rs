@@ -4,11 +4,16 @@ use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pcache_pmem::{CacheDev, DaxMapping, DaxOptions, EngineError, FileBacking, detach};
+use pcache_pmem::cache::detach::{SalvageReport, detach_salvage};
+use pcache_pmem::{CacheDev, DaxMapping, DaxOptions, EngineError, FileBacking, PmemError, detach};
 
 use crate::units::human;
 
-pub fn run(device: &Path, backing: &Path) -> u8 {
+/// Exit status of `detach --salvage` when it detached but could not write
+/// everything back: the lost extents and damaged ksets are listed.
+pub const EXIT_DATA_LOST: u8 = 3;
+
+pub fn run(device: &Path, backing: &Path, salvage: bool) -> u8 {
     let fail = |msg: String| {
         eprintln!("pcache detach: {msg}");
         1
@@ -30,10 +35,19 @@ pub fn run(device: &Path, backing: &Path) -> u8 {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let t = Instant::now();
-    let done = detach(&dev, file, |done, total| {
+    let progress = |done, total| {
         bar.set_length(total);
         bar.set_position(done);
-    });
+    };
+    if salvage {
+        let done = detach_salvage(&dev, file, progress);
+        bar.finish_and_clear();
+        return match done {
+            Ok(r) => salvaged(device, backing, &r, t),
+            Err(e) => failed(&dev, device, backing, e, true),
+        };
+    }
+    let done = detach(&dev, file, progress);
     bar.finish_and_clear();
     match done {
         Ok(r) => {
@@ -50,7 +64,50 @@ pub fn run(device: &Path, backing: &Path) -> u8 {
             println!("the backing device now holds all its data; backing entry {} is free", r.id);
             0
         }
-        Err(EngineError::NoCache { path }) => {
+        Err(e) => failed(&dev, device, backing, e, false),
+    }
+}
+
+/// Prints what a salvage did: a `lost:` line per extent not written back,
+/// a `damaged:` line per damaged stretch of the key log, then a summary.
+fn salvaged(device: &Path, backing: &Path, r: &SalvageReport, t: Instant) -> u8 {
+    for l in &r.lost {
+        println!("lost: {l}");
+    }
+    for d in &r.damaged {
+        println!("damaged: {d}");
+    }
+    let d = &r.detach;
+    println!(
+        "detached {} from {}{}: {} written back in {} kset(s) in {:.1?}, {} segments ({}) released",
+        backing.display(),
+        device.display(),
+        if r.lost_anything() { " with data lost" } else { "" },
+        human(d.bytes_written_back),
+        d.ksets_written_back,
+        t.elapsed(),
+        d.segments_released,
+        human(u64::from(d.segments_released) << 24)
+    );
+    if !r.lost_anything() {
+        println!("nothing was lost: the backing device now holds all its data; backing entry {} is free", d.id);
+        return 0;
+    }
+    println!(
+        "{} extent(s) ({}) lost, {} damaged kset(s): the backing device holds older data in every range listed \
+         above (restore those from a backup); everything else is written back; backing entry {} is free",
+        r.lost.len(),
+        human(r.lost_bytes()),
+        r.damaged.len(),
+        d.id
+    );
+    EXIT_DATA_LOST
+}
+
+/// Reports a detach that failed: nothing was released.
+fn failed(dev: &CacheDev<DaxMapping>, device: &Path, backing: &Path, e: EngineError, salvage: bool) -> u8 {
+    let msg = match e {
+        EngineError::NoCache { path } => {
             let known: Vec<String> = dev
                 .backings()
                 .unwrap_or_default()
@@ -58,8 +115,22 @@ pub fn run(device: &Path, backing: &Path) -> u8 {
                 .map(|(_, b)| String::from_utf8_lossy(b.path()).into_owned())
                 .collect();
             let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            fail(format!("{} holds no cache for {}; it caches: {list}", device.display(), path.display()))
+            format!("{} holds no cache for {}; it caches: {list}", device.display(), path.display())
         }
-        Err(e) => fail(format!("{}: {e}; nothing was released, the cache is intact", backing.display())),
-    }
+        // Damaged cache data or metadata: salvage writes back the rest.
+        e @ (EngineError::Corrupt(_) | EngineError::DataCrc { .. } | EngineError::Pmem(PmemError::Media { .. }))
+            if !salvage =>
+        {
+            format!(
+                "{}: {e}\nnothing was released, the cache is intact; `pcache detach {} --backing {} --salvage` \
+                 writes back everything else and lists what it cannot",
+                backing.display(),
+                device.display(),
+                backing.display()
+            )
+        }
+        e => format!("{}: {e}; nothing was released, the cache is intact", backing.display()),
+    };
+    eprintln!("pcache detach: {msg}");
+    1
 }

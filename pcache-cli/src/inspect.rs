@@ -76,7 +76,9 @@ fn backing_json(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) -
     });
     json!({
         "id": b.id,
-        "state": "running",
+        // The on-media state is RUNNING (the RFC's name): the entry is in
+        // use, whether or not anything runs its cache now.
+        "state": "in_use",
         "path": String::from_utf8_lossy(b.info.path()),
         "dev_size": b.info.dev_size.get() * 512,
         "copy": b.copy,
@@ -211,7 +213,7 @@ fn print_text(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) {
 fn print_backing(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) {
     let ci = &b.info.cache_info;
     println!();
-    println!("backing {}  {}  running", b.id, String::from_utf8_lossy(b.info.path()));
+    println!("backing {}  {}  in use", b.id, String::from_utf8_lossy(b.info.path()));
     println!("  entry       {}", copies_text(&b.copies, Some(b.copy)));
     let sectors = b.info.dev_size.get();
     if sectors > 0 {

@@ -4,12 +4,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 
 mod attach;
 mod check;
 mod detach;
 mod format;
 mod inspect;
+mod rename;
+mod repair;
+mod signatures;
 mod units;
 
 /// Persistent memory as a crash-safe write-back cache for block devices.
@@ -23,16 +28,28 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Format a pmem device (or an ordinary file standing in for one).
+    ///
+    /// Refuses a device that holds a filesystem, a partition table, LVM,
+    /// swap, LUKS, md RAID, bcache, dm-pcache or pcache, unless --force. A
+    /// file is allocated in full (fallocate), and refused if its filesystem
+    /// cannot hold it.
     Format {
         /// Device DAX (/dev/daxX.Y), a file on a DAX filesystem, a block
         /// device, or an ordinary file.
         device: PathBuf,
-        /// Create DEVICE as a sparse file of this size (e.g. 1G, 512M).
+        /// Create DEVICE as a file of this size (e.g. 1G, 512M), all of it
+        /// allocated.
         #[arg(long, value_parser = units::parse_size)]
         size: Option<u64>,
-        /// Overwrite an existing pcache format, destroying every cache on it.
+        /// Format even a device that holds something (a filesystem, a
+        /// partition table, a cache...), destroying it.
         #[arg(long)]
         force: bool,
+        /// Leave a file sparse instead of allocating it: for tests and
+        /// benchmarks only, since a write to a hole then fails (SIGBUS) when
+        /// its filesystem is full.
+        #[arg(long)]
+        sparse: bool,
     },
     /// Show what a device holds: superblock, backing table, caches, key logs.
     Inspect {
@@ -62,6 +79,44 @@ enum Command {
         /// The backing device whose cache to give up.
         #[arg(long)]
         backing: PathBuf,
+        /// Write back every dirty extent that reads correctly, skip and list
+        /// (`lost: ...`) those that do not, then give the cache up anyway.
+        /// Exit status 3: detached with data lost.
+        #[arg(long)]
+        salvage: bool,
+    },
+    /// Show, then with --yes carry out, repairs of the backing table: the
+    /// second copy of entries that have one, a new entry for a cache whose
+    /// entry was lost (for the backing device named with --backing), and
+    /// damaged entries freed once no lost cache needs them. Offline.
+    Repair {
+        /// The pmem device.
+        device: PathBuf,
+        /// The backing device a lost cache belongs to (its entry cannot
+        /// say: the user must).
+        #[arg(long)]
+        backing: Option<PathBuf>,
+        /// The first device segment of the lost cache to rebuild, when
+        /// there are several (as `pcache check` shows them).
+        #[arg(long, value_name = "SEGMENT")]
+        cache_segment: Option<u32>,
+        /// Carry the repairs out (without it, only show them).
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Point the cache of a backing device at the device's new name (a
+    /// disk that moved from /dev/sdb to /dev/sdc, a file that was moved).
+    /// The new device must have the size stored for the cache. Offline.
+    Rename {
+        /// The pmem device.
+        device: PathBuf,
+        /// The backing device's name as the cache stores it (as `pcache
+        /// inspect` shows it).
+        #[arg(long)]
+        backing: PathBuf,
+        /// Its new name.
+        #[arg(long)]
+        to: PathBuf,
     },
 }
 
@@ -69,6 +124,32 @@ enum Command {
 /// EX_USAGE): distinct from `check`'s 1 (problems found) and 2 (could not
 /// read), so scripts can tell a typo from a damaged device.
 const EXIT_USAGE: u8 = 64;
+
+/// The log filter for the value of `PCACHE_LOG` (`None`: unset), and the
+/// warning to print when the value is not usable: then logging is at info.
+///
+/// `tracing`'s own parser takes a bare word it does not know as a target
+/// name (`verbose` would enable only a target called "verbose": no line at
+/// all), so a bare word must be a level or name one of pcache's own targets
+/// (`pcache`, `pcache_pmem`, ...); anything else, or a value the parser
+/// rejects, is warned about.
+fn log_filter(value: Option<&str>) -> (EnvFilter, Option<String>) {
+    let fallback = || EnvFilter::new("info");
+    let Some(value) = value.filter(|v| !v.trim().is_empty()) else { return (fallback(), None) };
+    let bare_word_ok =
+        |d: &str| d.contains(['=', '[', ':']) || d.parse::<LevelFilter>().is_ok() || d.starts_with("pcache");
+    let known = value.split(',').map(str::trim).filter(|d| !d.is_empty()).all(bare_word_ok);
+    match EnvFilter::try_new(value) {
+        Ok(filter) if known => (filter, None),
+        _ => (
+            fallback(),
+            Some(format!(
+                "pcache: PCACHE_LOG={value} is not a log level (error, warn, info, debug, trace, or a tracing \
+                 filter such as pcache_pmem=debug); logging at info"
+            )),
+        ),
+    }
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -78,20 +159,61 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
+    let value = std::env::var_os("PCACHE_LOG").map(|v| v.to_string_lossy().into_owned());
+    let (filter, warning) = log_filter(value.as_deref());
+    if let Some(warning) = warning {
+        eprintln!("{warning}");
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PCACHE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .init();
     let code = match cli.command {
-        Command::Format { device, size, force } => format::run(&device, size, force),
+        Command::Format { device, size, force, sparse } => format::run(&device, size, force, sparse),
         Command::Inspect { device, json } => inspect::run(&device, json),
         Command::Check { device, no_data } => check::run(&device, !no_data),
-        Command::Detach { device, backing } => detach::run(&device, &backing),
+        Command::Detach { device, backing, salvage } => detach::run(&device, &backing, salvage),
         Command::Attach(args) => attach::run(args),
+        Command::Repair { device, backing, cache_segment, yes } => {
+            repair::run(&device, backing.as_deref(), cache_segment, yes)
+        }
+        Command::Rename { device, backing, to } => rename::run(&device, &backing, &to),
     };
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_log_levels_warn_and_fall_back_to_info() {
+        for bad in ["verbose", "Verbose", "loud,info", "pcache_pmem=verbose", "info=[", "debug,pcache=noisy"] {
+            let (filter, warning) = log_filter(Some(bad));
+            assert_eq!(filter.to_string(), "info", "{bad}");
+            let warning = warning.unwrap_or_else(|| panic!("{bad}: no warning"));
+            assert!(warning.starts_with(&format!("pcache: PCACHE_LOG={bad} is not a log level (")), "{warning}");
+            assert!(warning.ends_with("; logging at info"), "{warning}");
+        }
+    }
+
+    #[test]
+    fn valid_log_filters_are_kept() {
+        for (value, want) in [
+            (None, "info"),
+            (Some(""), "info"),
+            (Some("  "), "info"),
+            (Some("warn"), "warn"),
+            (Some("DEBUG"), "debug"),
+            (Some("off"), "off"),
+            (Some("pcache_pmem=debug"), "pcache_pmem=debug"),
+            (Some("info,pcache=trace"), "pcache=trace,info"),
+            (Some("pcache_pmem"), "pcache_pmem=trace"),
+        ] {
+            let (filter, warning) = log_filter(value);
+            assert_eq!(warning, None, "{value:?}");
+            assert_eq!(filter.to_string(), want, "{value:?}");
+        }
+    }
 }

@@ -1,8 +1,13 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
+pub mod attach;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+#[allow(unused_imports)]
+pub use attach::*;
 
 /// Runs `pcache` with `args` and the extra environment `env`.
 pub fn pcache_env(args: &[&str], env: &[(&str, &str)]) -> Output {
