@@ -320,9 +320,24 @@ fn workload(seed: u64) -> Workload {
     if previous_life {
         // Start with one-key ksets, 64 bytes each: they end exactly where the
         // previous life's ksets began.
-        let first: Vec<Op> =
-            (0..24).map(|_| Op::Write { sector: r.below(sectors), sectors: 1 + r.below(8), fua: true }).collect();
+        let first: Vec<Op> = (0..24)
+            .map(|_| {
+                let sector = r.below(sectors);
+                Op::Write { sector, sectors: (1 + r.below(8)).min(sectors - sector), fua: true }
+            })
+            .collect();
         ops.splice(0..0, first);
+    }
+    // Every request lies inside the device: one that did not would be
+    // refused by the engine, rightly, and counted here as a violation.
+    for op in &ops {
+        if let Op::Write { sector, sectors: n, .. }
+        | Op::Zero { sector, sectors: n }
+        | Op::Read { sector, sectors: n }
+        | Op::Discard { sector, sectors: n } = *op
+        {
+            assert!(n > 0 && sector + n <= sectors, "workload {seed}: {op:?} passes the end of {sectors} sectors");
+        }
     }
     ops.push(Op::Flush);
     ops.push(Op::WriteBack { ksets: usize::MAX });
@@ -943,6 +958,12 @@ fn mutation_named(name: &str) -> Option<Mutation> {
 
 fn main() {
     let states: usize = std::env::var("PCACHE_CRASH_STATES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    // The workloads of a campaign of any size are well formed: every
+    // request inside its device (`workload` asserts it). A campaign of
+    // 100 000 states runs a few hundred of them.
+    for seed in 0..2_000 {
+        workload(seed);
+    }
     if let Ok(name) = std::env::var("PCACHE_MUTATION") {
         let m = mutation_named(&name).unwrap_or_else(|| panic!("unknown PCACHE_MUTATION {name:?}"));
         mutation::set(m);
