@@ -144,6 +144,11 @@ pub enum Issue {
         /// The copy that was never written.
         never_written: u8,
     },
+    /// An entry without a valid copy, one of them never written, while no
+    /// cache with dirty data lacks its entry: a crash tore the entry's first
+    /// write (or damage hit an entry whose cache held nothing to lose). It
+    /// is free.
+    TornEntry(Error),
     /// A cache (a chain of running segments with tails and a key log) that
     /// no backing entry owns: its entry was lost or never written.
     OrphanCache {
@@ -210,6 +215,11 @@ impl fmt::Display for Issue {
                 f,
                 "copy {never_written} was never written, so one damaged page would lose this entry \
                  (`pcache repair` writes it)"
+            ),
+            Issue::TornEntry(e) => write!(
+                f,
+                "{e}: torn while it was first written (a crash as a cache was created), or damaged while its \
+                 cache held no dirty data; nothing is lost and the entry is free"
             ),
             Issue::OrphanCache { segs, ksets, dirty_keys: 0 } => write!(
                 f,
@@ -447,10 +457,17 @@ pub fn scan<M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions) -> Report {
             }
             Err(e) => s.read_error(Location::MetaSegment, e),
         }
-        let (backings, owner) = scan_backings(&mut s, &layout);
+        let (backings, owner, unreadable) = scan_backings(&mut s, &layout);
         report.backings = backings;
         let owned: Vec<bool> = owner.iter().map(Option::is_some).collect();
         report.orphans = find_orphans(m, &layout, &owned);
+        for (id, e) in unreadable {
+            if entry_torn_harmlessly(&e, &report.orphans) {
+                s.push(Severity::Note, Location::Backing { id }, Issue::TornEntry(e));
+            } else {
+                s.problem(Location::Backing { id }, Issue::Record(e));
+            }
+        }
         for o in &report.orphans {
             let severity = if o.holds_dirty_data() { Severity::Problem } else { Severity::Note };
             let issue =
@@ -499,10 +516,14 @@ fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, sb: &mut Super
     }
 }
 
+/// Entries without a valid copy, judged once the orphans are known.
+type Unreadable = Vec<(u32, Error)>;
+
 fn scan_backings<M: ReadMedia + ?Sized>(
     s: &mut Scanner<'_, M>,
     layout: &Layout,
-) -> (Vec<BackingReport>, Vec<Option<u32>>) {
+) -> (Vec<BackingReport>, Vec<Option<u32>>, Unreadable) {
+    let mut unreadable = Vec::new();
     let mut backings: Vec<BackingReport> = Vec::new();
     // Which backing owns each device segment.
     let mut owner: Vec<Option<u32>> = vec![None; usize::from(layout.seg_num())];
@@ -520,7 +541,7 @@ fn scan_backings<M: ReadMedia + ?Sized>(
             // A free entry that was never written.
             Err(e) if e.kind == ErrorKind::NeverWritten => continue,
             Err(e) => {
-                s.problem(loc, Issue::Record(e));
+                unreadable.push((id, e));
                 continue;
             }
         };
@@ -549,7 +570,16 @@ fn scan_backings<M: ReadMedia + ?Sized>(
         scan_cache(s, layout, &mut owner, &mut b);
         backings.push(b);
     }
-    (backings, owner)
+    (backings, owner, unreadable)
+}
+
+/// Whether an entry without a valid copy is harmless: one copy was never
+/// written (what a crash leaves when it tears the first write of a new
+/// entry) and no cache holding dirty data lacks an entry, so nothing can
+/// be lost by taking it for free.
+pub fn entry_torn_harmlessly(e: &Error, orphans: &[Orphan]) -> bool {
+    matches!(e.kind, ErrorKind::NoValidCopy { never_written: [true, false] | [false, true], .. })
+        && !orphans.iter().any(Orphan::holds_dirty_data)
 }
 
 /// A cache that no backing entry owns: a chain of running data segments

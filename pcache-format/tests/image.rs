@@ -277,3 +277,24 @@ fn log_spanning_segments() {
     assert_eq!(log.keys, keys);
     assert_eq!(log.end.0, 19);
 }
+
+/// A crash that tears the first write of a new entry leaves one torn copy
+/// and one never written: with no dirty cache lacking its entry, that is a
+/// note and the entry is free — with one, it is a problem (see above).
+#[test]
+fn an_entry_torn_at_creation_is_a_note() {
+    let mut b = ImageBuilder::format(GIB).unwrap();
+    let c = b.add_cache(0, b"/dev/backing", 64 << 20, 8, false).unwrap();
+    let entry = b.layout().meta_entry_offset(0).unwrap();
+    let mut page = [0u8; 4096];
+    b.image().read_at(entry, &mut page).unwrap();
+    page[300] ^= 0x10;
+    b.image_mut().write_at(entry, &page).unwrap();
+    b.image_mut().write_at(entry + 4096, &[0u8; 4096]).unwrap();
+    let r = scan(b.image(), ScanOptions::default());
+    assert_eq!(problems(&r), Vec::<String>::new());
+    assert!(notes(&r).iter().any(|n| n.contains("torn while it was first written")), "{:?}", notes(&r));
+    assert_eq!(r.orphans.len(), 1);
+    assert_eq!(r.orphans[0].segs, c.chain());
+    assert!(!r.orphans[0].holds_dirty_data());
+}

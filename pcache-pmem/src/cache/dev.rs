@@ -6,7 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pcache_format::image::{Orphan, find_orphans};
+use pcache_format::image::{Orphan, entry_torn_harmlessly, find_orphans};
 use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock};
 use pcache_format::{BackingDevInfo, ErrorKind, Layout, META_ENTRIES, ReadError};
 
@@ -90,12 +90,14 @@ impl<P: Pmem> CacheDev<P> {
         let mut used = vec![false; usize::from(layout.seg_num())];
         used[0] = true;
         let mut table = vec![None; META_ENTRIES as usize];
+        let mut unreadable = Vec::new();
         for id in 0..META_ENTRIES {
             let pair = read_backing(&media, &layout, id).map_err(format_err)?;
             let info = match pair.latest {
                 Ok(latest) => latest.record,
                 Err(e) if e.kind == ErrorKind::NeverWritten => continue,
                 Err(e) => {
+                    unreadable.push((id, e));
                     table[id as usize] = Some(Entry::Damaged(e.to_string()));
                     continue;
                 }
@@ -118,8 +120,16 @@ impl<P: Pmem> CacheDev<P> {
                 *slot = true;
             }
         }
+        let found = find_orphans(&media, &layout, &used);
+        // An entry torn by a crash as it was first written holds nothing:
+        // it is free (`pcache check` notes it).
+        for (id, e) in &unreadable {
+            if entry_torn_harmlessly(e, &found) {
+                table[*id as usize] = None;
+            }
+        }
         let any_damaged = table.iter().any(|e| matches!(e, Some(Entry::Damaged(_))));
-        let orphans: Vec<(Orphan, bool)> = find_orphans(&media, &layout, &used)
+        let orphans: Vec<(Orphan, bool)> = found
             .into_iter()
             .map(|o| {
                 let reserved = any_damaged || o.holds_dirty_data();
