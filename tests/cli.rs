@@ -9,8 +9,8 @@ use std::path::Path;
 
 use common::*;
 
-use pcache_format::sparse::{ImageBuilder, SparseImage};
-use pcache_format::{ReadMedia, SB_OFF};
+use pcache_format::SB_OFF;
+use pcache_format::sparse::ImageBuilder;
 use serde_json::Value;
 
 fn inspect_json(dev: &Path) -> (i32, Value) {
@@ -24,17 +24,6 @@ fn flip_byte(path: &Path, off: u64) {
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, off).unwrap();
     f.write_all_at(&[b[0] ^ 0x01], off).unwrap();
-}
-
-/// Writes a sparse image into a new file of the same size.
-fn write_image(img: &SparseImage, path: &Path) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(img.size()).unwrap();
-    let mut page = [0u8; 4096];
-    for off in img.written_pages() {
-        img.read_at(off, &mut page).unwrap();
-        f.write_all_at(&page, off).unwrap();
-    }
 }
 
 #[test]

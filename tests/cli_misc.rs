@@ -4,16 +4,13 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
 
-use pcache_format::ReadMedia;
-use pcache_format::sparse::{ImageBuilder, SparseImage};
+use pcache_format::sparse::ImageBuilder;
 use serde_json::Value;
 
 /// Waits at most `limit` for `child` to exit; kills it and fails if it does not.
@@ -71,17 +68,6 @@ fn a_fifo_is_refused_at_once() {
     // The FIFO is left as it was.
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
-}
-
-/// Writes a sparse image into a new file of the same size.
-fn write_image(img: &SparseImage, path: &Path) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(img.size()).unwrap();
-    let mut page = [0u8; 4096];
-    for off in img.written_pages() {
-        img.read_at(off, &mut page).unwrap();
-        f.write_all_at(&page, off).unwrap();
-    }
 }
 
 #[test]

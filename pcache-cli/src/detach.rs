@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use pcache_pmem::cache::detach::{SalvageReport, detach_salvage};
-use pcache_pmem::{CacheDev, DaxMapping, DaxOptions, EngineError, FileBacking, PmemError, detach};
+use pcache_pmem::{CacheDev, DaxMapping, EngineError, PmemError, detach};
 
 use crate::units::human;
 
@@ -18,15 +18,11 @@ pub fn run(device: &Path, backing: &Path, salvage: bool) -> u8 {
         eprintln!("pcache detach: {msg}");
         1
     };
-    let map = match DaxMapping::open(device, &DaxOptions::default()) {
-        Ok(m) => m,
-        Err(e) => return fail(e.to_string()),
-    };
-    let dev = match CacheDev::open(map) {
+    let dev = match crate::open::cache_dev(device) {
         Ok(d) => d,
-        Err(e) => return fail(format!("{}: {e}", device.display())),
+        Err(e) => return fail(e),
     };
-    let file = match FileBacking::open(backing) {
+    let file = match crate::open::backing(device, backing) {
         Ok(f) => f,
         Err(e) => return fail(format!("{e} (detach writes the cache back to it, so it must be there)")),
     };

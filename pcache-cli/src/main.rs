@@ -12,6 +12,7 @@ mod check;
 mod detach;
 mod format;
 mod inspect;
+mod open;
 mod rename;
 mod repair;
 mod signatures;

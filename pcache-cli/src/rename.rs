@@ -3,27 +3,20 @@
 use std::path::Path;
 
 use pcache_pmem::cache::repair::rename;
-use pcache_pmem::{BackingDev, CacheDev, DaxMapping, DaxOptions, EngineError, FileBacking};
+use pcache_pmem::{BackingDev, EngineError};
 
 pub fn run(device: &Path, old: &Path, new: &Path) -> u8 {
     let fail = |msg: String| {
         eprintln!("pcache rename: {msg}");
         1
     };
-    let map = match DaxMapping::open(device, &DaxOptions::default()) {
-        Ok(m) => m,
-        Err(e) => return fail(e.to_string()),
-    };
-    let dev = match CacheDev::open(map) {
+    let dev = match crate::open::cache_dev(device) {
         Ok(d) => d,
-        Err(e) => return fail(format!("{}: {e}", device.display())),
+        Err(e) => return fail(e),
     };
-    if let Err(msg) = crate::attach::check_backings(device, &[new.to_path_buf()]) {
-        return fail(msg);
-    }
-    let file = match FileBacking::open(new) {
+    let file = match crate::open::backing(device, new) {
         Ok(f) => f,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return fail(e),
     };
     match rename(&dev, old, &file) {
         Ok(id) => {

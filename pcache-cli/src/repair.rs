@@ -4,32 +4,19 @@
 use std::path::Path;
 
 use pcache_pmem::cache::repair::{apply, plan};
-use pcache_pmem::{CacheDev, DaxMapping, DaxOptions, FileBacking};
 
 pub fn run(device: &Path, backing: Option<&Path>, head: Option<u32>, yes: bool) -> u8 {
     let fail = |msg: String| {
         eprintln!("pcache repair: {msg}");
         1
     };
-    let map = match DaxMapping::open(device, &DaxOptions::default()) {
-        Ok(m) => m,
-        Err(e) => return fail(e.to_string()),
-    };
-    let dev = match CacheDev::open(map) {
+    let dev = match crate::open::cache_dev(device) {
         Ok(d) => d,
-        Err(e) => return fail(format!("{}: {e}", device.display())),
+        Err(e) => return fail(e),
     };
-    let file = match backing {
-        None => None,
-        Some(b) => {
-            if let Err(msg) = crate::attach::check_backings(device, &[b.to_path_buf()]) {
-                return fail(msg);
-            }
-            match FileBacking::open(b) {
-                Ok(f) => Some(f),
-                Err(e) => return fail(e.to_string()),
-            }
-        }
+    let file = match backing.map(|b| crate::open::backing(device, b)).transpose() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
     };
     for (id, why) in dev.damaged() {
         println!("found: backing entry {id} is damaged: {why}");

@@ -372,3 +372,32 @@ fn the_same_torn_end_detaches_plainly() {
     rig.assert_blocks(|i| i < BLOCKS - 1);
     rig.assert_released();
 }
+
+/// A damaged kset in the middle of the log is no torn end: a start that
+/// took it for one replayed only the keys before it, and the next ksets it
+/// wrote overwrote the rest, silently. The start refuses it instead, and a
+/// kset torn at the very end still starts.
+#[test]
+fn a_start_refuses_a_damaged_kset_in_the_middle_of_the_log() {
+    let rig = Rig::new("start");
+    let cache = rig.start_and_write(true);
+    cache.stop().unwrap();
+    drop(cache);
+    let (_, kset) = rig.where_is(BAD);
+    rig.flip(kset + 24 + 9);
+    let err = Cache::start(rig.dev.clone(), rig.backing.clone(), &opts()).map(|_| ()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, EngineError::Corrupt(_)), "{msg}");
+    assert!(msg.contains(&format!("segment 0 offset {:#x}", BAD * 64)) && msg.contains("--salvage"), "{msg}");
+    // The newest kset torn instead: the log ends there and the cache starts.
+    let rig = Rig::new("start-torn");
+    let cache = rig.start_and_write(true);
+    cache.stop().unwrap();
+    drop(cache);
+    let (_, last) = rig.where_is(BLOCKS - 1);
+    rig.flip(last + 24 + 9);
+    let (cache, report) = Cache::start(rig.dev.clone(), rig.backing.clone(), &opts()).unwrap();
+    assert!(report.replay.torn_end);
+    assert_eq!(report.replay.keys, BLOCKS - 1);
+    cache.stop().unwrap();
+}

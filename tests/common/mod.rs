@@ -54,3 +54,16 @@ impl Dir {
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// Writes a sparse image into a new file of the same size.
+pub fn write_image(img: &pcache_format::sparse::SparseImage, path: &Path) {
+    use pcache_format::ReadMedia;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(img.size()).unwrap();
+    let mut page = [0u8; 4096];
+    for off in img.written_pages() {
+        img.read_at(off, &mut page).unwrap();
+        f.write_all_at(&page, off).unwrap();
+    }
+}
