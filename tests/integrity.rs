@@ -307,6 +307,16 @@ fn a_moved_backing_is_renamed_explicitly_never_silently() {
     let o = qemu_io(&a.uri("moved.img"), &["read -P 0x77 0 1m"]);
     assert!(reads_ok(&o), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
+    // The device gone for good: its cache can be given up, explicitly,
+    // without a device to write back to; the refusal named this command.
+    std::fs::remove_file(&moved).unwrap();
+    let o = pcache(&["detach", s(&rig.dev), "--backing", s(&moved), "--discard"]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("1.00 MiB dirty data not written back is gone"), "{}", stdout(&o));
+    assert!(rig.inspect()["backings"].as_array().unwrap().is_empty());
+    assert_eq!(rig.check().0, 0, "{}", rig.check().1);
+    let o = pcache(&["detach", s(&rig.dev), "--backing", s(&moved), "--discard", "--salvage"]);
+    assert_eq!(code(&o), 64);
 }
 
 /// Two entries for one backing device (as an earlier pcache could leave

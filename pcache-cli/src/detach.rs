@@ -130,3 +130,40 @@ fn failed(dev: &CacheDev<DaxMapping>, device: &Path, backing: &Path, e: EngineEr
     eprintln!("pcache detach: {msg}");
     1
 }
+
+/// `pcache detach --discard`: give a cache up without writing it back.
+pub fn discard(device: &Path, stored: &Path) -> u8 {
+    let fail = |msg: String| {
+        eprintln!("pcache detach: {msg}");
+        1
+    };
+    let dev = match crate::open::cache_dev(device) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    match pcache_pmem::discard(&dev, stored) {
+        Ok(r) => {
+            let lost = r.dirty_bytes.map_or_else(|| "an unknown amount of".to_string(), human);
+            println!(
+                "discarded the cache of {} on {}: {lost} dirty data not written back is gone, {} segments ({}) released",
+                stored.display(),
+                device.display(),
+                r.segments_released,
+                human(u64::from(r.segments_released) << 24)
+            );
+            println!("backing entry {} is free", r.id);
+            0
+        }
+        Err(EngineError::NoCache { path }) => {
+            let known: Vec<String> = dev
+                .backings()
+                .unwrap_or_default()
+                .iter()
+                .map(|(_, b)| String::from_utf8_lossy(b.path()).into_owned())
+                .collect();
+            let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            fail(format!("{} holds no cache for {}; it caches: {list}", device.display(), path.display()))
+        }
+        Err(e) => fail(format!("{e}; nothing was released")),
+    }
+}

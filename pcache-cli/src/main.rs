@@ -85,6 +85,12 @@ enum Command {
         /// Exit status 3: detached with data lost.
         #[arg(long)]
         salvage: bool,
+        /// Give the cache up WITHOUT writing anything back, for a backing
+        /// device that is gone for good: its dirty data is lost. BACKING is
+        /// the name the cache stores (as `pcache inspect` shows it) and
+        /// need not exist.
+        #[arg(long, conflicts_with = "salvage")]
+        discard: bool,
     },
     /// Show, then with --yes carry out, repairs of the backing table: the
     /// second copy of entries that have one, a new entry for a cache whose
@@ -174,7 +180,8 @@ fn main() -> ExitCode {
         Command::Format { device, size, force, sparse } => format::run(&device, size, force, sparse),
         Command::Inspect { device, json } => inspect::run(&device, json),
         Command::Check { device, no_data } => check::run(&device, !no_data),
-        Command::Detach { device, backing, salvage } => detach::run(&device, &backing, salvage),
+        Command::Detach { device, backing, discard: true, .. } => detach::discard(&device, &backing),
+        Command::Detach { device, backing, salvage, .. } => detach::run(&device, &backing, salvage),
         Command::Attach(args) => attach::run(args),
         Command::Repair { device, backing, cache_segment, yes } => {
             repair::run(&device, backing.as_deref(), cache_segment, yes)

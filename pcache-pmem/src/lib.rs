@@ -23,7 +23,7 @@ pub mod sys;
 pub use backing::{BackingDev, BackingError, BackingId, FaultyBacking, FileBacking, MemBacking, stored_name};
 pub use cache::{
     Cache, CacheDev, CacheOptions, CacheSummary, DamagedKset, DetachReport, EngineError, Entry, Health, LostExtent,
-    SalvageReport, StartReport, Stats, default_cache_segs, detach, detach_salvage, summarize,
+    SalvageReport, StartReport, Stats, default_cache_segs, detach, detach_salvage, discard, summarize,
 };
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};

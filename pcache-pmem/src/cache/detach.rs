@@ -577,3 +577,34 @@ impl<P: Pmem + ?Sized> Walk<'_, P> {
         None
     }
 }
+
+/// What [`discard`] gave up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscardReport {
+    /// The backing entry that was freed.
+    pub id: u32,
+    /// Dirty bytes that were never written back and are gone, if the log
+    /// could be read to count them.
+    pub dirty_bytes: Option<u64>,
+    /// Segments returned to the device.
+    pub segments_released: u32,
+}
+
+/// Gives up the cache of the backing device stored as `stored` *without*
+/// writing anything back: for a backing device that is gone for good. Its
+/// dirty data is lost. The entry is matched by the stored path (as given,
+/// made absolute, or canonical if it still exists) or, if the path still
+/// names a file or device, by identity.
+pub fn discard<P: Pmem>(dev: &CacheDev<P>, stored: &std::path::Path) -> Result<DiscardReport, EngineError> {
+    let (id, info) = super::repair::entry_named(dev, stored)?;
+    let ci = info.cache_info;
+    let media = crate::pmem::AsMedia(dev.pmem());
+    let mut segs = Vec::new();
+    let mut walk = pcache_format::media::ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
+    while let Some(step) = walk.next(&media, dev.layout()) {
+        segs.push(step.map_err(super::dev::format_err)?.dev_seg);
+    }
+    let dirty_bytes = super::summarize(dev.pmem(), dev.layout(), &info).ok().map(|s| s.dirty_bytes);
+    release(dev, id, &info, &segs)?;
+    Ok(DiscardReport { id, dirty_bytes, segments_released: segs.len() as u32 })
+}

@@ -39,7 +39,9 @@ use pcache_format::{
     encode_kset, encode_last, kset_size,
 };
 
-pub use detach::{DamagedKset, DetachReport, LostExtent, SalvageReport, detach, detach_salvage};
+pub use detach::{
+    DamagedKset, DetachReport, DiscardReport, LostExtent, SalvageReport, detach, detach_salvage, discard,
+};
 pub use dev::{CacheDev, Entry};
 pub use index::IKey;
 pub use load::{LogPos, ReplayStats};

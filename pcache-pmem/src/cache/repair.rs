@@ -194,30 +194,7 @@ pub fn apply<P: Pmem>(dev: &CacheDev<P>, repairs: &[Repair]) -> Result<(), Engin
 /// `/dev/sdc`, a file moved). Refused unless `new` has exactly the size
 /// stored for the cache and no cache of its own. Returns the entry id.
 pub fn rename<P: Pmem, B: BackingDev>(dev: &CacheDev<P>, old: &Path, new: &B) -> Result<u32, EngineError> {
-    let abs = std::path::absolute(old).unwrap_or_else(|_| old.to_path_buf());
-    let canonical = std::fs::canonicalize(old).ok();
-    let old_id = crate::backing::BackingId::of_path(old);
-    let found: Vec<(u32, BackingDevInfo)> = dev
-        .backings()?
-        .into_iter()
-        .filter(|(_, e)| {
-            let stored = Path::new(std::ffi::OsStr::from_bytes(e.path()));
-            stored == old
-                || stored == abs
-                || canonical.as_deref() == Some(stored)
-                || old_id.is_some_and(|i| crate::backing::BackingId::of_path(stored) == Some(i))
-        })
-        .collect();
-    let (id, mut info) = match found.as_slice() {
-        [one] => *one,
-        [] => return Err(EngineError::NoCache { path: old.to_path_buf() }),
-        _ => {
-            return Err(EngineError::InvalidOption(format!(
-                "several backing entries match {}: run `pcache check`",
-                old.display()
-            )));
-        }
-    };
+    let (id, info) = entry_named(dev, old)?;
     if let Ok((other, _)) = dev.find_entry(new.path(), new.identity())?
         && other != id
     {
@@ -239,7 +216,34 @@ pub fn rename<P: Pmem, B: BackingDev>(dev: &CacheDev<P>, old: &Path, new: &B) ->
     let path = new.path().as_os_str().as_bytes();
     let renamed = BackingDevInfo::running(id, path, info.dev_size.get(), info.cache_info)
         .map_err(|e| EngineError::InvalidOption(format!("{}: {e}", new.path().display())))?;
-    info = renamed;
-    dev.write_entry_both(id, &info)?;
+    dev.write_entry_both(id, &renamed)?;
     Ok(id)
+}
+
+/// The running entry whose stored path is `old` — as given, made
+/// absolute, or canonical if it still exists — or, if `old` names a file
+/// or device now, whose stored path names the same one.
+pub(crate) fn entry_named<P: Pmem>(dev: &CacheDev<P>, old: &Path) -> Result<(u32, BackingDevInfo), EngineError> {
+    let abs = std::path::absolute(old).unwrap_or_else(|_| old.to_path_buf());
+    let canonical = std::fs::canonicalize(old).ok();
+    let old_id = crate::backing::BackingId::of_path(old);
+    let found: Vec<(u32, BackingDevInfo)> = dev
+        .backings()?
+        .into_iter()
+        .filter(|(_, e)| {
+            let stored = Path::new(std::ffi::OsStr::from_bytes(e.path()));
+            stored == old
+                || stored == abs
+                || canonical.as_deref() == Some(stored)
+                || old_id.is_some_and(|i| crate::backing::BackingId::of_path(stored) == Some(i))
+        })
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(EngineError::NoCache { path: old.to_path_buf() }),
+        _ => Err(EngineError::InvalidOption(format!(
+            "several backing entries match {}: run `pcache check`",
+            old.display()
+        ))),
+    }
 }
