@@ -228,6 +228,11 @@ fn one_damaged_page_of_the_backing_table_loses_nothing() {
         let (c, out) = rig.check();
         assert_eq!(c, 1, "{damage}: {out}");
         assert!(out.contains("owned by no backing entry") && out.contains("pcache repair"), "{damage}: {out}");
+        let v = rig.inspect();
+        assert!(v["backings"].as_array().unwrap().is_empty(), "{v}");
+        assert_eq!(v["orphans"].as_array().unwrap().len(), 1, "{v}");
+        assert_eq!(v["orphans"][0]["data_crc"], true);
+        assert!(v["orphans"][0]["dirty_keys"].as_u64().unwrap() > 0, "{v}");
         // Attach refuses to build a new cache over it.
         let o = run_for(
             Command::new(env!("CARGO_BIN_EXE_pcache"))
@@ -253,6 +258,7 @@ fn one_damaged_page_of_the_backing_table_loses_nothing() {
         assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
         let (c, out) = rig.check();
         assert_eq!(c, 0, "{damage}: {out}");
+        assert!(rig.inspect()["orphans"].as_array().unwrap().is_empty());
         // Every dirty block is there, verified by its data CRC on the way.
         let a = rig.attach(&[&disk], &[]);
         assert!(a.stdout.iter().any(|l| l.contains("existing cache") && l.contains("data crc on")), "{:?}", a.stdout);

@@ -42,7 +42,12 @@ pub fn run(device: &Path, json: bool) -> u8 {
 }
 
 fn copy_json(c: &CopyInfo) -> Value {
-    json!({ "seq": c.seq, "crc": format!("{:#010x}", c.stored_crc), "crc_ok": c.crc_ok() })
+    json!({
+        "seq": c.seq,
+        "crc": format!("{:#010x}", c.stored_crc),
+        "crc_ok": c.crc_ok(),
+        "never_written": c.blank,
+    })
 }
 
 fn pos_json(p: Option<pcache_format::CachePos>) -> Value {
@@ -132,15 +137,33 @@ fn to_json(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) -> Val
         "superblock": superblock,
         "meta": meta,
         "backings": r.backings.iter().enumerate().map(|(i, b)| backing_json(b, sums.get(i))).collect::<Vec<_>>(),
+        "orphans": r.orphans.iter().map(orphan_json).collect::<Vec<_>>(),
         "problems": findings_json(r, Severity::Problem),
         "notes": findings_json(r, Severity::Note),
+    })
+}
+
+/// A cache no backing entry owns (see `pcache repair`).
+fn orphan_json(o: &pcache_format::image::Orphan) -> Value {
+    json!({
+        "first_segment": o.head,
+        "chain": o.segs,
+        "key_tail": pos_json(Some(o.key_tail)),
+        "dirty_tail": pos_json(Some(o.dirty_tail)),
+        "ksets": o.log.ksets,
+        "dirty_keys": o.log.dirty_keys,
+        "key_end": o.log.key_end,
+        "data_crc": o.data_crc(),
+        "holds_dirty_data": o.holds_dirty_data(),
     })
 }
 
 fn copies_text(copies: &[CopyInfo; 2], current: Option<u8>) -> String {
     let one = |i: usize| {
         let c = &copies[i];
-        let state = if !c.crc_ok() {
+        let state = if c.blank {
+            return format!("copy {i} never written");
+        } else if !c.crc_ok() {
             "bad CRC"
         } else if current == Some(i as u8) {
             "current"
@@ -195,6 +218,19 @@ fn print_text(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) {
     }
     for (i, b) in r.backings.iter().enumerate() {
         print_backing(b, sums.get(i));
+    }
+    for o in &r.orphans {
+        println!();
+        println!(
+            "lost cache  {} segment(s) from segment {}, owned by no backing entry{}",
+            o.segs.len(),
+            o.head,
+            if o.holds_dirty_data() { "" } else { " (no dirty data: its segments are free)" }
+        );
+        println!(
+            "  key log   {} kset(s), {} dirty key(s), keys up to backing offset {}",
+            o.log.ksets, o.log.dirty_keys, o.log.key_end
+        );
     }
     let problems = r.problems();
     let notes = r.findings.len() - problems;
