@@ -48,7 +48,9 @@ fn format_a_file_then_inspect() {
     assert_eq!(v["superblock"]["seg_num"], 63);
     assert_eq!(v["superblock"]["crc_ok"], true);
     assert_eq!(v["backings"], serde_json::json!([]));
-    assert_eq!(v["meta"]["current"], 0);
+    // Both copies written: copy 1 (seq 2) is the current one.
+    assert_eq!(v["meta"]["current"], 1);
+    assert_eq!(v["meta"]["copies"][0]["never_written"], false);
 
     let text = pcache(&["inspect", s(&dev)]);
     assert_eq!(code(&text), 0);

@@ -72,13 +72,17 @@ pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, Form
     }
     // The reserved area and all of segment 0: empty backing table.
     pmem.zero_nodrain(CACHE_DEV_INFO_OFF, SEGMENTS_OFF - CACHE_DEV_INFO_OFF + SEG_SIZE)?;
-    let mut copy = [0u8; SEG_INFO_SIZE];
-    encode_copy(&MetaSegmentInfo::default(), 1, &mut copy).map_err(|_| PmemError::OutOfBounds {
-        off: SEGMENTS_OFF,
-        len: SEG_INFO_SIZE as u64,
-        size: pmem.size(),
-    })?;
-    pmem.copy_nodrain(SEGMENTS_OFF, &copy)?;
+    // Both copies of the meta segment's info (seq 1 and 2), so that one
+    // damaged page cannot make the device unreadable.
+    let mut copies = [0u8; 2 * SEG_INFO_SIZE];
+    for (i, copy) in copies.chunks_exact_mut(SEG_INFO_SIZE).enumerate() {
+        encode_copy(&MetaSegmentInfo::default(), i as u8 + 1, copy).map_err(|_| PmemError::OutOfBounds {
+            off: SEGMENTS_OFF,
+            len: SEG_INFO_SIZE as u64,
+            size: pmem.size(),
+        })?;
+    }
+    pmem.copy_nodrain(SEGMENTS_OFF, &copies)?;
     pmem.fence()?;
     pmem.copy_persist(SB_OFF, &Superblock::encode_area(plan.layout.seg_num()))?;
     Ok(Formatted { plan, overwrote: existing.is_some() })
