@@ -353,3 +353,71 @@ fn two_entries_for_one_backing_are_found_and_refused() {
     assert_eq!(code(&o), 1);
     assert!(stderr(&o).contains("both name"), "{}", stderr(&o));
 }
+
+/// A loop device over a file, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn over(file: &Path) -> Loop {
+        let o = Command::new("losetup").args(["-f", "--show"]).arg(file).output();
+        let o = o.unwrap_or_else(|e| panic!("losetup (util-linux) is needed for the block device tests: {e}"));
+        assert!(o.status.success(), "losetup -f --show {}: {}", file.display(), stderr(&o));
+        Loop(PathBuf::from(stdout(&o).trim()))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// Block devices: one disk under another node name (as `/dev/disk/by-id/…`
+/// is) is one backing, held exclusively while its cache runs; a loop device
+/// over the pmem file is the pmem device.
+#[test]
+fn a_block_device_under_any_name_is_one_backing_held_exclusively() {
+    let rig = Rig::new();
+    let file = rig.backing("disk.img", 64 << 20);
+    let disk = Loop::over(&file);
+    // Another name for the same disk, as udev's by-id links are, and
+    // another device node of it (another inode: only the device number and
+    // the kernel's exclusive open tell them apart).
+    let alias = rig.d.path("by-id-disk");
+    std::os::unix::fs::symlink(&disk.0, &alias).unwrap();
+    let node = rig.d.path("node");
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(&disk.0).unwrap());
+    let (major, minor) = (libc::major(rdev).to_string(), libc::minor(rdev).to_string());
+    ok(Command::new("mknod").arg(&node).args(["b", &major, &minor]));
+    let a = rig.attach(&[&disk.0], &["--export", "disk"]);
+    assert!(a.stdout.iter().any(|l| l.contains("new cache")), "{:?}", a.stdout);
+    assert!(qemu_io(&a.uri("disk"), &["write -P 0x5c 0 1m", "flush"]).status.success());
+    // Held: another pmem device cannot take it, under either name.
+    let other = rig.d.path("other.img");
+    assert_eq!(code(&pcache(&["format", s(&other), "--size", "1G"])), 0);
+    for name in [&disk.0, &alias, &node] {
+        let o = run_for(
+            Command::new(env!("CARGO_BIN_EXE_pcache"))
+                .args(["attach", s(&other), "--backing", s(name), "--listen"])
+                .arg(format!("unix:{}", rig.d.path("o.sock").display())),
+            20,
+        )
+        .expect("a second cache of a block device in use must be refused");
+        assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+        assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    }
+    assert_eq!(a.stop().0, 0);
+    for name in [&alias, &node] {
+        let a = rig.attach(&[name], &["--export", "disk"]);
+        assert!(a.stdout.iter().any(|l| l.contains("existing cache")), "{}: {:?}", name.display(), a.stdout);
+        let o = qemu_io(&a.uri("disk"), &["read -P 0x5c 0 1m"]);
+        assert!(reads_ok(&o), "{}", stdout(&o));
+        assert_eq!(a.stop().0, 0);
+    }
+    // A loop device over the pmem file is the pmem device.
+    let over_pmem = Loop::over(&rig.dev);
+    let o = pcache(&["attach", s(&rig.dev), "--backing", s(&over_pmem.0), "--listen", "unix:/nonexistent/x"]);
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("loop device over the pmem file"), "{}", stderr(&o));
+    assert_eq!(rig.inspect()["backings"].as_array().unwrap().len(), 1);
+}

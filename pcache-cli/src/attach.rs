@@ -611,7 +611,7 @@ pub fn run(a: AttachArgs) -> u8 {
             (Some(n), _) => u64::from(n),
             (None, Some(bytes)) => bytes.div_ceil(SEG_SIZE),
             // Sized for the backing device, within what is free.
-            (None, None) => u64::from(default_cache_segs(size, cpus(), dev.free_segments())),
+            (None, None) => u64::from(default_cache_segs(size, 1, dev.free_segments())),
         };
         let queues = a.queues.unwrap_or_else(|| cpus().min((n_segs / 10).max(1) as u32).clamp(1, 128));
         let opts = CacheOptions {
