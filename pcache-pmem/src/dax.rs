@@ -151,16 +151,6 @@ fn eadr_in(devices: &Path) -> bool {
     regions > 0
 }
 
-/// The pid holding a `flock` on the file with this device and inode, from
-/// `/proc/locks` (best effort).
-fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
-    locks.lines().filter(|l| !l.contains("->")).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok()).flatten()
-    })
-}
 
 /// Why a file of this type cannot be pmem, or `None` when it may be: a
 /// regular file, a block device or a character device (device DAX, checked
@@ -190,13 +180,7 @@ fn probe(file: &File, path: &Path) -> Result<(u64, bool), PmemError> {
         return Ok((meta.len(), false));
     }
     if ft.is_block_device() {
-        let mut size: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
-        // points at a live local.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-        if rc != 0 {
-            return Err(io_err("ioctl BLKGETSIZE64", path, io::Error::last_os_error()));
-        }
+        let size = crate::sys::block_size(file).map_err(|e| io_err("ioctl BLKGETSIZE64", path, e))?;
         return Ok((size, false));
     }
     if ft.is_char_device() {
@@ -214,9 +198,6 @@ fn probe(file: &File, path: &Path) -> Result<(u64, bool), PmemError> {
     }
     Err(unsupported(path, "not a file, block device or device DAX"))
 }
-
-/// `_IOR(0x12, 114, size_t)`.
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// Whether the file is accessed through DAX (`STATX_ATTR_DAX`, Linux 5.8).
 fn file_is_dax(file: &File) -> bool {
@@ -255,7 +236,7 @@ impl DaxMapping {
                 let err = io::Error::last_os_error();
                 if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
                     let meta = file.metadata().ok();
-                    let holder = meta.and_then(|m| lock_holder(m.dev(), m.ino()));
+                    let holder = meta.as_ref().and_then(crate::sys::holder_of);
                     return Err(PmemError::Busy { path: path.to_path_buf(), holder });
                 }
                 return Err(io_err("flock", path, err));
