@@ -19,13 +19,6 @@ fn inspect_json(dev: &Path) -> (i32, Value) {
     (code(&o), v)
 }
 
-fn flip_byte(path: &Path, off: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, off).unwrap();
-    f.write_all_at(&[b[0] ^ 0x01], off).unwrap();
-}
-
 #[test]
 fn format_a_file_then_inspect() {
     let d = Dir::new();

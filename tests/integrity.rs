@@ -13,30 +13,7 @@ use std::process::Command;
 use common::*;
 use pcache_format::SEGMENTS_OFF;
 
-struct Rig {
-    d: Dir,
-    dev: PathBuf,
-}
-
 impl Rig {
-    fn new() -> Rig {
-        let d = Dir::new();
-        let dev = d.path("pmem.img");
-        let o = pcache(&["format", s(&dev), "--size", "1G"]);
-        assert_eq!(code(&o), 0, "{}", stderr(&o));
-        Rig { d, dev }
-    }
-
-    fn backing(&self, name: &str, size: u64) -> PathBuf {
-        let p = self.d.path(name);
-        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-        p
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.d.path("nbd.sock")
-    }
-
     /// `pcache attach` of `backings` with writeback held back, so that what
     /// the tests write stays dirty in pmem.
     fn attach(&self, backings: &[&Path], extra: &[&str]) -> Attach {

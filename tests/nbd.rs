@@ -16,25 +16,7 @@ use std::time::Duration;
 
 use common::*;
 
-struct Rig {
-    d: Dir,
-    dev: PathBuf,
-}
-
 impl Rig {
-    fn new() -> Rig {
-        let d = Dir::new();
-        let dev = d.path("pmem.img");
-        assert_eq!(code(&pcache(&["format", s(&dev), "--size", "1G"])), 0);
-        Rig { d, dev }
-    }
-
-    fn backing(&self, name: &str, size: u64) -> PathBuf {
-        let p = self.d.path(name);
-        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-        p
-    }
-
     fn random_file(&self, name: &str, size: usize) -> PathBuf {
         let p = self.d.path(name);
         let mut x = 0x9e3779b97f4a7c15u64;
@@ -48,10 +30,6 @@ impl Rig {
             .collect();
         std::fs::write(&p, data).unwrap();
         p
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.d.path("nbd.sock")
     }
 }
 

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::*;
@@ -46,13 +45,6 @@ fn data_of(dev: &Path, off: u64) -> u64 {
     }
     let k = found.expect("the block is in the log");
     layout.data_range(chain[k.cache_seg_id.get() as usize], k.cache_seg_off.get(), BLOCK as u32).unwrap()
-}
-
-fn flip_byte(path: &Path, off: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, off).unwrap();
-    f.write_all_at(&[b[0] ^ 0x01], off).unwrap();
 }
 
 #[test]

@@ -103,16 +103,7 @@ fn salvaged(device: &Path, backing: &Path, r: &SalvageReport, t: Instant) -> u8 
 /// Reports a detach that failed: nothing was released.
 fn failed(dev: &CacheDev<DaxMapping>, device: &Path, backing: &Path, e: EngineError, salvage: bool) -> u8 {
     let msg = match e {
-        EngineError::NoCache { path } => {
-            let known: Vec<String> = dev
-                .backings()
-                .unwrap_or_default()
-                .iter()
-                .map(|(_, b)| String::from_utf8_lossy(b.path()).into_owned())
-                .collect();
-            let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            format!("{} holds no cache for {}; it caches: {list}", device.display(), path.display())
-        }
+        EngineError::NoCache { path } => crate::open::no_cache(dev, device, &path),
         // Damaged cache data or metadata: salvage writes back the rest.
         e @ (EngineError::Corrupt(_) | EngineError::DataCrc { .. } | EngineError::Pmem(PmemError::Media { .. }))
             if !salvage =>
@@ -154,16 +145,7 @@ pub fn discard(device: &Path, stored: &Path) -> u8 {
             println!("backing entry {} is free", r.id);
             0
         }
-        Err(EngineError::NoCache { path }) => {
-            let known: Vec<String> = dev
-                .backings()
-                .unwrap_or_default()
-                .iter()
-                .map(|(_, b)| String::from_utf8_lossy(b.path()).into_owned())
-                .collect();
-            let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            fail(format!("{} holds no cache for {}; it caches: {list}", device.display(), path.display()))
-        }
+        Err(EngineError::NoCache { path }) => fail(crate::open::no_cache(&dev, device, &path)),
         Err(e) => fail(format!("{e}; nothing was released")),
     }
 }

@@ -17,3 +17,16 @@ pub fn backing(device: &Path, backing: &Path) -> Result<FileBacking, String> {
     crate::attach::check_backings(device, &[backing.to_path_buf()])?;
     FileBacking::open(backing).map_err(|e| e.to_string())
 }
+
+/// What to say when `device` holds no cache for `path`: which backings it
+/// does cache, by their stored names.
+pub fn no_cache(dev: &CacheDev<DaxMapping>, device: &Path, path: &Path) -> String {
+    let known: Vec<String> = dev
+        .backings()
+        .unwrap_or_default()
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(b.path()).into_owned())
+        .collect();
+    let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+    format!("{} holds no cache for {}; it caches: {list}", device.display(), path.display())
+}

@@ -23,16 +23,7 @@ pub fn run(device: &Path, old: &Path, new: &Path) -> u8 {
             println!("backing entry {id}: the cache of {} now caches {}", old.display(), file.path().display());
             0
         }
-        Err(EngineError::NoCache { .. }) => {
-            let known: Vec<String> = dev
-                .backings()
-                .unwrap_or_default()
-                .iter()
-                .map(|(_, b)| String::from_utf8_lossy(b.path()).into_owned())
-                .collect();
-            let list = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            fail(format!("{} holds no cache for {}; it caches: {list}", device.display(), old.display()))
-        }
+        Err(EngineError::NoCache { .. }) => fail(crate::open::no_cache(&dev, device, old)),
         Err(e) => fail(e.to_string()),
     }
 }

@@ -67,3 +67,40 @@ pub fn write_image(img: &pcache_format::sparse::SparseImage, path: &Path) {
         f.write_all_at(&page, off).unwrap();
     }
 }
+
+/// Flips the low bit of the byte at `off` of the file at `path`.
+pub fn flip_byte(path: &Path, off: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], off).unwrap();
+}
+
+/// A formatted 1 GiB pmem file in a temporary directory, with backing
+/// files and a socket path beside it.
+pub struct Rig {
+    pub d: Dir,
+    pub dev: PathBuf,
+}
+
+impl Rig {
+    pub fn new() -> Rig {
+        let d = Dir::new();
+        let dev = d.path("pmem.img");
+        let o = pcache(&["format", s(&dev), "--size", "1G"]);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        Rig { d, dev }
+    }
+
+    /// A new backing file of `size` bytes.
+    pub fn backing(&self, name: &str, size: u64) -> PathBuf {
+        let p = self.d.path(name);
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.d.path("nbd.sock")
+    }
+}
