@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit, property and end-to-end tests of the
 # workspace (the crash campaign with 10 000 crash states), the kill soak,
-# the real-pmem VM rig, then each fuzz target for a bounded time.
+# the README's demo with its qemu-io line, the real-pmem VM rig, then each
+# fuzz target for a bounded time.
 #
 #   bash tests/run-all.sh            # FUZZ_SECONDS=20 per target by default
 #   FUZZ_SECONDS=300 PCACHE_CRASH_STATES=100000 KILL_SOAK_KILLS=100 bash tests/run-all.sh
@@ -24,6 +25,31 @@ PCACHE_CRASH_STATES="${PCACHE_CRASH_STATES:-10000}" cargo test --workspace --all
 
 echo "== kill soak: ${KILL_SOAK_KILLS:-10} kills"
 bash scripts/kill-soak.sh "${KILL_SOAK_KILLS:-10}"
+
+echo "== the README's first command: scripts/demo.sh, then its qemu-io line"
+demo=$(mktemp -d)
+bash scripts/demo.sh "$demo" "unix:$demo/demo.sock" >"$demo/log" 2>&1 &
+demo_pid=$!
+for _ in $(seq 1 1200); do
+  grep -q 'SIGINT or SIGTERM stops it' "$demo/log" && break
+  kill -0 "$demo_pid" 2>/dev/null || break
+  sleep 0.5
+done
+if ! grep -q 'SIGINT or SIGTERM stops it' "$demo/log"; then
+  cat "$demo/log" >&2
+  kill "$demo_pid" 2>/dev/null || true
+  echo "demo: scripts/demo.sh did not start serving" >&2
+  exit 1
+fi
+out=$(qemu-io -f raw -c 'write -P 0xab 0 1m' -c 'flush' -c 'read -P 0xab 0 1m' "nbd+unix:///disk.img?socket=$demo/demo.sock" 2>&1) || true
+kill -INT "$demo_pid"
+wait "$demo_pid" || { cat "$demo/log" >&2; echo "demo: attach did not stop cleanly" >&2; exit 1; }
+rm -rf "$demo"
+case "$out" in
+  *failed* | *rror*) echo "$out" >&2; echo "demo: the README's qemu-io line failed" >&2; exit 1 ;;
+  *"read 1048576/1048576 bytes"*) echo "demo: served, written, flushed and read back: ok" ;;
+  *) echo "$out" >&2; echo "demo: unexpected qemu-io output" >&2; exit 1 ;;
+esac
 
 if [ "${PCACHE_SKIP_VM:-}" = 1 ] && [ "${CI:-}" != true ]; then
   echo "== real-pmem VM rig: NOT RUN (PCACHE_SKIP_VM=1)" >&2
