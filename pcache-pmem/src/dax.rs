@@ -151,7 +151,6 @@ fn eadr_in(devices: &Path) -> bool {
     regions > 0
 }
 
-
 /// Why a file of this type cannot be pmem, or `None` when it may be: a
 /// regular file, a block device or a character device (device DAX, checked
 /// further by [`probe`]).
