@@ -382,6 +382,10 @@ fn a_block_device_under_any_name_is_one_backing_held_exclusively() {
         .expect("a second cache of a block device in use must be refused");
         assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
         assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+        // Nor can it be formatted as pmem, whatever node it is reached by.
+        let o = pcache(&["format", "--force", s(name)]);
+        assert_ne!(code(&o), 0, "{}", stdout(&o));
+        assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
     }
     assert_eq!(a.stop().0, 0);
     for name in [&alias, &node] {

@@ -225,9 +225,21 @@ impl DaxMapping {
         if let Some(why) = refuse_kind(meta.file_type()) {
             return Err(unsupported(path, why));
         }
+        // A block device opened for writing is claimed exclusively, as the
+        // kernel's own users of a disk claim it: a mounted filesystem, a
+        // running cache's backing (under any device node) or another
+        // program's exclusive open makes the open fail, not the write.
+        let excl =
+            if meta.file_type().is_block_device() && !opts.read_only && !opts.no_lock { libc::O_EXCL } else { 0 };
         let mut oo = OpenOptions::new();
-        oo.read(true).write(!opts.read_only).custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK);
-        let file = oo.open(path).map_err(|e| io_err("open", path, e))?;
+        oo.read(true).write(!opts.read_only).custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | excl);
+        let file = oo.open(path).map_err(|e| {
+            if excl != 0 && e.raw_os_error() == Some(libc::EBUSY) {
+                PmemError::Busy { path: path.to_path_buf(), holder: None }
+            } else {
+                io_err("open", path, e)
+            }
+        })?;
         if !opts.no_lock {
             let op = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
             // SAFETY: flock on an fd we own; no memory is passed.
