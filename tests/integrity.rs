@@ -402,3 +402,64 @@ fn a_block_device_under_any_name_is_one_backing_held_exclusively() {
     assert!(stderr(&o).contains("loop device over the pmem file"), "{}", stderr(&o));
     assert_eq!(rig.inspect()["backings"].as_array().unwrap().len(), 1);
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir`, unmounted when dropped.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: PathBuf, mib: u64) -> SmallFs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let o = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("mount: {e}"));
+        assert!(o.status.success(), "mounting a small tmpfs needs root: {}", stderr(&o));
+        SmallFs(dir)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A backing file on a filesystem that fills: writes land in pmem and are
+/// served, writeback fails and says so, attach exits 1 at stop, and once
+/// the file is moved to a filesystem with room (and the cache pointed at
+/// it), every byte goes back.
+#[test]
+fn a_backing_on_a_full_filesystem_loses_nothing() {
+    let rig = Rig::new();
+    let small = SmallFs::mount(rig.d.path("small"), 8);
+    let disk = small.0.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
+    let mut a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    assert!(qemu_io(&a.uri("disk.img"), &["write -P 0x42 0 16m", "flush"]).status.success());
+    let mut seen = String::new();
+    for _ in 0..300 {
+        a.signal(libc::SIGUSR1);
+        seen = a.wait_for("status:");
+        if seen.contains("ERROR") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(seen.contains("No space left"), "{seen}");
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0x42 0 16m"]);
+    assert!(reads_ok(&o), "{}", stdout(&o));
+    let (rc, out) = a.stop();
+    assert_eq!(rc, 1, "attach exits 0 with writeback failing: {out:?}");
+    // Moved to where there is room, pointed at, written back.
+    let big = rig.d.path("disk.img");
+    ok(Command::new("cp").arg("--sparse=always").arg(&disk).arg(&big));
+    drop(small);
+    let o = pcache(&["rename", s(&rig.dev), "--backing", s(&disk), "--to", s(&big)]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let o = pcache(&["detach", s(&rig.dev), "--backing", s(&big)]);
+    assert_eq!(code(&o), 0, "{}{}", stdout(&o), stderr(&o));
+    let data = std::fs::read(&big).unwrap();
+    assert!(data[..16 << 20].iter().all(|&b| b == 0x42));
+    assert!(data[16 << 20..].iter().all(|&b| b == 0));
+}
