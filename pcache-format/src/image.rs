@@ -637,26 +637,47 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
     let seg_num = u32::from(layout.seg_num());
     let mut taken: Vec<bool> = (0..seg_num as usize).map(|i| owned.get(i).copied().unwrap_or(i == 0)).collect();
     let mut orphans = Vec::new();
-    for head in 1..seg_num {
-        if taken[head as usize] || never_written_info(m, layout, head) {
+    // Running data segments no entry owns, and which of them another one
+    // links to. A segment reused in the middle of a chain can keep a
+    // previous life's tails, so heads nothing links to are tried first:
+    // the real first segment of a chain takes the whole chain before a
+    // stale middle one could.
+    let mut linked = vec![false; seg_num as usize];
+    let mut candidates = Vec::new();
+    for seg in 1..seg_num {
+        if taken[seg as usize] || never_written_info(m, layout, seg) {
             continue;
         }
-        if crate::media::read_cache_segment_info(m, layout, head).is_err() {
+        if let Ok(found) = crate::media::read_cache_segment_info(m, layout, seg) {
+            if let Some(next) = found.latest.record.next()
+                && let Some(l) = linked.get_mut(next as usize)
+            {
+                *l = true;
+            }
+            candidates.push(seg);
+        }
+    }
+    candidates.sort_by_key(|&seg| linked[seg as usize]);
+    for head in candidates {
+        if taken[head as usize] {
             continue;
         }
         let Ok(tails) = read_tails(m, layout, head, seg_num) else { continue };
         let (Ok(kt), Ok(dt)) = (tails.key_tail.latest, tails.dirty_tail.latest) else { continue };
-        // Follow the chain while it leads to running data segments not yet taken.
+        // Follow the chain while it leads to running data segments not yet
+        // taken (by an owner, another orphan, or this chain itself).
         let mut segs = alloc::vec![head];
+        taken[head as usize] = true;
         let mut at = head;
         while segs.len() < seg_num as usize {
             let Ok(found) = crate::media::read_cache_segment_info(m, layout, at) else { break };
             match found.latest.record.next() {
-                Some(next) if !taken[next as usize] && !segs.contains(&next) => {
+                Some(next) if !taken.get(next as usize).copied().unwrap_or(true) => {
                     if crate::media::read_cache_segment_info(m, layout, next).is_err() {
                         break;
                     }
                     segs.push(next);
+                    taken[next as usize] = true;
                     at = next;
                 }
                 _ => break,
@@ -665,10 +686,10 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
         let n = segs.len() as u32;
         let (kt, dt) = (kt.record, dt.record);
         if kt.cache_seg_id.get() >= n || dt.cache_seg_id.get() >= n {
+            for &seg in &segs[1..] {
+                taken[seg as usize] = false;
+            }
             continue;
-        }
-        for &seg in &segs {
-            taken[seg as usize] = true;
         }
         let chain = segs
             .iter()
@@ -697,6 +718,7 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
         let log_damaged = scratch.problems() > 0;
         orphans.push(Orphan { head, segs, key_tail: kt, dirty_tail: dt, log, log_damaged });
     }
+    orphans.sort_by_key(|o| o.head);
     orphans
 }
 

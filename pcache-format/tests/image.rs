@@ -298,3 +298,33 @@ fn an_entry_torn_at_creation_is_a_note() {
     assert_eq!(r.orphans[0].segs, c.chain());
     assert!(!r.orphans[0].holds_dirty_data());
 }
+
+/// A segment reused in the middle of a chain can keep a previous life's
+/// tails; the orphan search must still start the chain at its real first
+/// segment, the one nothing links to.
+#[test]
+fn an_orphan_chain_starts_where_nothing_links_to_it() {
+    let (mut b, c) = cached_image();
+    let layout = b.layout();
+    assert_eq!(c.chain(), (1..=8).collect::<Vec<_>>());
+    // Relink the chain as 5 -> 1 -> 2 -> 3 -> 4 -> 6 -> 7 -> 8.
+    let order = [5u32, 1, 2, 3, 4, 6, 7, 8];
+    for (i, &seg) in order.iter().enumerate() {
+        let mut pair = vec![0u8; 8192];
+        let info = SegmentInfo::data(seg, order.get(i + 1).copied());
+        encode_copy(&info, 3, &mut pair[..4096]).unwrap();
+        encode_copy(&info, 4, &mut pair[4096..]).unwrap();
+        b.image_mut().write_at(layout.seg_info_offset(seg).unwrap(), &pair).unwrap();
+    }
+    // The tails move to the new first segment; segment 1 keeps its old ones.
+    let mut tails = [0u8; 64];
+    b.image().read_at(layout.ctrl_offset(1).unwrap() + KEY_TAIL_OFF as u64, &mut tails).unwrap();
+    b.image_mut().write_at(layout.ctrl_offset(5).unwrap() + KEY_TAIL_OFF as u64, &tails).unwrap();
+    // The entry is lost.
+    let entry = layout.meta_entry_offset(0).unwrap();
+    b.image_mut().write_at(entry, &[0x77u8; 8192]).unwrap();
+    let r = scan(b.image(), ScanOptions::default());
+    assert_eq!(r.orphans.len(), 1, "{:?}", r.orphans.iter().map(|o| (o.head, o.segs.clone())).collect::<Vec<_>>());
+    assert_eq!(r.orphans[0].head, 5);
+    assert_eq!(r.orphans[0].segs, order);
+}
