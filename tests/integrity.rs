@@ -437,15 +437,7 @@ fn a_backing_on_a_full_filesystem_loses_nothing() {
     std::fs::File::create(&disk).unwrap().set_len(64 << 20).unwrap();
     let mut a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
     assert!(qemu_io(&a.uri("disk.img"), &["write -P 0x42 0 16m", "flush"]).status.success());
-    let mut seen = String::new();
-    for _ in 0..300 {
-        a.signal(libc::SIGUSR1);
-        seen = a.wait_for("status:");
-        if seen.contains("ERROR") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let seen = a.wait_for_error();
     assert!(seen.contains("No space left"), "{seen}");
     let o = qemu_io(&a.uri("disk.img"), &["read -P 0x42 0 16m"]);
     assert!(reads_ok(&o), "{}", stdout(&o));

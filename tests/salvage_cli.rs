@@ -75,15 +75,7 @@ fn detach_refuses_a_bad_extent_and_salvage_writes_back_the_rest() {
     // before the bad block and stops there; attach says so at exit, with a
     // status that is not 0.
     let mut a = Attach::start(&dev, &[&disk], &socket, &[]);
-    let mut seen = String::new();
-    for _ in 0..300 {
-        a.signal(libc::SIGUSR1);
-        seen = a.wait_for("status:");
-        if seen.contains("ERROR") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let seen = a.wait_for_error();
     assert!(seen.contains("data CRC mismatch"), "{seen}");
     let (rc, out) = a.stop();
     assert_eq!(rc, 1, "attach exits 0 with dirty data stuck: {out:?}");

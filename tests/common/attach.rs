@@ -83,6 +83,21 @@ impl Attach {
         }
     }
 
+    /// Asks for a status line (SIGUSR1) every 0.1 s until one reports an
+    /// error, for up to 30 s; returns the last line seen.
+    pub fn wait_for_error(&mut self) -> String {
+        let mut seen = String::new();
+        for _ in 0..300 {
+            self.signal(libc::SIGUSR1);
+            seen = self.wait_for("status:");
+            if seen.contains("ERROR") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        seen
+    }
+
     pub fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
