@@ -643,17 +643,19 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
     // the real first segment of a chain takes the whole chain before a
     // stale middle one could.
     let mut linked = vec![false; seg_num as usize];
+    // For each running data segment no entry owns: where it links to.
+    let mut next_of: Vec<Option<Option<u32>>> = vec![None; seg_num as usize];
     let mut candidates = Vec::new();
     for seg in 1..seg_num {
         if taken[seg as usize] || never_written_info(m, layout, seg) {
             continue;
         }
         if let Ok(found) = crate::media::read_cache_segment_info(m, layout, seg) {
-            if let Some(next) = found.latest.record.next()
-                && let Some(l) = linked.get_mut(next as usize)
-            {
+            let next = found.latest.record.next();
+            if let Some(l) = next.and_then(|n| linked.get_mut(n as usize)) {
                 *l = true;
             }
+            next_of[seg as usize] = Some(next);
             candidates.push(seg);
         }
     }
@@ -669,19 +671,13 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
         let mut segs = alloc::vec![head];
         taken[head as usize] = true;
         let mut at = head;
-        while segs.len() < seg_num as usize {
-            let Ok(found) = crate::media::read_cache_segment_info(m, layout, at) else { break };
-            match found.latest.record.next() {
-                Some(next) if !taken.get(next as usize).copied().unwrap_or(true) => {
-                    if crate::media::read_cache_segment_info(m, layout, next).is_err() {
-                        break;
-                    }
-                    segs.push(next);
-                    taken[next as usize] = true;
-                    at = next;
-                }
-                _ => break,
-            }
+        while let Some(next) = next_of[at as usize].flatten()
+            && next_of.get(next as usize).is_some_and(Option::is_some)
+            && !taken[next as usize]
+        {
+            segs.push(next);
+            taken[next as usize] = true;
+            at = next;
         }
         let n = segs.len() as u32;
         let (kt, dt) = (kt.record, dt.record);
@@ -695,7 +691,7 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
             .iter()
             .map(|&dev_seg| SegmentReport {
                 dev_seg,
-                info_copies: [CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false }; 2],
+                info_copies: [CopyInfo::ABSENT; 2],
                 gen_: read_gen(m, layout, dev_seg).ok().and_then(|p| p.latest.ok()).map(|l| l.record.gen_.get()),
             })
             .collect();
@@ -704,7 +700,7 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
         let b = BackingReport {
             id: u32::MAX,
             copy: 0,
-            copies: [CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false }; 2],
+            copies: [CopyInfo::ABSENT; 2],
             info,
             chain,
             chain_complete: true,

@@ -96,6 +96,10 @@ pub struct CopyInfo {
 }
 
 impl CopyInfo {
+    /// A copy that does not lie wholly inside the bytes read (or was not
+    /// read at all).
+    pub const ABSENT: Self = Self { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false };
+
     /// The copy is complete and its CRC matches (a never-written copy's
     /// does too: see [`CopyInfo::valid`]).
     pub const fn crc_ok(&self) -> bool {
@@ -127,7 +131,7 @@ pub fn copy_info(copies: &[u8], stride: usize, index: usize) -> CopyInfo {
             seq: copy[4],
             blank: copy.iter().all(|&b| b == 0),
         },
-        None => CopyInfo { complete: false, stored_crc: 0, computed_crc: 0, seq: 0, blank: false },
+        None => CopyInfo::ABSENT,
     }
 }
 
