@@ -1,11 +1,9 @@
 //! `pcache check`: verify every record, read-only.
 
-use std::ffi::OsStr;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use pcache_format::image::{BackingReport, Issue, ScanOptions, Severity};
-use pcache_pmem::BackingId;
+use pcache_pmem::{BackingId, stored_path};
 
 use crate::inspect::open_and_scan;
 
@@ -18,7 +16,7 @@ fn host_findings(backings: &[BackingReport]) -> Vec<(Severity, String)> {
     let ids: Vec<(u32, &Path, Option<BackingId>)> = backings
         .iter()
         .map(|b| {
-            let p = Path::new(OsStr::from_bytes(b.info.path()));
+            let p = stored_path(&b.info);
             (b.id, p, BackingId::of_path(p))
         })
         .collect();

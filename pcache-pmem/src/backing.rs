@@ -59,6 +59,12 @@ impl BackingId {
     }
 }
 
+/// The backing path an entry stores, as a path.
+pub fn stored_path(info: &pcache_format::BackingDevInfo) -> &Path {
+    use std::os::unix::ffi::OsStrExt;
+    Path::new(std::ffi::OsStr::from_bytes(info.path()))
+}
+
 /// The name to store for the backing device at `path`: its canonical path
 /// (symlinks and `..` resolved); for a block device, a stable
 /// `/dev/disk/by-id/` name of it when the system has one, since `/dev/sdX`
@@ -69,13 +75,13 @@ pub fn stored_name(path: &Path) -> io::Result<PathBuf> {
     if !meta.file_type().is_block_device() {
         return Ok(canonical);
     }
-    Ok(stable_block_name(&canonical, &meta).unwrap_or(canonical))
+    Ok(stable_block_name(&meta).unwrap_or(canonical))
 }
 
 /// A `/dev/disk/by-id/` link to the block device `meta` describes: a
 /// `wwn-` name first (the device's own world-wide name), then the others
 /// in name order, so the choice is the same at every boot.
-fn stable_block_name(canonical: &Path, meta: &std::fs::Metadata) -> Option<PathBuf> {
+fn stable_block_name(meta: &std::fs::Metadata) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let mut names: Vec<PathBuf> = std::fs::read_dir("/dev/disk/by-id")
         .ok()?
@@ -88,7 +94,6 @@ fn stable_block_name(canonical: &Path, meta: &std::fs::Metadata) -> Option<PathB
         let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         (!n.starts_with("wwn-"), n)
     });
-    let _ = canonical;
     names.into_iter().next()
 }
 

@@ -20,7 +20,9 @@ pub mod records;
 pub mod sim;
 pub mod sys;
 
-pub use backing::{BackingDev, BackingError, BackingId, FaultyBacking, FileBacking, MemBacking, stored_name};
+pub use backing::{
+    BackingDev, BackingError, BackingId, FaultyBacking, FileBacking, MemBacking, stored_name, stored_path,
+};
 pub use cache::{
     Cache, CacheDev, CacheOptions, CacheSummary, DamagedKset, DetachReport, EngineError, Entry, Health, LostExtent,
     SalvageReport, StartReport, Stats, default_cache_segs, detach, detach_salvage, discard, summarize,

@@ -33,6 +33,15 @@ pub fn write_record<P: Pmem + ?Sized, R: MetaRecord>(pmem: &P, off: u64, record:
     pmem.copy_persist(at, copy)
 }
 
+/// Writes `record` into both copies, one after the other, each durable
+/// before the next: how a record is created (or an entry freed), so that
+/// whatever the slots held before leaves no stale copy behind and one
+/// damaged page cannot make the record read as something else.
+pub fn write_record_both<P: Pmem + ?Sized, R: MetaRecord>(pmem: &P, off: u64, record: &R) -> Result<(), PmemError> {
+    write_record(pmem, off, record)?;
+    write_record(pmem, off, record)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,9 @@ use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read
 use pcache_format::{BackingDevInfo, ErrorKind, Layout, META_ENTRIES, ReadError};
 
 use super::EngineError;
-use crate::backing::BackingId;
+use crate::backing::{BackingId, stored_path};
 use crate::pmem::{AsMedia, Pmem, PmemError};
-use crate::records::write_record;
+use crate::records::{write_record, write_record_both};
 
 /// A backing-table entry that is not free.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,12 +252,7 @@ impl<P: Pmem> CacheDev<P> {
             .iter()
             .enumerate()
             .filter_map(|(i, e)| Some((i as u32, *e.as_ref()?.running()?)))
-            .filter(|(_, e)| {
-                e.path() == bytes
-                    || id.is_some_and(|id| {
-                        BackingId::of_path(Path::new(std::ffi::OsStr::from_bytes(e.path()))) == Some(id)
-                    })
-            })
+            .filter(|(_, e)| e.path() == bytes || id.is_some_and(|id| BackingId::of_path(stored_path(e)) == Some(id)))
             .collect();
         match matches.as_slice() {
             [] => {}
@@ -288,22 +283,25 @@ impl<P: Pmem> CacheDev<P> {
     /// Writes backing entry `id`, durably: one copy, the older one, so that
     /// a crash leaves the old entry or the new one.
     pub(crate) fn write_entry(&self, id: u32, info: &BackingDevInfo) -> Result<(), EngineError> {
-        self.put_entry(id, info, 1)
+        self.put_entry(id, info, write_record)
     }
 
     /// Writes both copies of backing entry `id`, one after the other, each
     /// durable before the next: how an entry is created or freed, so that
     /// one damaged page can never make it read as something else.
     pub(crate) fn write_entry_both(&self, id: u32, info: &BackingDevInfo) -> Result<(), EngineError> {
-        self.put_entry(id, info, 2)
+        self.put_entry(id, info, write_record_both)
     }
 
-    fn put_entry(&self, id: u32, info: &BackingDevInfo, copies: usize) -> Result<(), EngineError> {
+    fn put_entry(
+        &self,
+        id: u32,
+        info: &BackingDevInfo,
+        write: fn(&P, u64, &BackingDevInfo) -> Result<(), PmemError>,
+    ) -> Result<(), EngineError> {
         let mut table = lock(&self.table);
         let off = self.layout.meta_entry_offset(id).map_err(|e| EngineError::Corrupt(e.to_string()))?;
-        for _ in 0..copies {
-            write_record(&self.pmem, off, info)?;
-        }
+        write(&self.pmem, off, info)?;
         table[id as usize] = info.is_running().then(|| Entry::Running(Box::new(*info)));
         Ok(())
     }

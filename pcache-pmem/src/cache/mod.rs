@@ -26,7 +26,7 @@ pub mod repair;
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -48,7 +48,7 @@ pub use load::{LogPos, ReplayStats};
 
 use crate::backing::{BackingDev, BackingError};
 use crate::pmem::{AsMedia, Pmem, PmemError};
-use crate::records::write_record;
+use crate::records::{write_record, write_record_both};
 use index::{CLEAN, Delta, Piece, Slice};
 
 /// What can go wrong in the engine.
@@ -520,21 +520,16 @@ fn create<P: Pmem>(dev: &CacheDev<P>, segs: &[u32]) -> Result<(), EngineError> {
     // Both copies of every record are written, so that whatever the
     // segments held before (another cache, a filesystem) leaves no stale
     // copy behind.
-    let twice = |off: u64, f: &dyn Fn(u64) -> Result<(), PmemError>| -> Result<(), EngineError> {
-        f(off)?;
-        f(off)?;
-        Ok(())
-    };
     for (i, &seg) in segs.iter().enumerate() {
         let info = SegmentInfo::data(seg, segs.get(i + 1).copied());
-        twice(layout.seg_info_offset(seg).map_err(data_err)?, &|o| write_record(pmem, o, &info))?;
-        twice(layout.ctrl_offset(seg).map_err(data_err)?, &|o| write_record(pmem, o, &CacheSegGen::new(0)))?;
+        write_record_both(pmem, layout.seg_info_offset(seg).map_err(data_err)?, &info)?;
+        write_record_both(pmem, layout.ctrl_offset(seg).map_err(data_err)?, &CacheSegGen::new(0))?;
     }
     let ctrl = layout.ctrl_offset(segs[0]).map_err(data_err)?;
     pmem.copy_persist(layout.data_offset(segs[0]).map_err(data_err)?, &TERMINATOR)?;
     let start = CachePos::new(0, 0);
-    twice(ctrl + DIRTY_TAIL_OFF as u64, &|o| write_record(pmem, o, &start))?;
-    twice(ctrl + KEY_TAIL_OFF as u64, &|o| write_record(pmem, o, &start))?;
+    write_record_both(pmem, ctrl + DIRTY_TAIL_OFF as u64, &start)?;
+    write_record_both(pmem, ctrl + KEY_TAIL_OFF as u64, &start)?;
     Ok(())
 }
 
@@ -666,9 +661,10 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
                     )));
                 }
                 if backing.identity().is_some()
-                    && let Some((old_id, old)) = dev.backings()?.into_iter().find(|(_, e)| {
-                        e.dev_size.get() == sectors && !Path::new(std::ffi::OsStr::from_bytes(e.path())).exists()
-                    })
+                    && let Some((old_id, old)) = dev
+                        .backings()?
+                        .into_iter()
+                        .find(|(_, e)| e.dev_size.get() == sectors && !crate::backing::stored_path(e).exists())
                 {
                     return Err(EngineError::LostCache(format!(
                         "no cache for {} is known, but backing entry {old_id} caches {}, which no longer exists and \

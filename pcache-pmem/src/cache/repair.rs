@@ -231,7 +231,7 @@ pub(crate) fn entry_named<P: Pmem>(dev: &CacheDev<P>, old: &Path) -> Result<(u32
         .backings()?
         .into_iter()
         .filter(|(_, e)| {
-            let stored = Path::new(std::ffi::OsStr::from_bytes(e.path()));
+            let stored = crate::backing::stored_path(e);
             stored == old
                 || stored == abs
                 || canonical.as_deref() == Some(stored)
