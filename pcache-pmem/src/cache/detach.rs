@@ -9,10 +9,13 @@ use pcache_format::{
     KSET_ONMEDIA_SIZE_MAX, Key, KsetFlags, KsetRecord, Layout, ReadError, Record, kset_size,
 };
 
-use super::bg::{collapse, extent_why, read_extent};
-use super::dev::format_err;
+use super::dev::{CacheDev, format_err};
+use super::error::EngineError;
+use super::facade::Cache;
+use super::io::read_extent;
 use super::load::LogPos;
-use super::{Cache, CacheDev, CacheOptions, EngineError, data_err};
+use super::options::CacheOptions;
+use super::writeback::{collapse, extent_why};
 use crate::backing::BackingDev;
 use crate::pmem::{AsMedia, Pmem};
 
@@ -64,8 +67,9 @@ pub fn detach<P: Pmem + 'static, B: BackingDev + 'static>(
     // middle of the log instead: giving the cache up would drop every
     // write logged after it.
     if report.replay.torn_end {
-        let end = cache.inner.log_end();
-        let why = match after_bad_kset(dev.pmem(), dev.layout(), &cache.inner.dev_segs, end, cache.inner.n_segs) {
+        let end = cache.log_end();
+        let segs = cache.dev_segs();
+        let why = match after_bad_kset(dev.pmem(), dev.layout(), segs, end, segs.len() as u32) {
             After::Torn => None,
             After::Continues((seg, off)) => Some(format!("the log goes on at segment {seg} offset {off:#x}")),
             After::Damaged(why) => Some(why),
@@ -90,7 +94,7 @@ pub fn detach<P: Pmem + 'static, B: BackingDev + 'static>(
         }
     };
     let written = cache.stats().bytes_written_back;
-    let segs = cache.inner.dev_segs.clone();
+    let segs = cache.dev_segs().to_vec();
     cache.stop()?;
     drop(cache);
     release(dev, id, &info, &segs)?;
@@ -108,7 +112,7 @@ fn release<P: Pmem>(dev: &CacheDev<P>, id: u32, _info: &BackingDevInfo, segs: &[
     dev.write_entry_both(id, &BackingDevInfo::free(id))?;
     let pmem = dev.pmem();
     for &seg in segs {
-        pmem.zero_nodrain(dev.layout().ctrl_offset(seg).map_err(data_err)?, CACHE_SEG_CTRL_SIZE as u64)?;
+        pmem.zero_nodrain(dev.layout().ctrl_offset(seg)?, CACHE_SEG_CTRL_SIZE as u64)?;
     }
     pmem.fence()?;
     dev.release_segments(segs);
@@ -263,7 +267,7 @@ fn salvage_claimed<P: Pmem, B: BackingDev>(
     let walk = Walk { pmem, layout, dev_segs: &dev_segs, n_segs };
     let data_crc = ci.data_crc();
     // Why the data of a dirty key cannot be written back, before reading it.
-    let unusable = |off: u64, k: &super::IKey| -> Option<String> {
+    let unusable = |off: u64, k: &super::index::IKey| -> Option<String> {
         if off.saturating_add(u64::from(k.len)) > dev_size {
             return Some(format!("the key lies outside the {dev_size}-byte backing device"));
         }
@@ -304,9 +308,11 @@ fn salvage_claimed<P: Pmem, B: BackingDev>(
                 let len = u64::from(k.len);
                 let why = match unusable(off, k) {
                     Some(why) => Some(why),
-                    None => read_extent(pmem, layout, &dev_segs, data_crc, off, k, &mut data)
-                        .err()
-                        .map(|e| extent_why(&e, off, k.len)),
+                    None => {
+                        data.resize(k.len as usize, 0);
+                        read_extent(pmem, layout, &dev_segs, data_crc, off, k, 0, &mut data).err()
+                    }
+                    .map(|e| extent_why(&e, off, k.len)),
                 };
                 match why {
                     Some(why) => lost.push(LostExtent { off, len, why }),
@@ -604,7 +610,7 @@ pub fn discard<P: Pmem>(dev: &CacheDev<P>, stored: &std::path::Path) -> Result<D
     while let Some(step) = walk.next(&media, dev.layout()) {
         segs.push(step.map_err(super::dev::format_err)?.dev_seg);
     }
-    let dirty_bytes = super::summarize(dev.pmem(), dev.layout(), &info).ok().map(|s| s.dirty_bytes);
+    let dirty_bytes = super::facade::summarize(dev.pmem(), dev.layout(), &info).ok().map(|s| s.dirty_bytes);
     release(dev, id, &info, &segs)?;
     Ok(DiscardReport { id, dirty_bytes, segments_released: segs.len() as u32 })
 }

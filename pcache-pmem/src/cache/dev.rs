@@ -4,16 +4,38 @@
 use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use pcache_format::image::{Orphan, entry_torn_harmlessly, find_orphans};
 use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock};
-use pcache_format::{BackingDevInfo, ErrorKind, Layout, META_ENTRIES, ReadError};
+use pcache_format::{
+    BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, DIRTY_TAIL_OFF, ErrorKind, KEY_TAIL_OFF, Layout,
+    META_ENTRIES, ReadError, SegmentInfo, TERMINATOR,
+};
 
-use super::EngineError;
+use super::ctx::lock;
+use super::error::EngineError;
 use crate::backing::{BackingId, stored_path};
 use crate::pmem::{AsMedia, Pmem, PmemError};
 use crate::records::{write_record, write_record_both};
+
+/// A new cache entry, as `CacheDev::create_entry` writes it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewEntry<'a> {
+    /// The backing device's stored path.
+    pub(crate) path: &'a Path,
+    /// Its size in sectors.
+    pub(crate) sectors: u64,
+    /// Its identity is known: it is not just a path.
+    pub(crate) known_identity: bool,
+    pub(crate) gc_percent: u16,
+    pub(crate) flags: CacheFlags,
+}
+
+/// A read of the media as an engine error.
+pub(crate) fn format_err(e: ReadError<PmemError>) -> EngineError {
+    e.into()
+}
 
 /// A backing-table entry that is not free.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,17 +79,6 @@ pub struct CacheDev<P> {
     started: Mutex<HashSet<u32>>,
 }
 
-pub(crate) fn format_err(e: ReadError<PmemError>) -> EngineError {
-    match e {
-        ReadError::Media { source, .. } => EngineError::Pmem(source),
-        ReadError::Format(e) => EngineError::Corrupt(e.to_string()),
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl<P: Pmem> CacheDev<P> {
     /// Opens a formatted device: validates the superblock and the meta
     /// segment, and rebuilds the device segment bitmap from the chains of
@@ -82,17 +93,14 @@ impl<P: Pmem> CacheDev<P> {
     /// it may be the damaged entry's — are never allocated.
     pub fn open(pmem: P) -> Result<Arc<Self>, EngineError> {
         let media = AsMedia(&pmem);
-        let (_, layout) = read_superblock(&media).map_err(format_err)?;
-        read_meta_segment_info(&media, &layout)
-            .map_err(format_err)?
-            .latest
-            .map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        let (_, layout) = read_superblock(&media)?;
+        read_meta_segment_info(&media, &layout)?.latest?;
         let mut used = vec![false; usize::from(layout.seg_num())];
         used[0] = true;
         let mut table = vec![None; META_ENTRIES as usize];
         let mut unreadable = Vec::new();
         for id in 0..META_ENTRIES {
-            let pair = read_backing(&media, &layout, id).map_err(format_err)?;
+            let pair = read_backing(&media, &layout, id)?;
             let info = match pair.latest {
                 Ok(latest) => latest.record,
                 Err(e) if e.kind == ErrorKind::NeverWritten => continue,
@@ -109,7 +117,10 @@ impl<P: Pmem> CacheDev<P> {
             let ci = info.cache_info;
             let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
             while let Some(step) = walk.next(&media, &layout) {
-                let step = step.map_err(|e| EngineError::Corrupt(format!("backing {id}: {}", format_err(e))))?;
+                let step = step.map_err(|e| match EngineError::from(e) {
+                    EngineError::Format(e) => EngineError::Corrupt(format!("backing {id}: {e}")),
+                    other => other,
+                })?;
                 let slot = &mut used[step.dev_seg as usize];
                 if *slot {
                     return Err(EngineError::Corrupt(format!(
@@ -300,9 +311,93 @@ impl<P: Pmem> CacheDev<P> {
         write: fn(&P, u64, &BackingDevInfo) -> Result<(), PmemError>,
     ) -> Result<(), EngineError> {
         let mut table = lock(&self.table);
-        let off = self.layout.meta_entry_offset(id).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+        let off = self.layout.meta_entry_offset(id)?;
         write(&self.pmem, off, info)?;
         table[id as usize] = info.is_running().then(|| Entry::Running(Box::new(*info)));
+        Ok(())
+    }
+
+    /// Creates cache entry `id` for the backing device `new`, with as many
+    /// segments as `size` decides given the free ones, and returns it.
+    ///
+    /// Refused while the device may hold a lost cache (a damaged entry, or
+    /// an orphan with dirty data): it may be this backing's. For a backing
+    /// whose identity is known, also refused while an entry caches a
+    /// vanished device of the same size: it may be this device under
+    /// another name. The segments' records, tails and log are initialised
+    /// first and the entry is written last, both copies: a crash before
+    /// leaves the segments unclaimed, free again at the next open.
+    pub(crate) fn create_entry(
+        &self,
+        id: u32,
+        new: &NewEntry<'_>,
+        size: impl FnOnce(u32) -> Result<u32, EngineError>,
+    ) -> Result<BackingDevInfo, EngineError> {
+        let (path, sectors) = (new.path, new.sectors);
+        if let Some(why) = self.lost_cache() {
+            return Err(EngineError::LostCache(format!(
+                "no cache for {} is known, but {why}: it may be this device's, with data not yet written \
+                 back, so no new cache is created; see `pcache check`, then `pcache repair`",
+                path.display()
+            )));
+        }
+        if new.known_identity {
+            self.refuse_renamed(path, sectors)?;
+        }
+        let free = self.free_segments();
+        let n = size(free)?;
+        let segs = self.alloc_segments(n).ok_or(EngineError::NoSpace { need: n, free })?;
+        let made = BackingDevInfo::running(
+            id,
+            path.as_os_str().as_bytes(),
+            sectors,
+            CacheInfo::new(segs[0], n, new.gc_percent, new.flags),
+        )
+        .map_err(EngineError::from)
+        .and_then(|info| {
+            self.init_cache(&segs)?;
+            self.write_entry_both(id, &info)?;
+            Ok(info)
+        });
+        if made.is_err() {
+            self.release_segments(&segs);
+        }
+        made
+    }
+
+    /// Refuses a new entry for `path` while an entry caches a device of the
+    /// same size that no longer exists.
+    fn refuse_renamed(&self, path: &Path, sectors: u64) -> Result<(), EngineError> {
+        let Some((old_id, old)) =
+            self.backings()?.into_iter().find(|(_, e)| e.dev_size.get() == sectors && !stored_path(e).exists())
+        else {
+            return Ok(());
+        };
+        let old = String::from_utf8_lossy(old.path());
+        let path = path.display();
+        Err(EngineError::LostCache(format!(
+            "no cache for {path} is known, but backing entry {old_id} caches {old}, which no longer exists and \
+             had the same size: if {path} is that device under a new name, run `pcache rename DEVICE \
+             --backing {old} --to {path}`; if that device is gone for good, drop its cache first with \
+             `pcache detach DEVICE --backing {old} --discard` (its dirty data is lost)",
+        )))
+    }
+
+    /// Initialises a new cache's segments (both copies of every record, so
+    /// that whatever they held before leaves no stale copy), its tails and
+    /// an empty log.
+    fn init_cache(&self, segs: &[u32]) -> Result<(), EngineError> {
+        let (pmem, layout) = (&self.pmem, &self.layout);
+        for (i, &seg) in segs.iter().enumerate() {
+            let info = SegmentInfo::data(seg, segs.get(i + 1).copied());
+            write_record_both(pmem, layout.seg_info_offset(seg)?, &info)?;
+            write_record_both(pmem, layout.ctrl_offset(seg)?, &CacheSegGen::new(0))?;
+        }
+        let ctrl = layout.ctrl_offset(segs[0])?;
+        pmem.copy_persist(layout.data_offset(segs[0])?, &TERMINATOR)?;
+        let start = CachePos::new(0, 0);
+        write_record_both(pmem, ctrl + DIRTY_TAIL_OFF as u64, &start)?;
+        write_record_both(pmem, ctrl + KEY_TAIL_OFF as u64, &start)?;
         Ok(())
     }
 

@@ -21,6 +21,9 @@
 //! (the RFC's bug, fixed upstream).
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use pcache_format::{CACHE_SUBTREE_SHIFT, CACHE_SUBTREE_SIZE, Key, KeyFlags};
 
 /// A placeholder for a read miss in flight (never persisted).
 pub const EMPTY: u8 = 1;
@@ -57,6 +60,35 @@ impl IKey {
     /// A placeholder of `len` bytes for fill `id`.
     pub fn placeholder(len: u32, id: u32) -> Self {
         Self { seg_gen: 0, len, cache_seg: id, seg_off: 0, crc: 0, orig_delta: 0, orig_len: len, flags: EMPTY }
+    }
+
+    /// The key of `k` as read from the log; `dirty` false when its data
+    /// was written back since (or never needed to be).
+    pub fn from_media(k: &Key, dirty: bool) -> Self {
+        let len = k.len.get();
+        Self {
+            seg_gen: k.seg_gen.get(),
+            len,
+            cache_seg: k.cache_seg_id.get(),
+            seg_off: k.cache_seg_off.get(),
+            crc: k.data_crc.get(),
+            orig_delta: 0,
+            orig_len: len,
+            flags: if dirty { 0 } else { CLEAN },
+        }
+    }
+
+    /// The key as written to the log, for backing offset `off`.
+    pub fn to_media(&self, off: u64) -> Key {
+        let flags = if self.flags & CLEAN != 0 { KeyFlags::CLEAN } else { KeyFlags::empty() };
+        let mut key = Key::new(off, self.len, flags, self.cache_seg, self.seg_off, self.seg_gen);
+        key.data_crc = self.crc.into();
+        key
+    }
+
+    /// The fill of a placeholder.
+    pub fn fill_id(&self) -> Option<u32> {
+        self.is_empty().then_some(self.cache_seg)
     }
 
     /// Whether this is a placeholder.
@@ -245,10 +277,9 @@ impl Slice {
                 pieces.push(Piece::Miss { off: at, len: (start - at) as u32 });
             }
             let len = (end - start) as u32;
-            pieces.push(if t.is_empty() {
-                Piece::Pending { off: start, len, id: t.cache_seg }
-            } else {
-                Piece::Hit { off: start, len, key: t, skip: (start - ts) as u32 }
+            pieces.push(match t.fill_id() {
+                Some(id) => Piece::Pending { off: start, len, id },
+                None => Piece::Hit { off: start, len, key: t, skip: (start - ts) as u32 },
             });
             at = end;
         }
@@ -277,6 +308,42 @@ impl Slice {
             }
         }
     }
+}
+
+/// The index of a backing device: one [`Slice`] per 4 MiB, each behind its
+/// own lock.
+#[derive(Debug)]
+pub(super) struct Index {
+    slices: Vec<Mutex<Slice>>,
+}
+
+impl Index {
+    /// The index of a device of `dev_size` bytes, with what replay found.
+    pub(super) fn new(dev_size: u64, loaded: BTreeMap<u64, Slice>) -> Self {
+        let n = dev_size.div_ceil(CACHE_SUBTREE_SIZE) as usize;
+        let mut slices: Vec<Mutex<Slice>> = (0..n).map(|_| Mutex::new(Slice::default())).collect();
+        for (idx, slice) in loaded {
+            if let Some(s) = slices.get_mut(idx as usize) {
+                *s.get_mut().unwrap_or_else(|e| e.into_inner()) = slice;
+            }
+        }
+        Self { slices }
+    }
+
+    /// The slice holding backing offset `off`, locked.
+    pub(super) fn slice(&self, off: u64) -> MutexGuard<'_, Slice> {
+        self.slices[(off >> CACHE_SUBTREE_SHIFT) as usize].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every slice.
+    pub(super) fn slices(&self) -> &[Mutex<Slice>] {
+        &self.slices
+    }
+}
+
+/// The end of the slice holding `off`.
+pub(super) fn slice_end(off: u64) -> u64 {
+    (off | (CACHE_SUBTREE_SIZE - 1)) + 1
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use pcache_format::media::{ChainWalk, read_gen, read_kset, read_tails};
 use pcache_format::{BackingDevInfo, CACHE_SUBTREE_SHIFT, ErrorKind, KsetRecord, Layout, Record};
 
-use super::EngineError;
 use super::dev::format_err;
+use super::error::EngineError;
 use super::index::{CLEAN, Delta, IKey, Slice};
 use crate::pmem::{AsMedia, Pmem};
 

@@ -16,7 +16,8 @@ use pcache_format::image::Orphan;
 use pcache_format::media::read_backing;
 use pcache_format::{BackingDevInfo, CACHE_GC_PERCENT_DEFAULT, CacheFlags, CacheInfo};
 
-use super::{CacheDev, EngineError};
+use super::dev::CacheDev;
+use super::error::EngineError;
 use crate::backing::BackingDev;
 use crate::pmem::{AsMedia, Pmem};
 

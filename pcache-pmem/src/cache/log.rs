@@ -1,0 +1,270 @@
+//! The key log (spec §2.9.6): the open ksets writers append keys to, the
+//! key head where closed ksets go, the published end of the closed ksets,
+//! the key and dirty tails, and the flusher that closes ksets after the
+//! flush delay.
+//!
+//! A kset is written over a durable terminator, after the terminator that
+//! follows it was made durable, so that replay stops right after the newest
+//! kset; a segment without room for a kset and a LAST kset continues in a
+//! new segment.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use pcache_format::media::read_kset;
+use pcache_format::{
+    CACHE_SEG_DATA_SIZE, CACHE_SUBTREE_SHIFT, CachePos, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX, Key,
+    KsetRecord, ReadError, TERMINATOR, encode_kset, encode_last, kset_size,
+};
+
+use super::ctx::{Ctx, lock};
+use super::error::EngineError;
+use super::load::LogPos;
+use super::space::{For, Space};
+use crate::pmem::{AsMedia, Pmem, PmemError};
+use crate::records::write_record;
+
+/// A kset being filled in memory.
+#[derive(Debug, Default)]
+struct OpenKset {
+    keys: Vec<Key>,
+    /// Number of closes so far: a key appended when this was `n` is durable
+    /// once it exceeds `n`.
+    closes: u64,
+    first_key_at: Option<Instant>,
+}
+
+/// Where a key went: its kset and that kset's close count at the append.
+/// The key is durable once the kset closed after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Ticket {
+    kset: usize,
+    closes: u64,
+}
+
+/// Which tail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Tail {
+    /// The oldest kset still owned: GC moves it.
+    Key,
+    /// The oldest kset not written back: writeback moves it.
+    Dirty,
+}
+
+/// A buffer for one kset as on the media.
+pub(super) type KsetBuf = [u8; KSET_ONMEDIA_SIZE_MAX];
+
+/// The key log of one cache.
+#[derive(Debug)]
+pub(super) struct Log {
+    ksets: Vec<Mutex<OpenKset>>,
+    key_head: Mutex<LogPos>,
+    /// The end of the closed ksets, published after each close so that
+    /// writeback and GC never wait for a close in progress.
+    end: AtomicU64,
+    key_tail: Mutex<LogPos>,
+    dirty_tail: Mutex<LogPos>,
+    flush_delay: Duration,
+}
+
+fn pack(p: LogPos) -> u64 {
+    (u64::from(p.0) << 32) | u64::from(p.1)
+}
+
+fn unpack(v: u64) -> LogPos {
+    ((v >> 32) as u32, v as u32)
+}
+
+impl Log {
+    /// The log of a loaded cache with `queues` open ksets.
+    pub(super) fn new(queues: u32, head: LogPos, key_tail: LogPos, dirty_tail: LogPos, flush_delay: Duration) -> Self {
+        Self {
+            ksets: (0..queues).map(|_| Mutex::new(OpenKset::default())).collect(),
+            key_head: Mutex::new(head),
+            end: AtomicU64::new(pack(head)),
+            key_tail: Mutex::new(key_tail),
+            dirty_tail: Mutex::new(dirty_tail),
+            flush_delay,
+        }
+    }
+
+    /// The end of the closed ksets.
+    pub(super) fn end(&self) -> LogPos {
+        unpack(self.end.load(Ordering::Acquire))
+    }
+
+    /// The key tail, held: GC holds it for a whole step.
+    pub(super) fn key_tail(&self) -> MutexGuard<'_, LogPos> {
+        lock(&self.key_tail)
+    }
+
+    /// The dirty tail as last published.
+    pub(super) fn dirty_tail(&self) -> LogPos {
+        *lock(&self.dirty_tail)
+    }
+
+    /// Publishes the dirty tail, once it is durable.
+    pub(super) fn publish_dirty_tail(&self, at: LogPos) {
+        *lock(&self.dirty_tail) = at;
+    }
+
+    /// Persists tail `which` at `pos` (one copy, the older).
+    pub(super) fn persist_tail<P: Pmem>(&self, space: &Space<P>, which: Tail, pos: LogPos) -> Result<(), EngineError> {
+        let off = match which {
+            Tail::Key => pcache_format::KEY_TAIL_OFF,
+            Tail::Dirty => pcache_format::DIRTY_TAIL_OFF,
+        };
+        write_record(space.pmem(), space.tails_addr()? + off as u64, &CachePos::new(pos.0, pos.1))?;
+        Ok(())
+    }
+
+    /// Reads the log record at `at`.
+    pub(super) fn read<'b, P: Pmem>(
+        &self,
+        space: &Space<P>,
+        at: LogPos,
+        buf: &'b mut KsetBuf,
+    ) -> Result<KsetRecord<'b>, ReadError<PmemError>> {
+        let dev_seg = space.dev_segs()[at.0 as usize];
+        read_kset(&AsMedia(space.pmem()), space.layout(), dev_seg, at.1, space.n_segs(), buf)
+    }
+
+    fn kset_index(&self, off: u64) -> usize {
+        ((off >> CACHE_SUBTREE_SHIFT) % self.ksets.len() as u64) as usize
+    }
+
+    /// Appends `key` (for backing offset `off`) to its kset, closing the
+    /// kset when full. Called under the slice lock of `off`.
+    pub(super) fn append<P: Pmem>(&self, key: Key, space: &Space<P>, ctx: &Ctx) -> Result<Ticket, EngineError> {
+        let idx = self.kset_index(key.off.get());
+        let mut kset = lock(&self.ksets[idx]);
+        let dirty = if key.is_dirty() { i64::from(key.len.get()) } else { 0 };
+        kset.keys.push(key);
+        if kset.first_key_at.is_none() {
+            kset.first_key_at = Some(Instant::now());
+        }
+        let closes = kset.closes;
+        ctx.stats.dirty_pending.fetch_add(dirty, Ordering::Relaxed);
+        if kset.keys.len() == KSET_KEYS_MAX
+            && let Err(e) = self.close(&mut kset, space, ctx)
+        {
+            kset.keys.pop();
+            ctx.stats.dirty_pending.fetch_sub(dirty, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(Ticket { kset: idx, closes })
+    }
+
+    /// Writes the open kset at the key head.
+    fn close<P: Pmem>(&self, kset: &mut OpenKset, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
+        if kset.keys.is_empty() {
+            return Ok(());
+        }
+        let size = kset_size(kset.keys.len());
+        let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
+        encode_kset(&kset.keys, &mut buf)?;
+        let pmem = space.pmem();
+        let mut head = lock(&self.key_head);
+        let room = (CACHE_SEG_DATA_SIZE - head.1) as usize;
+        if room < size + KSET_HEADER_SIZE {
+            *head = self.chain_segment(*head, space, ctx)?;
+        }
+        let terminator = space.data_addr(head.0, head.1 + size as u32, KSET_HEADER_SIZE as u32)?;
+        if crate::mutation::active(crate::mutation::Mutation::NoFenceTerminator) {
+            pmem.copy_nodrain(terminator, &TERMINATOR)?;
+        } else {
+            pmem.copy_persist(terminator, &TERMINATOR)?;
+        }
+        pmem.copy_persist(space.data_addr(head.0, head.1, size as u32)?, &buf[..size])?;
+        head.1 += size as u32;
+        self.end.store(pack(*head), Ordering::Release);
+        drop(head);
+        if kset.keys.iter().any(|k| k.is_dirty()) {
+            ctx.wake.notify();
+        }
+        kset.keys.clear();
+        kset.closes += 1;
+        kset.first_key_at = None;
+        ctx.stats.ksets_closed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Continues the log at `head` in a new segment: its terminator first,
+    /// then the LAST kset pointing at it. Returns the new head.
+    fn chain_segment<P: Pmem>(&self, head: LogPos, space: &Space<P>, ctx: &Ctx) -> Result<LogPos, EngineError> {
+        let next = space.get_segment(For::Log, ctx)?;
+        let chain = || -> Result<(), EngineError> {
+            let pmem = space.pmem();
+            pmem.copy_persist(space.data_addr(next, 0, KSET_HEADER_SIZE as u32)?, &TERMINATOR)?;
+            pmem.copy_persist(space.data_addr(head.0, head.1, KSET_HEADER_SIZE as u32)?, &encode_last(next))?;
+            Ok(())
+        };
+        if let Err(e) = chain() {
+            // The LAST kset pointing at the new segment was not written
+            // (or not made durable): nothing refers to it; give it back.
+            space.free_segment(next);
+            return Err(e);
+        }
+        Ok((next, 0))
+    }
+
+    /// Closes every open kset.
+    pub(super) fn flush_all<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
+        for k in &self.ksets {
+            self.close(&mut lock(k), space, ctx)?;
+        }
+        Ok(())
+    }
+
+    /// Closes each kset of `tickets` that has not closed since the append.
+    pub(super) fn close_since<P: Pmem>(
+        &self,
+        tickets: &[Ticket],
+        space: &Space<P>,
+        ctx: &Ctx,
+    ) -> Result<(), EngineError> {
+        for t in tickets {
+            let mut kset = lock(&self.ksets[t.kset]);
+            if kset.closes == t.closes {
+                self.close(&mut kset, space, ctx)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes ksets whose first key is older than the flush delay, until
+    /// the cache stops.
+    pub(super) fn flusher<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) {
+        let tick = (self.flush_delay / 4).clamp(Duration::from_millis(1), Duration::from_millis(100));
+        loop {
+            let seen = ctx.wake.current();
+            if ctx.stopping() {
+                return;
+            }
+            ctx.wake.wait(seen, tick);
+            if ctx.stopping() {
+                return;
+            }
+            for k in &self.ksets {
+                let mut kset = lock(k);
+                // Closed at the last tick before the delay runs out, so no
+                // key waits longer than the delay for durability.
+                if kset.first_key_at.is_some_and(|t| t.elapsed() + tick >= self.flush_delay) {
+                    // A failure is retried on the next tick; flush() reports it.
+                    let _ = self.close(&mut kset, space, ctx);
+                }
+            }
+        }
+    }
+
+    /// The dirty keys of the open ksets not busy right now.
+    pub(super) fn open_dirty_keys(&self) -> Vec<Key> {
+        let mut keys = Vec::new();
+        for kset in &self.ksets {
+            let Ok(kset) = kset.try_lock() else { continue };
+            keys.extend(kset.keys.iter().filter(|k| k.is_dirty()).copied());
+        }
+        keys
+    }
+}
