@@ -49,8 +49,6 @@ pub const BACKING_DEV_INFO_SEG_ID: u32 = 0;
 pub const CACHE_DEV_MAX: u32 = 1024;
 /// Length of the on-media path buffer, NUL terminator included.
 pub const PATH_LEN: usize = 256;
-/// Largest `queues` value (ksets and data heads per cache).
-pub const QUEUES_MAX: u32 = 128;
 /// Partition bits of the RFC's `/dev/pcacheN` minors.
 pub const PART_SHIFT: u32 = 4;
 
@@ -65,10 +63,11 @@ pub const CACHE_GC_PERCENT_MAX: u16 = 90;
 /// GC watermark of a new cache.
 pub const CACHE_GC_PERCENT_DEFAULT: u16 = 70;
 
-/// Largest number of ksets and data heads per cache.
-pub const CACHE_PARAL_MAX: u32 = 128;
-/// A cache needs at least this many segments per kset/data head.
-pub const CACHE_SEGS_EACH_PARAL: u32 = 10;
+/// Largest number of queues of a cache. A queue is one open kset and one
+/// data head, so that writers append in parallel (the RFC's `paral`).
+pub const QUEUES_MAX: u32 = 128;
+/// A cache needs at least this many segments per queue.
+pub const SEGS_PER_QUEUE: u32 = 10;
 
 /// The index is partitioned into slices of this size; no key crosses one.
 pub const CACHE_SUBTREE_SIZE: u64 = 4 * 1024 * 1024;

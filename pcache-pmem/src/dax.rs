@@ -361,11 +361,6 @@ impl DaxMapping {
         self.flush
     }
 
-    /// Whether fences `msync` the ranges flushed since the last one.
-    pub fn msyncs(&self) -> bool {
-        self.msync
-    }
-
     /// How a flushed line is written back, in words: the instruction, or
     /// `msync` where the kernel does it on a DAX file, or `none`.
     pub fn flush_text(&self) -> String {

@@ -3,7 +3,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-use pcache_pmem::cache::index::{Delta, IKey, Slice};
+use pcache_pmem::cache::index::{Delta, IKey, KeyState, Slice};
 
 struct Counting;
 
@@ -28,7 +28,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 fn key(len: u32) -> IKey {
-    IKey { seg_gen: 1, len, cache_seg: 1, seg_off: 0, crc: 0, orig_delta: 0, orig_len: len, flags: 0 }
+    IKey { seg_gen: 1, len, cache_seg: 1, seg_off: 0, crc: 0, orig_delta: 0, orig_len: len, state: KeyState::Dirty }
 }
 
 /// Bytes per key of `n` 4 KiB keys inserted in `order` into slices of 4 MiB.

@@ -15,7 +15,7 @@
 //!   ts <  ks, te <= ke          T covers K's head      cut to [ts, ks)
 //! ```
 //!
-//! A placeholder (EMPTY key) marks a read miss in flight. One overlapped at
+//! A placeholder ([`KeyState::Filling`]) marks a read miss in flight. One overlapped at
 //! its head is deleted rather than cut: its data will arrive for its
 //! original offset, and cutting it would cache that data at the wrong place
 //! (the RFC's bug, fixed upstream).
@@ -25,10 +25,18 @@ use std::sync::{Mutex, MutexGuard};
 
 use pcache_format::{CACHE_SUBTREE_SHIFT, CACHE_SUBTREE_SIZE, Key, KeyFlags};
 
-/// A placeholder for a read miss in flight (never persisted).
-pub const EMPTY: u8 = 1;
-/// Data filled from the backing device: nothing to write back.
-pub const CLEAN: u8 = 2;
+/// What an index entry stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Cached data not yet written back.
+    Dirty,
+    /// Cached data the backing device holds too (filled by a read miss, or
+    /// written back): nothing to write back.
+    Clean,
+    /// A placeholder for a read miss in flight, filled by the fill with
+    /// this id (never persisted; it points at no cached data).
+    Filling(u32),
+}
 
 /// An indexed key: where the data of `[off, off + len)` is cached. The
 /// offset is the map key.
@@ -42,7 +50,7 @@ pub struct IKey {
     pub seg_gen: u64,
     /// Length in bytes.
     pub len: u32,
-    /// Cache segment index (for a placeholder: its fill id).
+    /// Cache segment index.
     pub cache_seg: u32,
     /// Offset of the data in the segment's data area.
     pub seg_off: u32,
@@ -52,14 +60,23 @@ pub struct IKey {
     pub orig_delta: u32,
     /// Length as written.
     pub orig_len: u32,
-    /// [`EMPTY`], [`CLEAN`].
-    pub flags: u8,
+    /// Dirty, clean or a placeholder.
+    pub state: KeyState,
 }
 
 impl IKey {
     /// A placeholder of `len` bytes for fill `id`.
     pub fn placeholder(len: u32, id: u32) -> Self {
-        Self { seg_gen: 0, len, cache_seg: id, seg_off: 0, crc: 0, orig_delta: 0, orig_len: len, flags: EMPTY }
+        Self {
+            seg_gen: 0,
+            len,
+            cache_seg: 0,
+            seg_off: 0,
+            crc: 0,
+            orig_delta: 0,
+            orig_len: len,
+            state: KeyState::Filling(id),
+        }
     }
 
     /// The key of `k` as read from the log; `dirty` false when its data
@@ -74,13 +91,13 @@ impl IKey {
             crc: k.data_crc.get(),
             orig_delta: 0,
             orig_len: len,
-            flags: if dirty { 0 } else { CLEAN },
+            state: if dirty { KeyState::Dirty } else { KeyState::Clean },
         }
     }
 
     /// The key as written to the log, for backing offset `off`.
     pub fn to_media(&self, off: u64) -> Key {
-        let flags = if self.flags & CLEAN != 0 { KeyFlags::CLEAN } else { KeyFlags::empty() };
+        let flags = if self.state == KeyState::Clean { KeyFlags::CLEAN } else { KeyFlags::empty() };
         let mut key = Key::new(off, self.len, flags, self.cache_seg, self.seg_off, self.seg_gen);
         key.data_crc = self.crc.into();
         key
@@ -88,22 +105,25 @@ impl IKey {
 
     /// The fill of a placeholder.
     pub fn fill_id(&self) -> Option<u32> {
-        self.is_empty().then_some(self.cache_seg)
+        match self.state {
+            KeyState::Filling(id) => Some(id),
+            _ => None,
+        }
     }
 
     /// Whether this is a placeholder.
-    pub fn is_empty(&self) -> bool {
-        self.flags & EMPTY != 0
+    pub fn is_filling(&self) -> bool {
+        matches!(self.state, KeyState::Filling(_))
     }
 
     /// Whether the data must be written back.
     pub fn is_dirty(&self) -> bool {
-        self.flags & (EMPTY | CLEAN) == 0
+        self.state == KeyState::Dirty
     }
 
     fn cut_front(&mut self, n: u32) {
         self.len -= n;
-        if !self.is_empty() {
+        if !self.is_filling() {
             self.seg_off += n;
             self.orig_delta += n;
         }
@@ -123,7 +143,7 @@ pub struct Delta {
 
 impl Delta {
     fn account(&mut self, k: &IKey, sign: i64) {
-        if k.is_empty() {
+        if k.is_filling() {
             return;
         }
         self.keys += sign;
@@ -233,7 +253,7 @@ impl Slice {
                 } else {
                     self.take(ts, d);
                 }
-                if te > ke && !t.is_empty() {
+                if te > ke && !t.is_filling() {
                     let mut tail = t;
                     tail.cut_front((ke - ts) as u32);
                     self.put(ke, tail, d);
@@ -292,7 +312,7 @@ impl Slice {
     /// Removes clean keys from `[ks, ke)`, cutting those that cross its ends.
     pub fn drop_clean(&mut self, ks: u64, ke: u64, d: &mut Delta) {
         let clean: Vec<(u64, IKey)> =
-            self.overlapping(ks, ke).filter(|(_, k)| !k.is_empty() && !k.is_dirty()).collect();
+            self.overlapping(ks, ke).filter(|(_, k)| !k.is_filling() && !k.is_dirty()).collect();
         for (ts, t) in clean {
             let te = ts + u64::from(t.len);
             self.take(ts, d);
@@ -352,7 +372,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn key(len: u32, seg: u32, seg_off: u32) -> IKey {
-        IKey { seg_gen: 0, len, cache_seg: seg, seg_off, crc: 0, orig_delta: 0, orig_len: len, flags: 0 }
+        IKey { seg_gen: 0, len, cache_seg: seg, seg_off, crc: 0, orig_delta: 0, orig_len: len, state: KeyState::Dirty }
     }
 
     fn entries(s: &Slice) -> Vec<(u64, u32, u32, u32)> {
@@ -394,7 +414,8 @@ mod tests {
         let mut s = Slice::default();
         s.insert(0, IKey::placeholder(300, 7), &mut d);
         s.insert(100, key(50, 2, 0), &mut d);
-        assert_eq!(entries(&s), vec![(0, 100, 7, 0), (100, 50, 2, 0)], "containing: cut back, not split");
+        assert_eq!(entries(&s), vec![(0, 100, 0, 0), (100, 50, 2, 0)], "containing: cut back, not split");
+        assert_eq!(s.get(0).and_then(IKey::fill_id), Some(7), "still the same fill's placeholder");
     }
 
     #[test]
@@ -433,7 +454,7 @@ mod tests {
         let mut d = Delta::default();
         s.insert(0, key(300, 1, 0), &mut d);
         let mut clean = key(100, 1, 0);
-        clean.flags = CLEAN;
+        clean.state = KeyState::Clean;
         s.insert(1000, clean, &mut d);
         s.insert(100, key(50, 2, 0), &mut d);
         assert_eq!(d, Delta { keys: 4, dirty_bytes: 300, clean_bytes: 100 });

@@ -15,7 +15,7 @@ use pcache_format::{CACHE_SUBTREE_SIZE, Layout};
 use super::ctx::Ctx;
 use super::error::EngineError;
 use super::fill::Fills;
-use super::index::{CLEAN, Delta, IKey, Index, Piece, slice_end};
+use super::index::{Delta, IKey, Index, KeyState, Piece, slice_end};
 use super::log::{Log, Ticket};
 use super::space::{Extent, Space};
 use crate::backing::BackingDev;
@@ -135,7 +135,7 @@ impl<B: BackingDev> Io<B> {
             r.space.put_ref(ext.seg, r.ctx)?;
             return Err(e);
         }
-        let key = self.new_key(ext, piece, 0);
+        let key = self.new_key(ext, piece, KeyState::Dirty);
         let mut slice = self.index.slice(off);
         match r.log.append(key.to_media(off), r.space, r.ctx) {
             Ok(ticket) => {
@@ -154,10 +154,10 @@ impl<B: BackingDev> Io<B> {
     }
 
     /// The key of `data` stored in `ext`.
-    fn new_key(&self, ext: Extent, data: &[u8], flags: u8) -> IKey {
+    fn new_key(&self, ext: Extent, data: &[u8], state: KeyState) -> IKey {
         let crc = if self.data_crc { pcache_format::crc::crc32(data) } else { 0 };
         let len = data.len() as u32;
-        IKey { seg_gen: ext.gen_, len, cache_seg: ext.seg, seg_off: ext.off, crc, orig_delta: 0, orig_len: len, flags }
+        IKey { seg_gen: ext.gen_, len, cache_seg: ext.seg, seg_off: ext.off, crc, orig_delta: 0, orig_len: len, state }
     }
 
     /// Writes `len` zero bytes at `off`.
@@ -207,7 +207,7 @@ impl<B: BackingDev> Io<B> {
             let slice = self.index.slice(at);
             while pos < to {
                 match slice.covering(pos, pos + 1) {
-                    Some((ts, k)) if !k.is_empty() && !space.is_stale(&k) => pos = ts + u64::from(k.len),
+                    Some((ts, k)) if !k.is_filling() && !space.is_stale(&k) => pos = ts + u64::from(k.len),
                     _ => return false,
                 }
             }
@@ -265,7 +265,8 @@ impl<B: BackingDev> Io<B> {
     fn read_chunk<P: Pmem>(&self, off: u64, out: &mut [u8], r: Roles<'_, P>) -> Result<Served, EngineError> {
         let end = off + out.len() as u64;
         // The common case: one live key covers the whole range.
-        let covering = self.index.slice(off).covering(off, end).filter(|(_, k)| !k.is_empty() && !r.space.is_stale(k));
+        let covering =
+            self.index.slice(off).covering(off, end).filter(|(_, k)| !k.is_filling() && !r.space.is_stale(k));
         if let Some((ts, key)) = covering
             && self.copy_hit(ts, &key, (off - ts) as u32, out, r.space)?
         {
@@ -375,7 +376,7 @@ impl<B: BackingDev> Io<B> {
                 return;
             };
             let take = ext.len.min(ph.len);
-            let key = self.new_key(ext, &piece[..take as usize], CLEAN);
+            let key = self.new_key(ext, &piece[..take as usize], KeyState::Clean);
             if r.log.append(key.to_media(at), r.space, r.ctx).is_err() {
                 drop(slice);
                 let _ = r.space.put_ref(ext.seg, r.ctx);

@@ -9,7 +9,7 @@ use pcache_format::{BackingDevInfo, CACHE_SUBTREE_SHIFT, ErrorKind, KsetRecord, 
 
 use super::dev::format_err;
 use super::error::EngineError;
-use super::index::{CLEAN, Delta, IKey, Slice};
+use super::index::{Delta, IKey, KeyState, Slice};
 use crate::pmem::{AsMedia, Pmem};
 
 /// A position in the key log: cache segment index and offset in its data area.
@@ -214,7 +214,7 @@ pub fn load<P: Pmem + ?Sized>(
                         crc: k.data_crc.get(),
                         orig_delta: 0,
                         orig_len: len,
-                        flags: if dirty { 0 } else { CLEAN },
+                        state: if dirty { KeyState::Dirty } else { KeyState::Clean },
                     };
                     let off = k.off.get();
                     slices.entry(off >> CACHE_SUBTREE_SHIFT).or_default().insert(off, ikey, &mut delta);

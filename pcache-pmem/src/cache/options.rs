@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use pcache_format::{CACHE_SEGS_EACH_PARAL, SEG_SIZE};
+use pcache_format::{SEG_SIZE, SEGS_PER_QUEUE};
 
 use super::index::Delta;
 use super::load::{LogPos, ReplayStats};
@@ -16,7 +16,8 @@ pub struct CacheOptions {
     /// sizes it for the backing device ([`default_cache_segs`]). An existing
     /// cache keeps its size.
     pub cache_size: Option<u64>,
-    /// Ksets and data heads: how many writers append in parallel (1..=128;
+    /// Queues: how many writers append in parallel, each queue one open
+    /// kset and one data head (1..=[`pcache_format::QUEUES_MAX`];
     /// the cache needs 10 segments per queue).
     pub queues: u32,
     /// Keep a CRC of every key's data and verify it on read hits. An
@@ -74,7 +75,7 @@ pub struct StartReport {
     pub data_crc: bool,
     /// GC watermark.
     pub gc_percent: u16,
-    /// Ksets and data heads.
+    /// Queues (open ksets and data heads).
     pub queues: u32,
     /// Stored settings that override the options given, in words.
     pub notes: Vec<String>,
@@ -227,6 +228,6 @@ pub struct CacheSummary {
 pub fn default_cache_segs(dev_size: u64, queues: u32, free: u32) -> u32 {
     let data = dev_size.div_ceil(SEG_SIZE);
     let want = data + data.div_ceil(8) + 2;
-    let min = u64::from(CACHE_SEGS_EACH_PARAL) * u64::from(queues.max(1));
+    let min = u64::from(SEGS_PER_QUEUE) * u64::from(queues.max(1));
     u32::try_from(want.max(min)).unwrap_or(u32::MAX).min(free)
 }

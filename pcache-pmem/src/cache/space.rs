@@ -142,7 +142,7 @@ impl<P: Pmem> Space<P> {
 
     /// Whether `k` points at data of a segment reclaimed since.
     pub(super) fn is_stale(&self, k: &IKey) -> bool {
-        !k.is_empty() && k.seg_gen < self.gens[k.cache_seg as usize].load(Ordering::Acquire)
+        !k.is_filling() && k.seg_gen < self.gens[k.cache_seg as usize].load(Ordering::Acquire)
     }
 
     /// Which segments are in use, and how many.

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use pcache_format::{BackingDevInfo, CACHE_GC_PERCENT_MAX, CACHE_PARAL_MAX, CACHE_SEGS_EACH_PARAL, SEG_SIZE};
+use pcache_format::{BackingDevInfo, CACHE_GC_PERCENT_MAX, QUEUES_MAX, SEG_SIZE, SEGS_PER_QUEUE};
 
 use super::error::EngineError;
 use super::options::{CacheOptions, default_cache_segs};
@@ -15,8 +15,8 @@ const MIB: u64 = 1 << 20;
 
 /// Checks the options on their own.
 pub(super) fn validate(opts: &CacheOptions, path: &Path, dev_size: u64) -> Result<(), EngineError> {
-    if opts.queues == 0 || opts.queues > CACHE_PARAL_MAX {
-        return Err(EngineError::InvalidOption(format!("queues {} out of range (1..={CACHE_PARAL_MAX})", opts.queues)));
+    if opts.queues == 0 || opts.queues > QUEUES_MAX {
+        return Err(EngineError::InvalidOption(format!("queues {} out of range (1..={QUEUES_MAX})", opts.queues)));
     }
     if let Some(gc) = opts.gc_percent.filter(|gc| *gc > CACHE_GC_PERCENT_MAX) {
         return Err(EngineError::InvalidOption(format!("gc_percent {gc} out of range (0..={CACHE_GC_PERCENT_MAX})")));
@@ -109,7 +109,7 @@ pub(super) fn new_cache_segs(opts: &CacheOptions, dev_size: u64, free: u32) -> R
         Some(size) => u32::try_from(size.div_ceil(SEG_SIZE)).unwrap_or(u32::MAX),
         None => default_cache_segs(dev_size, opts.queues, free),
     };
-    let min = CACHE_SEGS_EACH_PARAL * opts.queues;
+    let min = SEGS_PER_QUEUE * opts.queues;
     if n < min {
         return Err(EngineError::InvalidOption(format!(
             "a cache of {n} segments is too small for {} queue(s): at least {min} segments ({} MiB) are needed",
@@ -122,9 +122,9 @@ pub(super) fn new_cache_segs(opts: &CacheOptions, dev_size: u64, free: u32) -> R
 
 /// Checks that a cache of `n_segs` segments can run `queues` queues.
 pub(super) fn check_queues(n_segs: u32, queues: u32) -> Result<(), EngineError> {
-    if n_segs < CACHE_SEGS_EACH_PARAL * queues {
+    if n_segs < SEGS_PER_QUEUE * queues {
         return Err(EngineError::InvalidOption(format!(
-            "the cache has {n_segs} segments, too few for {queues} queue(s) ({CACHE_SEGS_EACH_PARAL} segments each)"
+            "the cache has {n_segs} segments, too few for {queues} queue(s) ({SEGS_PER_QUEUE} segments each)"
         )));
     }
     Ok(())
@@ -195,7 +195,7 @@ mod tests {
         assert!(validate(&CacheOptions::default(), p, 512).is_ok());
         for opts in [
             CacheOptions { queues: 0, ..CacheOptions::default() },
-            CacheOptions { queues: CACHE_PARAL_MAX + 1, ..CacheOptions::default() },
+            CacheOptions { queues: QUEUES_MAX + 1, ..CacheOptions::default() },
             CacheOptions { gc_percent: Some(CACHE_GC_PERCENT_MAX + 1), ..CacheOptions::default() },
         ] {
             assert!(matches!(validate(&opts, p, GIB), Err(EngineError::InvalidOption(_))), "{opts:?}");
