@@ -211,48 +211,135 @@ fn file_is_dax(file: &File) -> bool {
     }
 }
 
+/// Opens `path` for mapping: refuses what cannot be pmem, claims a block
+/// device exclusively, and locks the file.
+fn open_file(path: &Path, opts: &DaxOptions) -> Result<File, PmemError> {
+    // Refuse what cannot be pmem before opening it: opening a FIFO blocks
+    // until a writer comes, for ever if none does. O_NONBLOCK covers a FIFO
+    // swapped in after the stat (it only affects FIFOs and sockets here:
+    // regular files, block devices and device DAX ignore it for mmap, flock
+    // and ioctl); `probe` checks the opened file again.
+    let meta = std::fs::metadata(path).map_err(|e| io_err("open", path, e))?;
+    if let Some(why) = refuse_kind(meta.file_type()) {
+        return Err(unsupported(path, why));
+    }
+    // A block device opened for writing is claimed exclusively, as the
+    // kernel's own users of a disk claim it: a mounted filesystem, a running
+    // cache's backing (under any device node) or another program's
+    // exclusive open makes the open fail, not the write.
+    let excl = if meta.file_type().is_block_device() && !opts.read_only && !opts.no_lock { libc::O_EXCL } else { 0 };
+    let mut oo = OpenOptions::new();
+    oo.read(true).write(!opts.read_only).custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | excl);
+    let file = oo.open(path).map_err(|e| {
+        if excl != 0 && e.raw_os_error() == Some(libc::EBUSY) {
+            PmemError::Busy { path: path.to_path_buf(), holder: None }
+        } else {
+            io_err("open", path, e)
+        }
+    })?;
+    if !opts.no_lock {
+        let op = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock on an fd we own; no memory is passed.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let meta = file.metadata().ok();
+                let holder = meta.as_ref().and_then(crate::sys::holder_of);
+                return Err(PmemError::Busy { path: path.to_path_buf(), holder });
+            }
+            return Err(io_err("flock", path, err));
+        }
+    }
+    Ok(file)
+}
+
+/// Whether pmem mode is forced on an ordinary mapping (`PCACHE_FORCE_PMEM=1`
+/// or the option).
+fn forced_pmem(opts: &DaxOptions) -> bool {
+    opts.force_pmem.unwrap_or_else(|| std::env::var("PCACHE_FORCE_PMEM").is_ok_and(|v| v.trim() == "1"))
+}
+
+/// Maps `len` bytes of `file`: device DAX shared, a writable regular file
+/// with `MAP_SYNC` where the filesystem is DAX, anything else through the
+/// page cache. Returns the address and how it is mapped.
+fn map_file(
+    file: &File,
+    path: &Path,
+    map_len: usize,
+    device_dax: bool,
+    opts: &DaxOptions,
+) -> Result<(*mut libc::c_void, MapMode), PmemError> {
+    let prot = if opts.read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
+    let fd = file.as_raw_fd();
+    let force = forced_pmem(opts);
+    // Device DAX is wholly backed: build its page tables up front rather
+    // than fault on first touch. A forced-pmem mapping (benchmarks, tests)
+    // is populated too; an ordinary emulated file is not, since it may be
+    // sparse and far larger than memory.
+    let populate = if device_dax || (force && !opts.read_only) { libc::MAP_POPULATE } else { 0 };
+    let map = |flags: libc::c_int| {
+        let flags = flags | populate;
+        // SAFETY: a new mapping of `map_len` bytes of our own fd at an
+        // address the kernel picks; nothing existing is replaced.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), map_len, prot, flags, fd, 0) };
+        if p == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(p) }
+    };
+    let (addr, mode) = if device_dax {
+        (map(libc::MAP_SHARED).map_err(|e| io_err("mmap device DAX", path, e))?, MapMode::DeviceDax)
+    } else if opts.read_only || !file.metadata().map(|m| m.file_type().is_file()).unwrap_or(false) {
+        // MAP_SYNC is for writable mappings; a read-only one only says
+        // whether the file is on DAX.
+        let mode = if opts.read_only && file_is_dax(file) { MapMode::FileDax } else { MapMode::Emulated };
+        (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, mode)
+    } else {
+        match map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
+            Ok(p) => (p, MapMode::FileDaxSync),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) => {
+                (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, MapMode::Emulated)
+            }
+            Err(e) => return Err(io_err("mmap MAP_SYNC", path, e)),
+        }
+    };
+    let mode = if mode == MapMode::Emulated && force { MapMode::ForcedPmem } else { mode };
+    if matches!(mode, MapMode::Emulated | MapMode::ForcedPmem | MapMode::FileDax) {
+        // A cache reads and writes small records and blocks all over the
+        // device: without this, each first touch of a page through the page
+        // cache reads ahead the pages around it (holes of a large sparse
+        // image included), and a scan of every segment's info reads
+        // gigabytes. Advice only: a failure changes nothing.
+        // SAFETY: madvise on the mapping just made, whole; MADV_RANDOM
+        // changes no contents.
+        let _ = unsafe { libc::madvise(addr, map_len, libc::MADV_RANDOM) };
+    }
+    Ok((addr, mode))
+}
+
+/// How stores to a mapping in `mode` are made durable: the flush
+/// instruction and non-temporal stores, and whether fences `msync`.
+fn persistence(mode: MapMode, opts: &DaxOptions, can_flush: bool, no_flush_wanted: bool) -> (FlushConfig, bool) {
+    let eadr = matches!(mode, MapMode::DeviceDax | MapMode::FileDaxSync) && platform_has_eadr();
+    let mut flush = FlushConfig::detect(eadr);
+    if let Some(instr) = opts.flush {
+        flush.instr = instr;
+    }
+    if let Some(movnt) = opts.movnt {
+        flush.movnt = movnt && cfg!(target_arch = "x86_64");
+    }
+    if mode == MapMode::Emulated {
+        // The page cache is DRAM: write-back instructions achieve nothing
+        // there, msync does the work.
+        flush = FlushConfig { instr: FlushInstr::None, movnt: false };
+    }
+    let msync = mode == MapMode::Emulated
+        || (mode == MapMode::FileDaxSync && !can_flush && !no_flush_wanted && !eadr && !opts.read_only);
+    (flush, msync)
+}
+
 impl DaxMapping {
     /// Opens and maps the whole of `path`.
     pub fn open(path: impl AsRef<Path>, opts: &DaxOptions) -> Result<Self, PmemError> {
         let path = path.as_ref();
-        // Refuse what cannot be pmem before opening it: opening a FIFO
-        // blocks until a writer comes, for ever if none does. O_NONBLOCK
-        // covers a FIFO swapped in after the stat (it only affects FIFOs
-        // and sockets here: regular files, block devices and device DAX
-        // ignore it for mmap, flock and ioctl); `probe` checks the opened
-        // file again.
-        let meta = std::fs::metadata(path).map_err(|e| io_err("open", path, e))?;
-        if let Some(why) = refuse_kind(meta.file_type()) {
-            return Err(unsupported(path, why));
-        }
-        // A block device opened for writing is claimed exclusively, as the
-        // kernel's own users of a disk claim it: a mounted filesystem, a
-        // running cache's backing (under any device node) or another
-        // program's exclusive open makes the open fail, not the write.
-        let excl =
-            if meta.file_type().is_block_device() && !opts.read_only && !opts.no_lock { libc::O_EXCL } else { 0 };
-        let mut oo = OpenOptions::new();
-        oo.read(true).write(!opts.read_only).custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK | excl);
-        let file = oo.open(path).map_err(|e| {
-            if excl != 0 && e.raw_os_error() == Some(libc::EBUSY) {
-                PmemError::Busy { path: path.to_path_buf(), holder: None }
-            } else {
-                io_err("open", path, e)
-            }
-        })?;
-        if !opts.no_lock {
-            let op = if opts.read_only { libc::LOCK_SH } else { libc::LOCK_EX };
-            // SAFETY: flock on an fd we own; no memory is passed.
-            if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                    let meta = file.metadata().ok();
-                    let holder = meta.as_ref().and_then(crate::sys::holder_of);
-                    return Err(PmemError::Busy { path: path.to_path_buf(), holder });
-                }
-                return Err(io_err("flock", path, err));
-            }
-        }
+        let file = open_file(path, opts)?;
         let (len, device_dax) = probe(&file, path)?;
         // Without a cache-line flush instruction (non-x86 CPUs), stores
         // reach DAX media only through the kernel: msync on a DAX file
@@ -275,68 +362,8 @@ impl DaxMapping {
             return Err(unsupported(path, "the device is empty (0 bytes)"));
         }
         let map_len = usize::try_from(len).map_err(|_| unsupported(path, "too large to map on this host"))?;
-        let prot = if opts.read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
-        let fd = file.as_raw_fd();
-        let force =
-            opts.force_pmem.unwrap_or_else(|| std::env::var("PCACHE_FORCE_PMEM").is_ok_and(|v| v.trim() == "1"));
-        // Device DAX is wholly backed: build its page tables up front rather
-        // than fault on first touch. A forced-pmem mapping (benchmarks,
-        // tests) is populated too; an ordinary emulated file is not, since it
-        // may be sparse and far larger than memory.
-        let populate = if device_dax || (force && !opts.read_only) { libc::MAP_POPULATE } else { 0 };
-        let map = |flags: libc::c_int| {
-            let flags = flags | populate;
-            // SAFETY: a new mapping of `map_len` bytes of our own fd at an
-            // address the kernel picks; nothing existing is replaced.
-            let p = unsafe { libc::mmap(std::ptr::null_mut(), map_len, prot, flags, fd, 0) };
-            if p == libc::MAP_FAILED { Err(io::Error::last_os_error()) } else { Ok(p) }
-        };
-        let (addr, mut mode) = if device_dax {
-            (map(libc::MAP_SHARED).map_err(|e| io_err("mmap device DAX", path, e))?, MapMode::DeviceDax)
-        } else if opts.read_only || !file.metadata().map(|m| m.file_type().is_file()).unwrap_or(false) {
-            // MAP_SYNC is for writable mappings; a read-only one only says
-            // whether the file is on DAX.
-            let mode = if opts.read_only && file_is_dax(&file) { MapMode::FileDax } else { MapMode::Emulated };
-            (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, mode)
-        } else {
-            match map(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
-                Ok(p) => (p, MapMode::FileDaxSync),
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) => {
-                    (map(libc::MAP_SHARED).map_err(|e| io_err("mmap", path, e))?, MapMode::Emulated)
-                }
-                Err(e) => return Err(io_err("mmap MAP_SYNC", path, e)),
-            }
-        };
-        let force =
-            opts.force_pmem.unwrap_or_else(|| std::env::var("PCACHE_FORCE_PMEM").is_ok_and(|v| v.trim() == "1"));
-        if mode == MapMode::Emulated && force {
-            mode = MapMode::ForcedPmem;
-        }
-        let eadr = matches!(mode, MapMode::DeviceDax | MapMode::FileDaxSync) && platform_has_eadr();
-        let mut flush = FlushConfig::detect(eadr);
-        if let Some(instr) = opts.flush {
-            flush.instr = instr;
-        }
-        if let Some(movnt) = opts.movnt {
-            flush.movnt = movnt && cfg!(target_arch = "x86_64");
-        }
-        if mode == MapMode::Emulated {
-            // The page cache is DRAM: write-back instructions achieve
-            // nothing there, msync does the work.
-            flush = FlushConfig { instr: FlushInstr::None, movnt: false };
-        }
-        let msync = mode == MapMode::Emulated
-            || (mode == MapMode::FileDaxSync && !can_flush && !no_flush_wanted && !eadr && !opts.read_only);
-        if matches!(mode, MapMode::Emulated | MapMode::ForcedPmem | MapMode::FileDax) {
-            // A cache reads and writes small records and blocks all over the
-            // device: without this, each first touch of a page through the
-            // page cache reads ahead the pages around it (holes of a large
-            // sparse image included), and a scan of every segment's info
-            // reads gigabytes. Advice only: a failure changes nothing.
-            // SAFETY: madvise on the mapping just made, whole; MADV_RANDOM
-            // changes no contents.
-            let _ = unsafe { libc::madvise(addr, map_len, libc::MADV_RANDOM) };
-        }
+        let (addr, mode) = map_file(&file, path, map_len, device_dax, opts)?;
+        let (flush, msync) = persistence(mode, opts, can_flush, no_flush_wanted);
         let ptr = NonNull::new(addr as *mut u8).ok_or_else(|| unsupported(path, "mmap returned a null mapping"))?;
         Ok(Self {
             ptr,
