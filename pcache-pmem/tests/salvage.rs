@@ -263,8 +263,8 @@ fn a_damaged_kset_keeps_the_keys_before_it_and_salvage_resumes_after_it() {
     cache.stop().unwrap();
     drop(cache);
 
-    // Replay takes a kset whose CRC fails for the torn end of the log; a
-    // plain detach sees that the log goes on and refuses rather than drop
+    // A kset whose CRC fails with the log going on after it is no torn
+    // end: replay refuses it, so a plain detach refuses rather than drop
     // the 22 ksets after it.
     let err = detach(&rig.dev, rig.backing.clone(), |_, _| {}).unwrap_err();
     let msg = err.to_string();
