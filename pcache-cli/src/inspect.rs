@@ -1,38 +1,123 @@
 //! `pcache inspect`: what a device holds, as text or JSON.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use pcache_format::image::{BackingReport, Report, ScanOptions, Severity, scan};
-use pcache_format::{CopyInfo, SEG_SIZE};
-use pcache_pmem::{AsMedia, CacheSummary, DaxMapping, DaxOptions, summarize};
+use pcache_format::image::{BackingReport, KeyState, Location, Report, ScanOptions, Severity, scan, scan_with};
+use pcache_format::{CopyInfo, Key, SEG_SIZE};
+use pcache_pmem::{AsMedia, DaxMapping, DaxOptions};
 use serde_json::{Value, json};
 
 use crate::units::{human, ranges};
 
-/// Opens `device` read-only (under a shared lock) and scans it.
-pub fn open_and_scan(cmd: &str, device: &Path, opts: ScanOptions) -> Result<(DaxMapping, Report), u8> {
-    let map = DaxMapping::open(device, &DaxOptions { read_only: true, ..DaxOptions::default() }).map_err(|e| {
+fn open(cmd: &str, device: &Path) -> Result<DaxMapping, u8> {
+    DaxMapping::open(device, &DaxOptions { read_only: true, ..DaxOptions::default() }).map_err(|e| {
         eprintln!("pcache {cmd}: {e}");
         2
-    })?;
+    })
+}
+
+/// Opens `device` read-only (under a shared lock) and scans it.
+pub fn open_and_scan(cmd: &str, device: &Path, opts: ScanOptions) -> Result<(DaxMapping, Report), u8> {
+    let map = open(cmd, device)?;
     let report = scan(&AsMedia(&map), opts);
     Ok((map, report))
 }
 
-/// Live keys of each cache, by a read-only replay (or why it failed).
-type Summaries = Vec<Result<CacheSummary, String>>;
+/// The live keys of a cache, after later keys have overwritten earlier
+/// ones and stale keys are dropped: what replay would index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Summary {
+    dirty_keys: u64,
+    clean_keys: u64,
+    dirty_bytes: u64,
+    clean_bytes: u64,
+    segments_used: u32,
+}
 
-fn summaries(map: &DaxMapping, r: &Report) -> Summaries {
-    let Some(layout) = r.layout else { return Vec::new() };
-    r.backings.iter().map(|b| summarize(map, &layout, &b.info).map_err(|e| e.to_string())).collect()
+/// The live keys of each cache (or why they cannot be told).
+type Summaries = Vec<Result<Summary, String>>;
+
+/// The keys of one cache's log as the scan meets them, in log order: each
+/// later key wins over the ranges of the earlier ones it overlaps (which
+/// are cut, or split in two), as the engine's index does on replay.
+#[derive(Debug, Default)]
+struct LiveKeys {
+    /// Start of each live range: its end and whether it is dirty.
+    ranges: BTreeMap<u64, (u64, bool)>,
+    /// Cache segments keys point into (stale keys too).
+    segs: BTreeSet<u32>,
+}
+
+impl LiveKeys {
+    fn add(&mut self, key: &Key, state: KeyState) {
+        self.segs.insert(key.cache_seg_id.get());
+        let dirty = match state {
+            KeyState::Stale => return,
+            KeyState::Dirty => true,
+            KeyState::WrittenBack | KeyState::Clean => false,
+        };
+        let (ks, ke) = (key.off.get(), key.end());
+        // Ranges are disjoint: walking back from the key's end, the ones it
+        // overlaps come first.
+        let overlapped: Vec<(u64, (u64, bool))> =
+            self.ranges.range(..ke).rev().take_while(|(_, (te, _))| *te > ks).map(|(ts, t)| (*ts, *t)).collect();
+        for (ts, (te, d)) in overlapped {
+            self.ranges.remove(&ts);
+            if ts < ks {
+                self.ranges.insert(ts, (ks, d));
+            }
+            if te > ke {
+                self.ranges.insert(ke, (te, d));
+            }
+        }
+        self.ranges.insert(ks, (ke, dirty));
+    }
+
+    /// The summary of cache `b`, unless the scan found it damaged (replay
+    /// would refuse it).
+    fn summary(&self, r: &Report, b: &BackingReport) -> Result<Summary, String> {
+        let mine = |l: &Location| match *l {
+            Location::Backing { id } => id == b.id,
+            Location::Segment { backing, .. } | Location::Log { backing, .. } => backing == b.id,
+            _ => false,
+        };
+        if let Some(f) = r.findings.iter().find(|f| f.severity == Severity::Problem && mine(&f.location)) {
+            return Err(f.to_string());
+        }
+        let Some(log) = &b.log else { return Err("the key log was not walked".into()) };
+        if let Some(s) = log.segs.iter().find(|s| self.segs.contains(s)) {
+            return Err(format!("cache segment {s} is both in the key log and referenced by keys"));
+        }
+        let mut sum = Summary::default();
+        for (&start, &(end, dirty)) in &self.ranges {
+            let (keys, bytes) = if dirty {
+                (&mut sum.dirty_keys, &mut sum.dirty_bytes)
+            } else {
+                (&mut sum.clean_keys, &mut sum.clean_bytes)
+            };
+            *keys += 1;
+            *bytes += end - start;
+        }
+        let mut used = self.segs.clone();
+        used.extend(&log.segs);
+        sum.segments_used = used.len() as u32;
+        Ok(sum)
+    }
 }
 
 pub fn run(device: &Path, json: bool) -> u8 {
-    let Ok((map, report)) = open_and_scan("inspect", device, ScanOptions { walk_logs: true, verify_data: false })
-    else {
-        return 2;
+    let Ok(map) = open("inspect", device) else { return 2 };
+    // One walk of each log: the scan hands each key it accepts on to the
+    // live-key count.
+    let mut live: BTreeMap<u32, LiveKeys> = BTreeMap::new();
+    let opts = ScanOptions { walk_logs: true, verify_data: false };
+    let report = scan_with(&AsMedia(&map), opts, &mut |id, key, state| live.entry(id).or_default().add(key, state));
+    let sums: Summaries = if report.layout.is_none() {
+        Vec::new()
+    } else {
+        report.backings.iter().map(|b| live.remove(&b.id).unwrap_or_default().summary(&report, b)).collect()
     };
-    let sums = summaries(&map, &report);
     if json {
         println!("{}", serde_json::to_string_pretty(&to_json(device, &map, &report, &sums)).unwrap_or_default());
     } else {
@@ -57,7 +142,7 @@ fn pos_json(p: Option<pcache_format::CachePos>) -> Value {
     }
 }
 
-fn keys_json(sum: Option<&Result<CacheSummary, String>>) -> Value {
+fn keys_json(sum: Option<&Result<Summary, String>>) -> Value {
     match sum {
         Some(Ok(s)) => json!({
             "dirty": s.dirty_keys, "clean": s.clean_keys,
@@ -69,7 +154,7 @@ fn keys_json(sum: Option<&Result<CacheSummary, String>>) -> Value {
     }
 }
 
-fn backing_json(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) -> Value {
+fn backing_json(b: &BackingReport, sum: Option<&Result<Summary, String>>) -> Value {
     let ci = &b.info.cache_info;
     let log = b.log.as_ref().map(|l| {
         json!({
@@ -246,7 +331,7 @@ fn print_text(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) {
     }
 }
 
-fn print_backing(b: &BackingReport, sum: Option<&Result<CacheSummary, String>>) {
+fn print_backing(b: &BackingReport, sum: Option<&Result<Summary, String>>) {
     let ci = &b.info.cache_info;
     println!();
     println!("backing {}  {}  in use", b.id, String::from_utf8_lossy(b.info.path()));

@@ -16,10 +16,10 @@ use crate::backing::BackingDevInfo;
 use crate::consts::{META_ENTRIES, SB_OFF, SB_SIZE};
 use crate::ctrl::CachePos;
 use crate::error::{Error, ErrorKind, Record};
-use crate::kset::{Key, KsetRecord};
+use crate::kset::Key;
 use crate::layout::Layout;
 use crate::media::{
-    ChainWalk, KsetBuf, Pair, ReadError, ReadMedia, Tails, read, read_backing, read_gen, read_kset,
+    ChainWalk, LogEnd, LogPos, LogStep, LogWalk, Pair, ReadError, ReadMedia, Tails, read, read_backing, read_gen,
     read_meta_segment_info, read_tails,
 };
 use crate::meta::{CopyInfo, MetaRecord};
@@ -164,6 +164,10 @@ pub enum Issue {
         /// The segment it names.
         next: u32,
     },
+    /// A kset in the middle of the log fails its CRC (or has no usable key
+    /// count), and it is no kset torn by a crash: the log goes on past it,
+    /// and the writes recorded from there on cannot be replayed.
+    LogDamaged(Error),
     /// The log has a record without the kset magic where a kset or a
     /// terminator must be.
     LogGarbage {
@@ -231,6 +235,11 @@ impl fmt::Display for Issue {
                 "a cache of {segs} segment(s) holding {dirty_keys} dirty key(s) in {ksets} kset(s) is owned by no \
                  backing entry (its entry was lost); its segments are kept, never reused: \
                  `pcache repair` rebuilds the entry"
+            ),
+            Issue::LogDamaged(e) => write!(
+                f,
+                "{e}, and it is no kset torn by a crash: the log goes on past damage (`pcache detach --salvage` \
+                 writes back what can be read)"
             ),
             Issue::LogLoop { next } => write!(f, "LAST kset leads back to segment {next}, already in the log"),
             Issue::LogGarbage { magic } => {
@@ -320,6 +329,8 @@ pub struct LogReport {
     pub stale_keys: u64,
     /// Where the log ends (the next kset goes there): segment and offset.
     pub end: (u32, u32),
+    /// The cache segments the log runs through, in order from the key tail.
+    pub segs: Vec<u32>,
     /// Whether the dirty tail was met on the way.
     pub dirty_tail_reached: bool,
     /// Keys that carry a non-zero data CRC.
@@ -382,13 +393,31 @@ impl Report {
     }
 }
 
-struct Scanner<'m, M: ReadMedia + ?Sized> {
+/// What the scan made of a key of a cache's log that passed its checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Its segment was reclaimed since (an older generation): not live.
+    Stale,
+    /// Dirty, from the dirty tail on: not yet written back.
+    Dirty,
+    /// Dirty, before the dirty tail: written back already, so clean now.
+    WrittenBack,
+    /// CLEAN.
+    Clean,
+}
+
+/// Called with each key of a backing entry's log that passes its checks,
+/// in log order: the entry's id, the key, what it is.
+pub type KeySink<'k> = dyn FnMut(u32, &Key, KeyState) + 'k;
+
+struct Scanner<'m, 'k, M: ReadMedia + ?Sized> {
     m: &'m M,
     opts: ScanOptions,
     findings: Vec<Finding>,
+    keys: &'k mut KeySink<'k>,
 }
 
-impl<M: ReadMedia + ?Sized> Scanner<'_, M> {
+impl<M: ReadMedia + ?Sized> Scanner<'_, '_, M> {
     fn push(&mut self, severity: Severity, location: Location, issue: Issue) {
         self.findings.push(Finding { severity, location, issue });
     }
@@ -435,7 +464,15 @@ impl<M: ReadMedia + ?Sized> Scanner<'_, M> {
 /// assert_eq!(report.problems(), 1);
 /// ```
 pub fn scan<M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions) -> Report {
-    let mut s = Scanner { m, opts, findings: Vec::new() };
+    scan_with(m, opts, &mut |_, _, _| {})
+}
+
+/// Scans a device like [`scan`], and hands each key of a backing entry's
+/// log that passes its checks to `keys` as the walk meets it, so that a
+/// caller can build on the same walk of the log (what `pcache inspect`
+/// does to count the live keys).
+pub fn scan_with<'k, M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions, keys: &'k mut KeySink<'k>) -> Report {
+    let mut s = Scanner { m, opts, findings: Vec::new(), keys };
     let mut report = Report {
         device_size: m.size(),
         superblock: SuperblockReport { raw: None, computed_crc: 0, error: None },
@@ -479,7 +516,7 @@ pub fn scan<M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions) -> Report {
     report
 }
 
-fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, sb: &mut SuperblockReport) -> Option<Layout> {
+fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, '_, M>, sb: &mut SuperblockReport) -> Option<Layout> {
     let size = s.m.size();
     if size < SB_OFF + SB_SIZE as u64 {
         let e = Error::truncated(Record::Superblock, SB_SIZE, size.saturating_sub(SB_OFF) as usize);
@@ -520,7 +557,7 @@ fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, M>, sb: &mut Super
 type Unreadable = Vec<(u32, Error)>;
 
 fn scan_backings<M: ReadMedia + ?Sized>(
-    s: &mut Scanner<'_, M>,
+    s: &mut Scanner<'_, '_, M>,
     layout: &Layout,
 ) -> (Vec<BackingReport>, Vec<Option<u32>>, Unreadable) {
     let mut unreadable = Vec::new();
@@ -708,8 +745,8 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
             dirty_tail: Some(dt),
             log: None,
         };
-        let mut scratch =
-            Scanner { m, opts: ScanOptions { walk_logs: true, verify_data: false }, findings: Vec::new() };
+        let opts = ScanOptions { walk_logs: true, verify_data: false };
+        let mut scratch = Scanner { m, opts, findings: Vec::new(), keys: &mut |_, _, _| {} };
         let log = scan_log(&mut scratch, layout, &b, pos(&kt), pos(&dt));
         let log_damaged = scratch.problems() > 0;
         orphans.push(Orphan { head, segs, key_tail: kt, dirty_tail: dt, log, log_damaged });
@@ -719,7 +756,7 @@ pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool
 }
 
 fn scan_cache<M: ReadMedia + ?Sized>(
-    s: &mut Scanner<'_, M>,
+    s: &mut Scanner<'_, '_, M>,
     layout: &Layout,
     owner: &mut [Option<u32>],
     b: &mut BackingReport,
@@ -798,99 +835,100 @@ fn scan_cache<M: ReadMedia + ?Sized>(
     }
 }
 
-fn pos(p: &CachePos) -> (u32, u32) {
-    (p.cache_seg_id.get(), p.seg_off.get())
+fn pos(p: &CachePos) -> LogPos {
+    LogPos::from(*p)
 }
 
 fn scan_log<M: ReadMedia + ?Sized>(
-    s: &mut Scanner<'_, M>,
+    s: &mut Scanner<'_, '_, M>,
     layout: &Layout,
     b: &BackingReport,
-    key_tail: (u32, u32),
-    dirty_tail: (u32, u32),
+    key_tail: LogPos,
+    dirty_tail: LogPos,
 ) -> LogReport {
-    let n_segs = b.chain.len() as u32;
-    let dev_size = b.info.dev_size.get().checked_mul(512).filter(|&s| s > 0).unwrap_or(u64::MAX);
-    let data_crc = b.info.cache_info.data_crc();
-    let mut log = LogReport::default();
-    let mut visited = vec![false; b.chain.len()];
-    let mut buf: KsetBuf = [0; crate::consts::KSET_ONMEDIA_SIZE_MAX];
+    let ctx = KeyContext {
+        dev_size: b.info.dev_size.get().checked_mul(512).filter(|&s| s > 0).unwrap_or(u64::MAX),
+        data_crc: b.info.cache_info.data_crc(),
+    };
+    let mut log = LogReport { segs: vec![key_tail.seg], ..LogReport::default() };
+    let segs: Vec<u32> = b.chain.iter().map(|s| s.dev_seg).collect();
+    let mut visited = vec![false; segs.len()];
+    let mut walk = LogWalk::new(s.m, layout, &segs, &mut visited, key_tail);
     let mut data = Vec::new();
-    let (mut seg, mut off) = key_tail;
-    visited[seg as usize] = true;
     loop {
-        let at = Location::Log { backing: b.id, cache_seg: seg, seg_off: off };
-        if (seg, off) == dirty_tail {
+        if walk.pos() == dirty_tail {
             log.dirty_tail_reached = true;
         }
-        let dev_seg = b.chain[seg as usize].dev_seg;
-        match read_kset(s.m, layout, dev_seg, off, n_segs, &mut buf) {
-            Err(ReadError::Format(e)) if torn_at_log_end(&e) => {
-                s.push(Severity::Note, at, Issue::Record(e));
-                break;
-            }
-            Err(e) => {
-                s.read_error(at, e);
-                break;
-            }
-            Ok(KsetRecord::End { magic: 0 }) => break,
-            Ok(KsetRecord::End { magic }) => {
-                s.problem(at, Issue::LogGarbage { magic });
-                break;
-            }
-            Ok(KsetRecord::Last { next_cache_seg }) => {
-                log.last_ksets += 1;
-                let seen = &mut visited[next_cache_seg as usize];
-                if *seen {
-                    s.problem(at, Issue::LogLoop { next: next_cache_seg });
-                    break;
-                }
-                *seen = true;
-                (seg, off) = (next_cache_seg, 0);
-            }
-            Ok(KsetRecord::Keys { keys }) => {
+        let Some(step) = walk.step() else { break };
+        match step {
+            LogStep::Keys { at, keys } => {
                 log.ksets += 1;
-                let size = crate::kset::kset_size(keys.len()) as u32;
+                let at = log_location(b.id, at);
                 for (i, key) in keys.iter().enumerate() {
-                    scan_key(s, layout, b, &mut log, at, i as u32, key, dev_size, data_crc, &mut data);
+                    scan_key(s, layout, b, &mut log, at, i as u32, key, ctx, &mut data);
                 }
-                off += size;
+            }
+            LogStep::Last { next, .. } => {
+                log.last_ksets += 1;
+                log.segs.push(next);
+            }
+            LogStep::End { at, end } => {
+                log_end(s, log_location(b.id, at), end);
+                break;
             }
         }
     }
-    log.end = (seg, off);
+    log.end = walk.pos().into();
     if !log.dirty_tail_reached {
         let at = Location::Backing { id: b.id };
-        s.problem(at, Issue::DirtyTailNotInLog { seg: dirty_tail.0, off: dirty_tail.1 });
+        s.problem(at, Issue::DirtyTailNotInLog { seg: dirty_tail.seg, off: dirty_tail.off });
     }
     log
 }
 
-/// Errors a crash can leave at the end of the log: the newest kset half
-/// written (its CRC bad, or its key count not yet stored).
-fn torn_at_log_end(e: &Error) -> bool {
-    e.record == Record::Kset
-        && matches!(e.kind, ErrorKind::BadCrc { .. } | ErrorKind::OutOfRange { field: "key_num", found: 0, .. })
+fn log_location(backing: u32, at: LogPos) -> Location {
+    Location::Log { backing, cache_seg: at.seg, seg_off: at.off }
+}
+
+/// Records why the log ends, unless it ends cleanly.
+fn log_end<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, '_, M>, at: Location, end: LogEnd<M::Error>) {
+    match end {
+        LogEnd::Terminator => {}
+        LogEnd::Torn(e) => s.push(Severity::Note, at, Issue::Record(e)),
+        LogEnd::Damaged(e) => s.problem(at, Issue::LogDamaged(e)),
+        LogEnd::Invalid(e) => s.problem(at, Issue::Record(e)),
+        LogEnd::Loop { next } => s.problem(at, Issue::LogLoop { next }),
+        LogEnd::Garbage { magic } => s.problem(at, Issue::LogGarbage { magic }),
+        LogEnd::Media { off, len, source } => s.read_error(at, ReadError::Media { off, len, source }),
+    }
+}
+
+/// What checking a key needs to know of its cache.
+#[derive(Debug, Clone, Copy)]
+struct KeyContext {
+    /// Size of the backing device (`u64::MAX` when the entry does not say).
+    dev_size: u64,
+    /// Whether the cache keeps data CRCs.
+    data_crc: bool,
 }
 
 #[allow(clippy::too_many_arguments)]
 fn scan_key<M: ReadMedia + ?Sized>(
-    s: &mut Scanner<'_, M>,
+    s: &mut Scanner<'_, '_, M>,
     layout: &Layout,
     b: &BackingReport,
     log: &mut LogReport,
     at: Location,
     index: u32,
     key: &Key,
-    dev_size: u64,
-    data_crc: bool,
+    ctx: KeyContext,
     data: &mut Vec<u8>,
 ) {
     log.keys += 1;
     if key.data_crc.get() != 0 {
         log.keys_with_crc += 1;
     }
-    if let Err(e) = key.check_in(b.chain.len() as u32, dev_size) {
+    if let Err(e) = key.check_in(b.chain.len() as u32, ctx.dev_size) {
         s.problem(at, Issue::Record(e.at_index(index)));
         return;
     }
@@ -898,22 +936,28 @@ fn scan_key<M: ReadMedia + ?Sized>(
     let seg = &b.chain[key.cache_seg_id.get() as usize];
     let Some(seg_gen) = seg.gen_ else { return };
     let key_gen = key.seg_gen.get();
-    if key_gen < seg_gen {
-        log.stale_keys += 1;
-        return;
-    }
     if key_gen > seg_gen {
         s.problem(at, Issue::KeyFromFuture { key: index, key_gen, seg_gen });
         return;
     }
-    if key.is_dirty() && log.dirty_tail_reached {
+    let state = if key_gen < seg_gen {
+        log.stale_keys += 1;
+        KeyState::Stale
+    } else if key.is_dirty() && log.dirty_tail_reached {
         log.dirty_keys += 1;
+        KeyState::Dirty
     } else if key.is_dirty() {
         log.written_back_keys += 1;
+        KeyState::WrittenBack
     } else {
         log.clean_keys += 1;
+        KeyState::Clean
+    };
+    (s.keys)(b.id, key, state);
+    if state == KeyState::Stale {
+        return;
     }
-    if data_crc && s.opts.verify_data {
+    if ctx.data_crc && s.opts.verify_data {
         let len = key.len.get();
         let off = match layout.data_range(seg.dev_seg, key.cache_seg_off.get(), len) {
             Ok(off) => off,

@@ -208,6 +208,21 @@ fn torn_newest_kset_is_a_note_but_a_lost_dirty_tail_is_a_problem() {
     assert!(p[0].contains("dirty tail (segment 0 offset 0x"), "{p:?}");
 }
 
+/// A kset whose CRC fails with a valid kset after it is no torn end: the
+/// engine refuses such a log, and the scan calls it a problem.
+#[test]
+fn a_damaged_kset_in_the_middle_of_the_log_is_a_problem() {
+    let (mut b, c) = cached_image();
+    let log = b.layout().data_offset(c.chain()[0]).unwrap();
+    b.image_mut().write_at(log + 30, &[0x55]).unwrap();
+    let r = scan(b.image(), ScanOptions::default());
+    let p = problems(&r);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(p[0].contains("key log at segment 0 offset 0x0: kset: CRC mismatch"), "{p:?}");
+    assert!(p[0].contains("no kset torn by a crash"), "{p:?}");
+    assert_eq!(notes(&r), Vec::<String>::new());
+}
+
 #[test]
 fn shared_segment_and_shared_path_are_problems() {
     let (mut b, _) = cached_image();

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pcache_format::media::read_kset;
+use pcache_format::media::{LogPos, read_kset};
 use pcache_format::{Key, KsetRecord};
 use pcache_pmem::cache::detach::{LostExtent, detach_salvage};
 use pcache_pmem::format::format;
@@ -263,8 +263,8 @@ fn a_damaged_kset_keeps_the_keys_before_it_and_salvage_resumes_after_it() {
     cache.stop().unwrap();
     drop(cache);
 
-    // Replay takes a kset whose CRC fails for the torn end of the log; a
-    // plain detach sees that the log goes on and refuses rather than drop
+    // A kset whose CRC fails with the log going on after it is no torn
+    // end: replay refuses it, so a plain detach refuses rather than drop
     // the 22 ksets after it.
     let err = detach(&rig.dev, rig.backing.clone(), |_, _| {}).unwrap_err();
     let msg = err.to_string();
@@ -276,7 +276,10 @@ fn a_damaged_kset_keeps_the_keys_before_it_and_salvage_resumes_after_it() {
     assert_eq!(r.lost, vec![]);
     assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
     let d = &r.damaged[0];
-    assert_eq!((d.at, d.bytes, d.resumed_at), ((0, BAD as u32 * 64), 64, Some((0, (BAD as u32 + 1) * 64))));
+    assert_eq!(
+        (d.at, d.bytes, d.resumed_at),
+        (LogPos { seg: 0, off: BAD as u32 * 64 }, 64, Some(LogPos { seg: 0, off: (BAD as u32 + 1) * 64 }))
+    );
     assert!(d.why.contains("CRC"), "{}", d.why);
     let line = d.to_string();
     assert!(line.contains("64 bytes unreadable; the writes it recorded are lost"), "{line}");
@@ -300,7 +303,7 @@ fn a_damaged_key_count_is_seen_through() {
     assert_eq!(rig.dev.backings().unwrap().len(), 1, "nothing was released");
     let r = detach_salvage(&rig.dev, rig.backing.clone(), |_, _| {}).unwrap();
     assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
-    assert_eq!(r.damaged[0].resumed_at, Some((0, (BAD as u32 + 1) * 64)));
+    assert_eq!(r.damaged[0].resumed_at, Some(LogPos { seg: 0, off: (BAD as u32 + 1) * 64 }));
     rig.assert_blocks(|i| i != BAD);
     rig.assert_released();
 }
@@ -335,8 +338,8 @@ fn a_damaged_kset_magic_is_passed_by_scanning_for_the_next_kset() {
     assert_eq!(rig.dev.backings().unwrap().len(), 1, "nothing was released");
     let r = detach_salvage(&rig.dev, rig.backing.clone(), |_, _| {}).unwrap();
     assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
-    assert_eq!(r.damaged[0].at, (0, BAD as u32 * 64));
-    assert_eq!(r.damaged[0].resumed_at, Some((0, (BAD as u32 + 1) * 64)));
+    assert_eq!(r.damaged[0].at, LogPos { seg: 0, off: BAD as u32 * 64 });
+    assert_eq!(r.damaged[0].resumed_at, Some(LogPos { seg: 0, off: (BAD as u32 + 1) * 64 }));
     assert!(r.damaged[0].why.contains("no kset and no terminator"), "{}", r.damaged[0].why);
     rig.assert_blocks(|i| i != BAD);
     rig.assert_released();

@@ -1,11 +1,11 @@
 //! The engine's invariants, checked between GC steps (by tests and with
 //! `self_check`).
 
-use pcache_format::KsetRecord;
+use pcache_format::media::{LogStep, LogWalk};
 
 use super::index::Index;
 use super::io::Roles;
-use crate::pmem::Pmem;
+use crate::pmem::{AsMedia, Pmem};
 
 /// Checks that every indexed key that is not stale points at a segment in
 /// use that log keys still reference, that the tails and the log end lie in
@@ -19,8 +19,8 @@ pub(super) fn invariants<P: Pmem>(index: &Index, r: Roles<'_, P>) -> Result<(), 
     let (kt, dt, end) = (*key_tail, log.dirty_tail(), log.end());
     let (used, _) = space.used();
     for (name, pos) in [("key tail", kt), ("dirty tail", dt), ("log end", end)] {
-        if !used.get(pos.0 as usize).copied().unwrap_or(false) {
-            return Err(format!("the {name} is in free segment {}", pos.0));
+        if !used.get(pos.seg as usize).copied().unwrap_or(false) {
+            return Err(format!("the {name} is in free segment {}", pos.seg));
         }
     }
     // Data not yet written back must still be where its keys say.
@@ -31,18 +31,21 @@ pub(super) fn invariants<P: Pmem>(index: &Index, r: Roles<'_, P>) -> Result<(), 
         }
         Ok(())
     };
-    let mut at = dt;
-    let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
-    while at != end {
-        match log.read(space, at, &mut buf).map_err(|e| e.to_string())? {
-            KsetRecord::End { .. } => return Err(format!("the log ends at {at:?} before its end {end:?}")),
-            KsetRecord::Last { next_cache_seg } => at = (next_cache_seg, 0),
-            KsetRecord::Keys { keys } => {
+    let media = AsMedia(space.pmem());
+    let mut visited = vec![false; space.n_segs() as usize];
+    let mut walk = LogWalk::new(&media, space.layout(), space.dev_segs(), &mut visited, dt);
+    while walk.pos() != end {
+        match walk.step() {
+            Some(LogStep::Keys { keys, .. }) => {
                 for k in keys.iter().filter(|k| k.is_dirty()) {
                     live(k, &used, "a logged")?;
                 }
-                at.1 += pcache_format::kset_size(keys.len()) as u32;
             }
+            Some(LogStep::Last { .. }) => {}
+            Some(LogStep::End { at, end: why }) => {
+                return Err(format!("the log ends at {at} ({why}) before its end {end}"));
+            }
+            None => break,
         }
     }
     let open = log.open_dirty_keys();

@@ -3,13 +3,10 @@
 
 use std::sync::Arc;
 
-use pcache_format::media::{ChainWalk, read_gen, read_kset, read_tails};
-use pcache_format::{
-    BackingDevInfo, CACHE_SEG_CTRL_SIZE, CACHE_SEG_DATA_SIZE, ErrorKind, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC,
-    KSET_ONMEDIA_SIZE_MAX, Key, KsetFlags, KsetRecord, Layout, ReadError, Record, kset_size,
-};
+use pcache_format::media::{ChainWalk, LogEnd, LogStep, LogWalk, read_gen, read_tails};
+use pcache_format::{BackingDevInfo, CACHE_SEG_CTRL_SIZE, CACHE_SEG_DATA_SIZE, KSET_HEADER_SIZE, Key, Layout};
 
-use super::dev::{CacheDev, format_err};
+use super::dev::CacheDev;
 use super::error::EngineError;
 use super::facade::Cache;
 use super::io::read_extent;
@@ -57,34 +54,13 @@ pub fn detach<P: Pmem + 'static, B: BackingDev + 'static>(
         Err(_) => return Err(EngineError::NoCache { path }),
     };
     let opts = CacheOptions { background: false, queues: 1, ..CacheOptions::default() };
-    let (cache, report) = Cache::start(dev.clone(), backing, &opts)?;
+    let (cache, _) = Cache::start(dev.clone(), backing, &opts)?;
     let refuse = |cache: Arc<Cache<P, B>>, e: EngineError| {
         let _ = cache.stop();
         Err(e)
     };
-    // Replay ends the log at a kset whose CRC fails, as a crash leaves the
-    // newest kset torn. When a valid kset follows it, it is damage in the
-    // middle of the log instead: giving the cache up would drop every
-    // write logged after it.
-    if report.replay.torn_end {
-        let end = cache.log_end();
-        let segs = cache.dev_segs();
-        let why = match after_bad_kset(dev.pmem(), dev.layout(), segs, end, segs.len() as u32) {
-            After::Torn => None,
-            After::Continues((seg, off)) => Some(format!("the log goes on at segment {seg} offset {off:#x}")),
-            After::Damaged(why) => Some(why),
-        };
-        if let Some(why) = why {
-            let e = EngineError::Corrupt(format!(
-                "cannot write back {}: the kset at key log segment {} offset {:#x} fails to decode, and it is no \
-                 kset torn by a crash ({why}): the writes logged from there on cannot be replayed",
-                path.display(),
-                end.0,
-                end.1
-            ));
-            return refuse(cache, e);
-        }
-    }
+    // Replay refuses a log that goes on past a damaged kset, so giving the
+    // cache up drops nothing logged before its end.
     let ksets = match cache.write_back(progress) {
         Ok(k) => k,
         Err(e @ (EngineError::Backing(_) | EngineError::Stopped)) => return refuse(cache, e),
@@ -158,10 +134,10 @@ impl std::fmt::Display for DamagedKset {
         write!(
             f,
             "kset at segment {} offset {:#x}: {} bytes unreadable; the writes it recorded are lost ({})",
-            self.at.0, self.at.1, self.bytes, self.why
+            self.at.seg, self.at.off, self.bytes, self.why
         )?;
         match self.resumed_at {
-            Some((seg, off)) => write!(f, "; the log resumes at segment {seg} offset {off:#x}"),
+            Some(LogPos { seg, off }) => write!(f, "; the log resumes at segment {seg} offset {off:#x}"),
             None => write!(f, "; the log could not be followed past it: every write logged after it is lost too"),
         }
     }
@@ -233,7 +209,6 @@ fn salvage_claimed<P: Pmem, B: BackingDev>(
     progress: &mut impl FnMut(u64, u64),
 ) -> Result<SalvageReport, EngineError> {
     let (pmem, layout) = (dev.pmem(), dev.layout());
-    let media = AsMedia(pmem);
     let dev_size = backing.size();
     let stored = info.dev_size.get().saturating_mul(512);
     if stored > dev_size {
@@ -243,57 +218,19 @@ fn salvage_claimed<P: Pmem, B: BackingDev>(
             expected: stored,
         });
     }
-    let ci = info.cache_info;
-    let n_segs = ci.n_segs.get();
-    let mut dev_segs = Vec::with_capacity(n_segs as usize);
-    let mut chain = ChainWalk::new(ci.seg_id.get(), n_segs);
-    while let Some(step) = chain.next(&media, layout) {
-        dev_segs.push(step.map_err(format_err)?.dev_seg);
-    }
-    // A segment whose generation cannot be read: its keys are lost.
-    let gens: Vec<Option<u64>> = dev_segs
-        .iter()
-        .map(|&seg| read_gen(&media, layout, seg).ok()?.latest.ok().map(|g| g.record.gen_.get()))
-        .collect();
-    let tails = read_tails(&media, layout, dev_segs[0], n_segs).map_err(format_err)?;
-    let dirty_tail = tails
-        .dirty_tail
-        .latest
-        .map(|l| (l.record.cache_seg_id.get(), l.record.seg_off.get()))
-        .map_err(|e| EngineError::Corrupt(format!("the dirty tail: {e}")))?;
-    if dirty_tail.0 >= n_segs {
-        return Err(EngineError::Corrupt(format!("the dirty tail is in segment {}, outside the cache", dirty_tail.0)));
-    }
-    let walk = Walk { pmem, layout, dev_segs: &dev_segs, n_segs };
-    let data_crc = ci.data_crc();
-    // Why the data of a dirty key cannot be written back, before reading it.
-    let unusable = |off: u64, k: &super::index::IKey| -> Option<String> {
-        if off.saturating_add(u64::from(k.len)) > dev_size {
-            return Some(format!("the key lies outside the {dev_size}-byte backing device"));
-        }
-        match gens.get(k.cache_seg as usize).copied() {
-            None => Some(format!("the key points at cache segment {}, outside the cache", k.cache_seg)),
-            Some(None) => Some(format!("the generation of cache segment {} cannot be read", k.cache_seg)),
-            Some(Some(g)) if k.seg_gen < g => {
-                Some(format!("its cached data was reclaimed (key generation {}, segment {g})", k.seg_gen))
-            }
-            Some(Some(g)) if k.seg_gen > g => {
-                Some(format!("key generation {} is newer than its segment's {g}", k.seg_gen))
-            }
-            Some(Some(_)) => None,
-        }
-    };
+    let (dev_segs, gens, dirty_tail) = read_for_salvage(dev, info)?;
+    let data_crc = info.cache_info.data_crc();
 
     // First pass: how much is dirty, for the progress.
     let mut total = 0u64;
-    walk.run(
-        dirty_tail,
-        |_, keys| {
-            total += collapse(keys).iter().filter(|(_, k)| k.is_dirty()).map(|(_, k)| u64::from(k.len)).sum::<u64>();
-            Ok(())
-        },
-        |_| {},
-    )?;
+    let dirty_bytes = |keys: &[Key]| -> u64 {
+        collapse(keys).iter().filter(|(_, k)| k.is_dirty()).map(|(_, k)| u64::from(k.len)).sum()
+    };
+    let count = |_, keys: &[Key]| {
+        total += dirty_bytes(keys);
+        Ok(())
+    };
+    walk_log(pmem, layout, &dev_segs, dirty_tail, count, |_| {})?;
     progress(0, total);
 
     // Second pass: write back what reads correctly.
@@ -301,18 +238,22 @@ fn salvage_claimed<P: Pmem, B: BackingDev>(
     let mut lost: Vec<LostExtent> = Vec::new();
     let mut damaged = Vec::new();
     let mut data = Vec::new();
-    let ksets = walk.run(
+    let ksets = walk_log(
+        pmem,
+        layout,
+        &dev_segs,
         dirty_tail,
         |_, keys| {
             for (off, k) in collapse(keys).iter().filter(|(_, k)| k.is_dirty()) {
                 let len = u64::from(k.len);
-                let why = match unusable(off, k) {
+                let why = match unusable(off, k, dev_size, &gens) {
                     Some(why) => Some(why),
                     None => {
                         data.resize(k.len as usize, 0);
-                        read_extent(pmem, layout, &dev_segs, data_crc, off, k, 0, &mut data).err()
+                        read_extent(pmem, layout, &dev_segs, data_crc, off, k, 0, &mut data)
+                            .err()
+                            .map(|e| extent_why(&e, off, k.len))
                     }
-                    .map(|e| extent_why(&e, off, k.len)),
                 };
                 match why {
                     Some(why) => lost.push(LostExtent { off, len, why }),
@@ -343,6 +284,56 @@ fn salvage_claimed<P: Pmem, B: BackingDev>(
     })
 }
 
+/// What salvage reads of a cache before it writes anything: the chain, the
+/// generation of each segment (`None`: unreadable, and the keys of its data
+/// are lost) and the dirty tail.
+type SalvageStart = (Vec<u32>, Vec<Option<u64>>, LogPos);
+
+fn read_for_salvage<P: Pmem>(dev: &CacheDev<P>, info: &BackingDevInfo) -> Result<SalvageStart, EngineError> {
+    let (media, layout) = (AsMedia(dev.pmem()), dev.layout());
+    let ci = info.cache_info;
+    let n_segs = ci.n_segs.get();
+    let mut dev_segs = Vec::with_capacity(n_segs as usize);
+    let mut chain = ChainWalk::new(ci.seg_id.get(), n_segs);
+    while let Some(step) = chain.next(&media, layout) {
+        dev_segs.push(step?.dev_seg);
+    }
+    let gens = dev_segs
+        .iter()
+        .map(|&seg| read_gen(&media, layout, seg).ok()?.latest.ok().map(|g| g.record.gen_.get()))
+        .collect();
+    let tails = read_tails(&media, layout, dev_segs[0], n_segs)?;
+    let dirty_tail = tails
+        .dirty_tail
+        .latest
+        .map(|l| LogPos::from(l.record))
+        .map_err(|e| EngineError::Corrupt(format!("the dirty tail: {e}")))?;
+    if dirty_tail.seg >= n_segs {
+        return Err(EngineError::Corrupt(format!(
+            "the dirty tail is in segment {}, outside the cache",
+            dirty_tail.seg
+        )));
+    }
+    Ok((dev_segs, gens, dirty_tail))
+}
+
+/// Why the data of the dirty key `k` at backing offset `off` cannot be
+/// written back, before reading it.
+fn unusable(off: u64, k: &super::index::IKey, dev_size: u64, gens: &[Option<u64>]) -> Option<String> {
+    if off.saturating_add(u64::from(k.len)) > dev_size {
+        return Some(format!("the key lies outside the {dev_size}-byte backing device"));
+    }
+    match gens.get(k.cache_seg as usize).copied() {
+        None => Some(format!("the key points at cache segment {}, outside the cache", k.cache_seg)),
+        Some(None) => Some(format!("the generation of cache segment {} cannot be read", k.cache_seg)),
+        Some(Some(g)) if k.seg_gen < g => {
+            Some(format!("its cached data was reclaimed (key generation {}, segment {g})", k.seg_gen))
+        }
+        Some(Some(g)) if k.seg_gen > g => Some(format!("key generation {} is newer than its segment's {g}", k.seg_gen)),
+        Some(Some(_)) => None,
+    }
+}
+
 /// Takes `[off, off + len)`, now written back, out of the lost extents.
 fn overwrite(lost: &mut Vec<LostExtent>, off: u64, len: u64) {
     let end = off + len;
@@ -366,222 +357,57 @@ fn overwrite(lost: &mut Vec<LostExtent>, off: u64, len: u64) {
     *lost = kept;
 }
 
-/// Errors a crash leaves at the end of the log: the newest kset torn (as
-/// replay treats them).
-fn torn(e: &pcache_format::Error) -> bool {
-    e.record == Record::Kset
-        && matches!(e.kind, ErrorKind::BadCrc { .. } | ErrorKind::OutOfRange { field: "key_num", found: 0, .. })
-}
-
-/// What follows a kset that fails to decode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum After {
-    /// The newest kset, torn by a crash: the log ends there.
-    Torn,
-    /// The log goes on at this kset, whose magic and CRC verify: damage in
-    /// the middle of the log.
-    Continues(LogPos),
-    /// Damage, and where the log goes on is not known: why it is no torn
-    /// end.
-    Damaged(String),
-}
-
-/// Tells a kset torn by a crash from damage in the middle of the log, for
-/// the kset at `at` (cache segment, offset), which fails to decode.
-///
-/// A kset is written only after the terminator that follows it is durable,
-/// and the terminator it overwrites was durable before: so a torn kset
-/// either still has the key count 0 of that terminator, or a key count
-/// whose size leads to a terminator. A torn LAST kset leads to a segment
-/// that starts with a terminator. Anything else is damage; when a kset
-/// whose magic and CRC verify lies where the header says the next record
-/// is (or, with that terminator in place, at one of the kset's own key
-/// boundaries: its key count is what is damaged), the log goes on there.
-pub(crate) fn after_bad_kset<P: Pmem + ?Sized>(
+/// Follows the key log from `from` to its end, calling `keys` for every
+/// kset with keys, in log order, and `damage` for every stretch it cannot
+/// read, then picks the log up again where it can ([`LogWalk::resync`]).
+/// Returns the ksets (LAST ones included) read.
+fn walk_log<P: Pmem + ?Sized>(
     pmem: &P,
     layout: &Layout,
     dev_segs: &[u32],
-    at: LogPos,
-    n_segs: u32,
-) -> After {
-    let dev_seg = dev_segs[at.0 as usize];
-    let mut h = [0u8; KSET_HEADER_SIZE];
-    let read = layout.data_range(dev_seg, at.1, KSET_HEADER_SIZE as u32).ok().map(|a| pmem.read(a, &mut h));
-    if !matches!(read, Some(Ok(()))) {
-        return After::Damaged("its header cannot be read".into());
-    }
-    let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().unwrap_or_default());
-    let key_num = u32::from_le_bytes(h[4..8].try_into().unwrap_or_default());
-    let (magic, flags) = (word(8), word(16));
-    if magic != KSET_MAGIC {
-        return After::Damaged(format!("it has no kset magic ({magic:#018x})"));
-    }
-    if flags & KsetFlags::LAST.bits() != 0 {
-        return match dev_segs.get(key_num as usize) {
-            Some(&next) if valid_kset_at(pmem, layout, next, 0, n_segs) => After::Continues((key_num, 0)),
-            _ => After::Torn,
+    from: LogPos,
+    mut keys: impl FnMut(LogPos, &[Key]) -> Result<(), EngineError>,
+    mut damage: impl FnMut(DamagedKset),
+) -> Result<u64, EngineError> {
+    let media = AsMedia(pmem);
+    let mut visited = vec![false; dev_segs.len()];
+    let mut walk = LogWalk::new(&media, layout, dev_segs, &mut visited, from);
+    let mut ksets = 0u64;
+    while let Some(step) = walk.step() {
+        let (at, why) = match step {
+            LogStep::Keys { at, keys: k } => {
+                keys(at, k)?;
+                ksets += 1;
+                continue;
+            }
+            LogStep::Last { .. } => {
+                ksets += 1;
+                continue;
+            }
+            // The clean end, or the newest kset torn by a crash.
+            LogStep::End { end: LogEnd::Terminator | LogEnd::Torn(_), .. } => break,
+            LogStep::End { at, end: LogEnd::Loop { next } } => {
+                // Nothing sensible follows.
+                let why = format!("its LAST kset leads back to segment {next}");
+                damage(DamagedKset { at, bytes: KSET_HEADER_SIZE as u32, why, resumed_at: None });
+                break;
+            }
+            LogStep::End { at, end: LogEnd::Garbage { magic } } => {
+                (at, format!("no kset and no terminator (magic {magic:#018x})"))
+            }
+            LogStep::End { at, end: LogEnd::Media { source, .. } } => (at, format!("pmem media error: {source}")),
+            LogStep::End { at, end: LogEnd::Damaged(e) | LogEnd::Invalid(e) } => (at, format!("undecodable kset: {e}")),
         };
+        let resumed = walk.resync();
+        let bytes = match resumed {
+            Some(r) if r.seg == at.seg => r.off - at.off,
+            // After a damaged LAST kset, in the segment it names.
+            Some(_) => KSET_HEADER_SIZE as u32,
+            None => CACHE_SEG_DATA_SIZE - at.off,
+        };
+        damage(DamagedKset { at, bytes, why, resumed_at: resumed });
     }
-    if key_num == 0 {
-        return After::Torn;
-    }
-    if key_num as usize > KSET_KEYS_MAX {
-        return After::Damaged(format!("its key count {key_num} is out of range"));
-    }
-    let next = at.1 + kset_size(key_num as usize) as u32;
-    if next as usize + KSET_HEADER_SIZE > CACHE_SEG_DATA_SIZE as usize {
-        return After::Damaged(format!("its key count {key_num} runs past the segment"));
-    }
-    let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
-    match read_kset(&AsMedia(pmem), layout, dev_seg, next, n_segs, &mut buf) {
-        // The terminator is where a torn kset leaves it, unless the key
-        // count itself is damaged: a kset that verifies at one of its key
-        // boundaries says so.
-        Ok(KsetRecord::End { magic: 0 }) => (1..key_num as usize)
-            .map(|m| at.1 + kset_size(m) as u32)
-            .find(|&p| valid_kset_at(pmem, layout, dev_seg, p, n_segs))
-            .map_or(After::Torn, |p| After::Continues((at.0, p))),
-        Ok(KsetRecord::Keys { .. } | KsetRecord::Last { .. }) => After::Continues((at.0, next)),
-        Ok(KsetRecord::End { magic }) => After::Damaged(format!(
-            "magic {magic:#018x} follows it at offset {next:#x}, where a torn kset leaves a terminator"
-        )),
-        Err(e) => After::Damaged(format!(
-            "what follows it at offset {next:#x} is not the terminator a torn kset leaves: {}",
-            format_err(e)
-        )),
-    }
-}
-
-/// Whether a kset (with keys, or LAST) whose magic and CRC verify lies at
-/// `off` of device segment `dev_seg`.
-fn valid_kset_at<P: Pmem + ?Sized>(pmem: &P, layout: &Layout, dev_seg: u32, off: u32, n_segs: u32) -> bool {
-    if off as usize + KSET_HEADER_SIZE > CACHE_SEG_DATA_SIZE as usize {
-        return false;
-    }
-    let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
-    matches!(
-        read_kset(&AsMedia(pmem), layout, dev_seg, off, n_segs, &mut buf),
-        Ok(KsetRecord::Keys { .. } | KsetRecord::Last { .. })
-    )
-}
-
-/// A walk of a key log that goes on past damage.
-struct Walk<'a, P: ?Sized> {
-    pmem: &'a P,
-    layout: &'a Layout,
-    dev_segs: &'a [u32],
-    n_segs: u32,
-}
-
-impl<P: Pmem + ?Sized> Walk<'_, P> {
-    /// Follows the key log from `from` to its end, calling `keys` for every
-    /// kset with keys, in log order, and `damage` for every stretch it
-    /// cannot read (then picks the log up again where it can). Returns the
-    /// ksets (LAST ones included) read.
-    fn run(
-        &self,
-        from: LogPos,
-        mut keys: impl FnMut(LogPos, &[Key]) -> Result<(), EngineError>,
-        mut damage: impl FnMut(DamagedKset),
-    ) -> Result<u64, EngineError> {
-        let mut seen = vec![false; self.n_segs as usize];
-        seen[from.0 as usize] = true;
-        let mut at = from;
-        let mut ksets = 0u64;
-        let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
-        loop {
-            let dev_seg = self.dev_segs[at.0 as usize];
-            let why = match read_kset(&AsMedia(self.pmem), self.layout, dev_seg, at.1, self.n_segs, &mut buf) {
-                Ok(KsetRecord::End { magic: 0 }) => break,
-                Ok(KsetRecord::Keys { keys: k }) => {
-                    keys(at, k)?;
-                    ksets += 1;
-                    at.1 += kset_size(k.len()) as u32;
-                    continue;
-                }
-                Ok(KsetRecord::Last { next_cache_seg }) if !seen[next_cache_seg as usize] => {
-                    seen[next_cache_seg as usize] = true;
-                    ksets += 1;
-                    at = (next_cache_seg, 0);
-                    continue;
-                }
-                Ok(KsetRecord::Last { next_cache_seg }) => {
-                    // A loop: nothing sensible follows.
-                    damage(DamagedKset {
-                        at,
-                        bytes: KSET_HEADER_SIZE as u32,
-                        why: format!("its LAST kset leads back to segment {next_cache_seg}"),
-                        resumed_at: None,
-                    });
-                    break;
-                }
-                Ok(KsetRecord::End { magic }) => format!("no kset and no terminator (magic {magic:#018x})"),
-                Err(ReadError::Media { source, .. }) => format!("pmem media error: {source}"),
-                Err(ReadError::Format(e)) => {
-                    if torn(&e) && after_bad_kset(self.pmem, self.layout, self.dev_segs, at, self.n_segs) == After::Torn
-                    {
-                        // The newest kset, torn by a crash: the log ends.
-                        break;
-                    }
-                    format!("undecodable kset: {e}")
-                }
-            };
-            // Resumed in another segment (after a damaged LAST kset): once.
-            let resumed = self.resync(at).filter(|r| r.0 == at.0 || !std::mem::replace(&mut seen[r.0 as usize], true));
-            let bytes = resumed.map_or(CACHE_SEG_DATA_SIZE - at.1, |r| r.1 - at.1);
-            damage(DamagedKset { at, bytes, why, resumed_at: resumed });
-            match resumed {
-                Some(r) => at = r,
-                None => break,
-            }
-        }
-        Ok(ksets)
-    }
-
-    /// Whether the header at `off` of device segment `dev_seg` has the kset
-    /// magic and the LAST flag.
-    fn is_last(&self, dev_seg: u32, off: u32) -> bool {
-        let mut h = [0u8; KSET_HEADER_SIZE];
-        let Ok(a) = self.layout.data_range(dev_seg, off, KSET_HEADER_SIZE as u32) else { return false };
-        self.pmem.read(a, &mut h).is_ok()
-            && h[8..16] == KSET_MAGIC.to_le_bytes()
-            && u64::from_le_bytes(h[16..24].try_into().unwrap_or_default()) & KsetFlags::LAST.bits() != 0
-    }
-
-    /// Where the log goes on after the damaged kset at `at`: right after it
-    /// if its header still tells its size, else the next kset in the same
-    /// segment (ksets are 8-byte aligned) whose magic and CRC verify.
-    fn resync(&self, at: LogPos) -> Option<LogPos> {
-        let dev_seg = self.dev_segs[at.0 as usize];
-        match after_bad_kset(self.pmem, self.layout, self.dev_segs, at, self.n_segs) {
-            After::Continues(next) => return Some(next),
-            // A damaged LAST kset: what follows it in its segment is older
-            // than the log, and where the log goes on is not known.
-            _ if self.is_last(dev_seg, at.1) => return None,
-            _ => {}
-        }
-        const CHUNK: u32 = 64 << 10;
-        let magic = KSET_MAGIC.to_le_bytes();
-        let last = CACHE_SEG_DATA_SIZE - KSET_HEADER_SIZE as u32;
-        let mut chunk = vec![0u8; CHUNK as usize + KSET_HEADER_SIZE];
-        let mut base = at.1 + 8;
-        while base <= last {
-            let n = (last - base + KSET_HEADER_SIZE as u32).min(CHUNK + KSET_HEADER_SIZE as u32);
-            let buf = &mut chunk[..n as usize];
-            let read = self.layout.data_range(dev_seg, base, n).ok().is_some_and(|a| self.pmem.read(a, buf).is_ok());
-            let mut p = 0u32;
-            while p + KSET_HEADER_SIZE as u32 <= n && p < CHUNK {
-                // A chunk that cannot be read whole is tried kset by kset.
-                let candidate = !read || buf[p as usize + 8..p as usize + 16] == magic;
-                if candidate && valid_kset_at(self.pmem, self.layout, dev_seg, base + p, self.n_segs) {
-                    return Some((at.0, base + p));
-                }
-                p += 8;
-            }
-            base += CHUNK;
-        }
-        None
-    }
+    Ok(ksets)
 }
 
 /// What [`discard`] gave up.
@@ -608,7 +434,7 @@ pub fn discard<P: Pmem>(dev: &CacheDev<P>, stored: &std::path::Path) -> Result<D
     let mut segs = Vec::new();
     let mut walk = pcache_format::media::ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
     while let Some(step) = walk.next(&media, dev.layout()) {
-        segs.push(step.map_err(super::dev::format_err)?.dev_seg);
+        segs.push(step?.dev_seg);
     }
     let dirty_bytes = super::facade::summarize(dev.pmem(), dev.layout(), &info).ok().map(|s| s.dirty_bytes);
     release(dev, id, &info, &segs)?;

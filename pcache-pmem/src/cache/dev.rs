@@ -10,7 +10,7 @@ use pcache_format::image::{Orphan, entry_torn_harmlessly, find_orphans};
 use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock};
 use pcache_format::{
     BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, DIRTY_TAIL_OFF, ErrorKind, KEY_TAIL_OFF, Layout,
-    META_ENTRIES, ReadError, SegmentInfo, TERMINATOR,
+    META_ENTRIES, SegmentInfo, TERMINATOR,
 };
 
 use super::ctx::lock;
@@ -30,11 +30,6 @@ pub(crate) struct NewEntry<'a> {
     pub(crate) known_identity: bool,
     pub(crate) gc_percent: u16,
     pub(crate) flags: CacheFlags,
-}
-
-/// A read of the media as an engine error.
-pub(crate) fn format_err(e: ReadError<PmemError>) -> EngineError {
-    e.into()
 }
 
 /// A backing-table entry that is not free.

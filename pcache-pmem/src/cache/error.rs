@@ -117,7 +117,7 @@ impl From<ReadError<PmemError>> for EngineError {
 impl EngineError {
     /// Damage in the key log at `at`, in words.
     pub(crate) fn log(at: LogPos, what: impl std::fmt::Display) -> Self {
-        EngineError::Corrupt(format!("key log at segment {} offset {:#x}: {what} (run `pcache check`)", at.0, at.1))
+        EngineError::Corrupt(format!("key log at {at}: {what} (run `pcache check`)"))
     }
 
     /// Whether the error means that something on the media is damaged

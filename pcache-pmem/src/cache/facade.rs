@@ -12,7 +12,7 @@ use super::dev::{CacheDev, NewEntry};
 use super::error::EngineError;
 use super::index::Index;
 use super::io::{Io, Roles};
-use super::load::{self, Loaded, LogPos};
+use super::load::{self, Loaded};
 use super::log::Log;
 use super::options::{CacheOptions, CacheSummary, Health, StartReport, Stats};
 use super::space::Space;
@@ -230,11 +230,6 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     /// Device segment of each cache segment.
     pub(crate) fn dev_segs(&self) -> &[u32] {
         self.inner.space.dev_segs()
-    }
-
-    /// The end of the closed ksets.
-    pub(crate) fn log_end(&self) -> LogPos {
-        self.inner.log.end()
     }
 
     /// Writes `data` at `off`. On return the data is durable in pmem and its

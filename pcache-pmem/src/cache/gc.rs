@@ -8,14 +8,16 @@
 
 use std::sync::atomic::Ordering;
 
-use pcache_format::{CLEAN_KEYS_MAX, KsetRecord};
+use pcache_format::CLEAN_KEYS_MAX;
+use pcache_format::media::{LogEnd, LogStep, LogWalk};
 
 use super::ctx::lock;
 use super::error::EngineError;
 use super::index::{Delta, Index};
 use super::io::Roles;
+use super::load::LogPos;
 use super::log::Tail;
-use crate::pmem::Pmem;
+use crate::pmem::{AsMedia, Pmem};
 
 /// Consumes the kset at the key tail if GC should run and may; returns
 /// whether it did.
@@ -29,47 +31,46 @@ pub(super) fn step<P: Pmem>(r: Roles<'_, P>) -> Result<bool, EngineError> {
     if at == log.dirty_tail() {
         return Ok(false);
     }
-    let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
-    let record = log.read(space, at, &mut buf).map_err(|e| match e {
-        pcache_format::ReadError::Media { source, .. } => EngineError::Pmem(source),
-        pcache_format::ReadError::Format(e) => EngineError::log(at, e),
-    })?;
-    match record {
-        KsetRecord::End { .. } => Err(EngineError::log(at, "the log ends before the dirty tail")),
-        KsetRecord::Last { next_cache_seg } => {
-            let next = (next_cache_seg, 0);
+    let media = AsMedia(space.pmem());
+    let mut visited = vec![false; space.n_segs() as usize];
+    let mut walk = LogWalk::new(&media, space.layout(), space.dev_segs(), &mut visited, at);
+    let keys = match walk.step() {
+        Some(LogStep::Keys { keys, .. }) => keys,
+        Some(LogStep::Last { .. }) => {
+            let next = walk.pos();
             log.persist_tail(space, Tail::Key, next)?;
             *key_tail = next;
             drop(key_tail);
             // A key segment holds no data keys: freed without a new generation.
-            space.free_segment(at.0);
+            space.free_segment(at.seg);
             r.ctx.stats.ksets_collected.fetch_add(1, Ordering::Relaxed);
-            Ok(true)
+            return Ok(true);
         }
-        KsetRecord::Keys { keys } => {
-            // Every key is checked before anything changes, and the
-            // references are dropped only once the key tail is durable past
-            // the kset: a step that fails leaves the refcounts as they
-            // were, so a retry never drops a reference twice.
-            if let Some(k) = keys.iter().find(|k| space.referenced(k.cache_seg_id.get()).is_none()) {
-                return Err(EngineError::log(at, format!("key at {} outside the cache", k.off.get())));
-            }
-            let next = (at.0, at.1 + pcache_format::kset_size(keys.len()) as u32);
-            log.persist_tail(space, Tail::Key, next)?;
-            *key_tail = next;
-            let released: Vec<u32> =
-                keys.iter().map(|k| k.cache_seg_id.get()).filter(|&seg| space.release_ref(seg)).collect();
-            // Still under the key-tail lock, so that check_invariants never
-            // sees a segment between its last reference and its
-            // invalidation.
-            for seg in released {
-                space.invalidate(seg, r.ctx)?;
-            }
-            drop(key_tail);
-            r.ctx.stats.ksets_collected.fetch_add(1, Ordering::Relaxed);
-            Ok(true)
+        Some(LogStep::End { end: LogEnd::Media { source, .. }, .. }) => return Err(EngineError::Pmem(source)),
+        Some(LogStep::End { end, .. }) => {
+            return Err(EngineError::log(at, format!("the log ends before the dirty tail: {end}")));
         }
+        None => return Ok(false),
+    };
+    // Every key is checked before anything changes, and the references are
+    // dropped only once the key tail is durable past the kset: a step that
+    // fails leaves the refcounts as they were, so a retry never drops a
+    // reference twice.
+    if let Some(k) = keys.iter().find(|k| space.referenced(k.cache_seg_id.get()).is_none()) {
+        return Err(EngineError::log(at, format!("key at {} outside the cache", k.off.get())));
     }
+    let next = LogPos { seg: at.seg, off: at.off + pcache_format::kset_size(keys.len()) as u32 };
+    log.persist_tail(space, Tail::Key, next)?;
+    *key_tail = next;
+    let released: Vec<u32> = keys.iter().map(|k| k.cache_seg_id.get()).filter(|&seg| space.release_ref(seg)).collect();
+    // Still under the key-tail lock, so that check_invariants never sees a
+    // segment between its last reference and its invalidation.
+    for seg in released {
+        space.invalidate(seg, r.ctx)?;
+    }
+    drop(key_tail);
+    r.ctx.stats.ksets_collected.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
 }
 
 /// Runs GC steps as the watermark is crossed, until the cache stops or a

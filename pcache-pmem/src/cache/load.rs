@@ -4,16 +4,14 @@
 
 use std::collections::BTreeMap;
 
-use pcache_format::media::{ChainWalk, read_gen, read_kset, read_tails};
-use pcache_format::{BackingDevInfo, CACHE_SUBTREE_SHIFT, ErrorKind, KsetRecord, Layout, Record};
+use pcache_format::media::{ChainWalk, LogEnd, LogStep, LogWalk, read_gen, read_tails};
+use pcache_format::{BackingDevInfo, CACHE_SUBTREE_SHIFT, Layout};
 
-use super::dev::format_err;
 use super::error::EngineError;
-use super::index::{Delta, IKey, KeyState, Slice};
+use super::index::{Delta, IKey, Slice};
 use crate::pmem::{AsMedia, Pmem};
 
-/// A position in the key log: cache segment index and offset in its data area.
-pub type LogPos = (u32, u32);
+pub use pcache_format::media::LogPos;
 
 /// What replay went through.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -59,44 +57,8 @@ pub struct Loaded {
     pub replay: ReplayStats,
 }
 
-pub(super) fn corrupt(at: LogPos, what: impl std::fmt::Display) -> EngineError {
-    EngineError::Corrupt(format!("key log at segment {} offset {:#x}: {what} (run `pcache check`)", at.0, at.1))
-}
-
-/// Errors a crash leaves at the end of the log: the newest kset torn.
-fn torn(e: &pcache_format::Error) -> bool {
-    e.record == Record::Kset
-        && matches!(e.kind, ErrorKind::BadCrc { .. } | ErrorKind::OutOfRange { field: "key_num", found: 0, .. })
-}
-
-/// Whether the kset at `off` of device segment `dev_seg`, which fails its
-/// CRC (or has no key count), is the newest kset torn by a crash rather than
-/// damage in the middle of the log.
-///
-/// A kset is written over a durable terminator, after the terminator that
-/// follows it was made durable. Its header words are each either the old
-/// terminator's zeros or the new value, so a torn kset has key count 0, is a
-/// LAST kset, or its key count leads to a terminator. A kset whose size
-/// leads anywhere else was written whole once: it was damaged since, and
-/// the log may go on after it.
-fn torn_end<M: pcache_format::ReadMedia + ?Sized>(m: &M, layout: &Layout, dev_seg: u32, off: u32, n_segs: u32) -> bool {
-    let mut h = [0u8; pcache_format::KSET_HEADER_SIZE];
-    let Ok(base) = layout.data_range(dev_seg, off, h.len() as u32) else { return false };
-    if m.read_at(base, &mut h).is_err() {
-        return false;
-    }
-    let key_num = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-    let flags = u64::from_le_bytes([h[16], h[17], h[18], h[19], h[20], h[21], h[22], h[23]]);
-    if flags & pcache_format::KsetFlags::LAST.bits() != 0 || key_num == 0 {
-        return true;
-    }
-    if key_num as usize > pcache_format::KSET_KEYS_MAX {
-        return false;
-    }
-    let next = off as usize + pcache_format::kset_size(key_num as usize);
-    let Ok(next) = u32::try_from(next) else { return false };
-    let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
-    matches!(read_kset(m, layout, dev_seg, next, n_segs, &mut buf), Ok(KsetRecord::End { magic: 0 }))
+fn corrupt(at: LogPos, what: impl std::fmt::Display) -> EngineError {
+    EngineError::log(at, what)
 }
 
 /// Loads the cache of backing entry `info` for a backing device of
@@ -115,127 +77,25 @@ pub fn load<P: Pmem + ?Sized>(
     let mut dev_segs = Vec::with_capacity(n_segs as usize);
     let mut walk = ChainWalk::new(ci.seg_id.get(), n_segs);
     while let Some(step) = walk.next(&media, layout) {
-        dev_segs.push(step.map_err(format_err)?.dev_seg);
+        dev_segs.push(step?.dev_seg);
     }
     let mut gens = Vec::with_capacity(dev_segs.len());
     for (i, &seg) in dev_segs.iter().enumerate() {
-        let pair = read_gen(&media, layout, seg).map_err(format_err)?;
+        let pair = read_gen(&media, layout, seg)?;
         let g =
             pair.latest.map_err(|e| EngineError::Corrupt(format!("cache segment {i} (device segment {seg}): {e}")))?;
         gens.push(g.record.gen_.get());
     }
-    let tails = read_tails(&media, layout, dev_segs[0], n_segs).map_err(format_err)?;
+    let tails = read_tails(&media, layout, dev_segs[0], n_segs)?;
     let pos = |p: Result<pcache_format::Latest<pcache_format::CachePos>, pcache_format::Error>| {
-        p.map(|l| (l.record.cache_seg_id.get(), l.record.seg_off.get()))
-            .map_err(|e| EngineError::Corrupt(e.to_string()))
+        p.map(|l| LogPos::from(l.record)).map_err(|e| EngineError::Corrupt(e.to_string()))
     };
     let key_tail = pos(tails.key_tail.latest)?;
     let dirty_tail = pos(tails.dirty_tail.latest)?;
-
-    let n = n_segs as usize;
-    let mut refs = vec![0u32; n];
-    let mut used = vec![false; n];
-    let mut in_log = vec![false; n];
-    let mut log_segs = vec![key_tail.0];
-    let mut slices: BTreeMap<u64, Slice> = BTreeMap::new();
-    let mut delta = Delta::default();
-    let mut replay = ReplayStats::default();
-    let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
-    let mut at = key_tail;
-    let mut dirty_reached = false;
-    let mut dirty_pending = 0u64;
-    in_log[at.0 as usize] = true;
-    loop {
-        if at == dirty_tail {
-            dirty_reached = true;
-        }
-        let record = match read_kset(&media, layout, dev_segs[at.0 as usize], at.1, n_segs, &mut buf) {
-            Ok(r) => r,
-            Err(pcache_format::ReadError::Format(e)) if torn(&e) => {
-                if !torn_end(&media, layout, dev_segs[at.0 as usize], at.1, n_segs) {
-                    return Err(corrupt(
-                        at,
-                        format!(
-                            "{e}, and this is no kset torn by a crash (no terminator follows it): the log goes on \
-                             past damage, and the writes recorded after it cannot be replayed; \
-                             `pcache detach --salvage` writes back what can be read"
-                        ),
-                    ));
-                }
-                replay.torn_end = true;
-                break;
-            }
-            Err(pcache_format::ReadError::Media { source, .. }) => return Err(EngineError::Pmem(source)),
-            Err(e) => return Err(corrupt(at, format_err(e))),
-        };
-        match record {
-            KsetRecord::End { magic: 0 } => break,
-            KsetRecord::End { magic } => {
-                return Err(corrupt(at, format!("no kset and no terminator (magic {magic:#018x})")));
-            }
-            KsetRecord::Last { next_cache_seg } => {
-                replay.last_ksets += 1;
-                let seen = &mut in_log[next_cache_seg as usize];
-                if *seen {
-                    return Err(corrupt(at, format!("LAST kset leads back to segment {next_cache_seg}")));
-                }
-                *seen = true;
-                log_segs.push(next_cache_seg);
-                at = (next_cache_seg, 0);
-            }
-            KsetRecord::Keys { keys } => {
-                replay.ksets += 1;
-                for (i, k) in keys.iter().enumerate() {
-                    replay.keys += 1;
-                    k.check_in(n_segs, dev_size).map_err(|e| corrupt(at, e.at_index(i as u32)))?;
-                    let seg = k.cache_seg_id.get() as usize;
-                    used[seg] = true;
-                    refs[seg] += 1;
-                    let (kg, sg) = (k.seg_gen.get(), gens[seg]);
-                    if kg < sg {
-                        replay.stale_keys += 1;
-                        continue;
-                    }
-                    if kg > sg {
-                        return Err(corrupt(at, format!("key {i} has generation {kg}, newer than its segment's {sg}")));
-                    }
-                    let len = k.len.get();
-                    // Keys before the dirty tail were written back: their
-                    // data is clean now.
-                    let dirty = k.is_dirty() && dirty_reached;
-                    if dirty {
-                        dirty_pending += u64::from(len);
-                    }
-                    let ikey = IKey {
-                        seg_gen: kg,
-                        len,
-                        cache_seg: seg as u32,
-                        seg_off: k.cache_seg_off.get(),
-                        crc: k.data_crc.get(),
-                        orig_delta: 0,
-                        orig_len: len,
-                        state: if dirty { KeyState::Dirty } else { KeyState::Clean },
-                    };
-                    let off = k.off.get();
-                    slices.entry(off >> CACHE_SUBTREE_SHIFT).or_default().insert(off, ikey, &mut delta);
-                }
-                at.1 += pcache_format::kset_size(keys.len()) as u32;
-            }
-        }
-    }
-    if !dirty_reached {
-        return Err(EngineError::Corrupt(format!(
-            "the dirty tail (segment {} offset {:#x}) is not on the key log (run `pcache check`)",
-            dirty_tail.0, dirty_tail.1
-        )));
-    }
-    for (i, (&log, &r)) in in_log.iter().zip(&refs).enumerate() {
-        if log && r > 0 {
-            return Err(EngineError::Corrupt(format!(
-                "cache segment {i} is both in the key log and referenced by keys"
-            )));
-        }
-    }
+    let mut r = Replay::new(&gens, dev_size, dirty_tail);
+    let key_head = r.walk(&media, layout, &dev_segs, key_tail)?;
+    r.check()?;
+    let Replay { refs, mut used, slices, delta, log_segs, dirty_pending, stats: replay, .. } = r;
     for &s in &log_segs {
         used[s as usize] = true;
     }
@@ -248,9 +108,147 @@ pub fn load<P: Pmem + ?Sized>(
         delta,
         key_tail,
         dirty_tail,
-        key_head: at,
+        key_head,
         log_segs,
         dirty_pending,
         replay,
+    })
+}
+
+/// The index as replay rebuilds it, kset by kset.
+struct Replay<'a> {
+    gens: &'a [u64],
+    dev_size: u64,
+    dirty_tail: LogPos,
+    dirty_reached: bool,
+    refs: Vec<u32>,
+    used: Vec<bool>,
+    log_segs: Vec<u32>,
+    slices: BTreeMap<u64, Slice>,
+    delta: Delta,
+    dirty_pending: u64,
+    stats: ReplayStats,
+}
+
+impl<'a> Replay<'a> {
+    fn new(gens: &'a [u64], dev_size: u64, dirty_tail: LogPos) -> Self {
+        let n = gens.len();
+        Self {
+            gens,
+            dev_size,
+            dirty_tail,
+            dirty_reached: false,
+            refs: vec![0; n],
+            used: vec![false; n],
+            log_segs: Vec::new(),
+            slices: BTreeMap::new(),
+            delta: Delta::default(),
+            dirty_pending: 0,
+            stats: ReplayStats::default(),
+        }
+    }
+
+    /// Replays the log from `key_tail` to its end; returns where it ends
+    /// (where the next kset goes).
+    fn walk<M: pcache_format::ReadMedia<Error = crate::pmem::PmemError> + ?Sized>(
+        &mut self,
+        media: &M,
+        layout: &Layout,
+        dev_segs: &[u32],
+        key_tail: LogPos,
+    ) -> Result<LogPos, EngineError> {
+        self.log_segs.push(key_tail.seg);
+        let mut visited = vec![false; dev_segs.len()];
+        let mut walk = LogWalk::new(media, layout, dev_segs, &mut visited, key_tail);
+        loop {
+            if walk.pos() == self.dirty_tail {
+                self.dirty_reached = true;
+            }
+            match walk.step() {
+                Some(LogStep::Keys { at, keys }) => {
+                    self.stats.ksets += 1;
+                    for (i, k) in keys.iter().enumerate() {
+                        self.key(at, i, k)?;
+                    }
+                }
+                Some(LogStep::Last { next, .. }) => {
+                    self.stats.last_ksets += 1;
+                    self.log_segs.push(next);
+                }
+                Some(LogStep::End { at, end }) => {
+                    self.stats.torn_end = matches!(end, LogEnd::Torn(_));
+                    refuse(at, end)?;
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(walk.pos())
+    }
+
+    /// Indexes key `i` of the kset at `at`.
+    fn key(&mut self, at: LogPos, i: usize, k: &pcache_format::Key) -> Result<(), EngineError> {
+        self.stats.keys += 1;
+        k.check_in(self.gens.len() as u32, self.dev_size).map_err(|e| corrupt(at, e.at_index(i as u32)))?;
+        let seg = k.cache_seg_id.get() as usize;
+        self.used[seg] = true;
+        self.refs[seg] += 1;
+        let (kg, sg) = (k.seg_gen.get(), self.gens[seg]);
+        if kg < sg {
+            self.stats.stale_keys += 1;
+            return Ok(());
+        }
+        if kg > sg {
+            return Err(corrupt(at, format!("key {i} has generation {kg}, newer than its segment's {sg}")));
+        }
+        let len = k.len.get();
+        // Keys before the dirty tail were written back: their data is
+        // clean now.
+        let dirty = k.is_dirty() && self.dirty_reached;
+        if dirty {
+            self.dirty_pending += u64::from(len);
+        }
+        let off = k.off.get();
+        self.slices.entry(off >> CACHE_SUBTREE_SHIFT).or_default().insert(
+            off,
+            IKey::from_media(k, dirty),
+            &mut self.delta,
+        );
+        Ok(())
+    }
+
+    /// What the whole log must satisfy once replayed.
+    fn check(&self) -> Result<(), EngineError> {
+        if !self.dirty_reached {
+            let LogPos { seg, off } = self.dirty_tail;
+            return Err(EngineError::Corrupt(format!(
+                "the dirty tail (segment {seg} offset {off:#x}) is not on the key log (run `pcache check`)"
+            )));
+        }
+        if let Some(s) = self.log_segs.iter().copied().filter(|&s| self.refs[s as usize] > 0).min() {
+            return Err(EngineError::Corrupt(format!(
+                "cache segment {s} is both in the key log and referenced by keys"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a log that ends anywhere but at its terminator or a torn newest
+/// kset.
+fn refuse(at: LogPos, end: LogEnd<crate::pmem::PmemError>) -> Result<(), EngineError> {
+    Err(match end {
+        LogEnd::Terminator | LogEnd::Torn(_) => return Ok(()),
+        LogEnd::Damaged(e) => corrupt(
+            at,
+            format!(
+                "{e}, and this is no kset torn by a crash: the log goes on past damage, and the writes recorded \
+                 after it cannot be replayed; `pcache detach --salvage` writes back what can be read"
+            ),
+        ),
+        LogEnd::Invalid(e) => corrupt(at, e),
+        LogEnd::Loop { next } => corrupt(at, format!("LAST kset leads back to segment {next}")),
+        LogEnd::Garbage { magic } => corrupt(at, format!("no kset and no terminator (magic {magic:#018x})")),
+        LogEnd::Media { source, .. } => EngineError::Pmem(source),
     })
 }

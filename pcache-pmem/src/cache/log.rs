@@ -12,17 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use pcache_format::media::read_kset;
 use pcache_format::{
     CACHE_SEG_DATA_SIZE, CACHE_SUBTREE_SHIFT, CachePos, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_ONMEDIA_SIZE_MAX, Key,
-    KsetRecord, ReadError, TERMINATOR, encode_kset, encode_last, kset_size,
+    TERMINATOR, encode_kset, encode_last, kset_size,
 };
 
 use super::ctx::{Ctx, lock};
 use super::error::EngineError;
 use super::load::LogPos;
 use super::space::{For, Space};
-use crate::pmem::{AsMedia, Pmem, PmemError};
+use crate::pmem::Pmem;
 use crate::records::write_record;
 
 /// A kset being filled in memory.
@@ -52,9 +51,6 @@ pub(super) enum Tail {
     Dirty,
 }
 
-/// A buffer for one kset as on the media.
-pub(super) type KsetBuf = [u8; KSET_ONMEDIA_SIZE_MAX];
-
 /// The key log of one cache.
 #[derive(Debug)]
 pub(super) struct Log {
@@ -69,11 +65,11 @@ pub(super) struct Log {
 }
 
 fn pack(p: LogPos) -> u64 {
-    (u64::from(p.0) << 32) | u64::from(p.1)
+    (u64::from(p.seg) << 32) | u64::from(p.off)
 }
 
 fn unpack(v: u64) -> LogPos {
-    ((v >> 32) as u32, v as u32)
+    LogPos { seg: (v >> 32) as u32, off: v as u32 }
 }
 
 impl Log {
@@ -115,19 +111,8 @@ impl Log {
             Tail::Key => pcache_format::KEY_TAIL_OFF,
             Tail::Dirty => pcache_format::DIRTY_TAIL_OFF,
         };
-        write_record(space.pmem(), space.tails_addr()? + off as u64, &CachePos::new(pos.0, pos.1))?;
+        write_record(space.pmem(), space.tails_addr()? + off as u64, &CachePos::new(pos.seg, pos.off))?;
         Ok(())
-    }
-
-    /// Reads the log record at `at`.
-    pub(super) fn read<'b, P: Pmem>(
-        &self,
-        space: &Space<P>,
-        at: LogPos,
-        buf: &'b mut KsetBuf,
-    ) -> Result<KsetRecord<'b>, ReadError<PmemError>> {
-        let dev_seg = space.dev_segs()[at.0 as usize];
-        read_kset(&AsMedia(space.pmem()), space.layout(), dev_seg, at.1, space.n_segs(), buf)
     }
 
     fn kset_index(&self, off: u64) -> usize {
@@ -166,18 +151,18 @@ impl Log {
         encode_kset(&kset.keys, &mut buf)?;
         let pmem = space.pmem();
         let mut head = lock(&self.key_head);
-        let room = (CACHE_SEG_DATA_SIZE - head.1) as usize;
+        let room = (CACHE_SEG_DATA_SIZE - head.off) as usize;
         if room < size + KSET_HEADER_SIZE {
             *head = self.chain_segment(*head, space, ctx)?;
         }
-        let terminator = space.data_addr(head.0, head.1 + size as u32, KSET_HEADER_SIZE as u32)?;
+        let terminator = space.data_addr(head.seg, head.off + size as u32, KSET_HEADER_SIZE as u32)?;
         if crate::mutation::active(crate::mutation::Mutation::NoFenceTerminator) {
             pmem.copy_nodrain(terminator, &TERMINATOR)?;
         } else {
             pmem.copy_persist(terminator, &TERMINATOR)?;
         }
-        pmem.copy_persist(space.data_addr(head.0, head.1, size as u32)?, &buf[..size])?;
-        head.1 += size as u32;
+        pmem.copy_persist(space.data_addr(head.seg, head.off, size as u32)?, &buf[..size])?;
+        head.off += size as u32;
         self.end.store(pack(*head), Ordering::Release);
         drop(head);
         if kset.keys.iter().any(|k| k.is_dirty()) {
@@ -197,7 +182,7 @@ impl Log {
         let chain = || -> Result<(), EngineError> {
             let pmem = space.pmem();
             pmem.copy_persist(space.data_addr(next, 0, KSET_HEADER_SIZE as u32)?, &TERMINATOR)?;
-            pmem.copy_persist(space.data_addr(head.0, head.1, KSET_HEADER_SIZE as u32)?, &encode_last(next))?;
+            pmem.copy_persist(space.data_addr(head.seg, head.off, KSET_HEADER_SIZE as u32)?, &encode_last(next))?;
             Ok(())
         };
         if let Err(e) = chain() {
@@ -206,7 +191,7 @@ impl Log {
             space.free_segment(next);
             return Err(e);
         }
-        Ok((next, 0))
+        Ok(LogPos { seg: next, off: 0 })
     }
 
     /// Closes every open kset.

@@ -91,7 +91,7 @@ pub fn plan<P: Pmem, B: BackingDev>(
     let mut repairs = Vec::new();
     let mut blocked = Vec::new();
     for (id, info) in dev.backings()? {
-        let pair = read_backing(&media, dev.layout(), id).map_err(super::dev::format_err)?;
+        let pair = read_backing(&media, dev.layout(), id)?;
         if !pair.copies.iter().all(|c| c.valid()) {
             repairs.push(Repair::SecondCopy { id, path: String::from_utf8_lossy(info.path()).into_owned() });
         }

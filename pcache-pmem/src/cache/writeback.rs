@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use pcache_format::{KsetRecord, ReadError};
+use pcache_format::media::{LogEnd, LogStep, LogWalk};
 
 use super::ctx::lock;
 use super::error::EngineError;
@@ -19,7 +19,7 @@ use super::io::{Io, Roles, read_extent};
 use super::load::LogPos;
 use super::log::Tail;
 use crate::backing::BackingDev;
-use crate::pmem::{Pmem, PmemError};
+use crate::pmem::{AsMedia, Pmem, PmemError};
 
 /// Writeback writes back at most this many ksets, or bytes, per sync.
 const BATCH_KSETS: usize = 64;
@@ -101,26 +101,15 @@ impl Writeback {
         let _batch = lock(&self.batch);
         let end = r.log.end();
         let mut b = Batch { at: r.log.dirty_tail(), ..Batch::default() };
-        let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
+        let space = r.space;
+        let media = AsMedia(space.pmem());
+        let mut visited = vec![false; space.n_segs() as usize];
+        let mut walk = LogWalk::new(&media, space.layout(), space.dev_segs(), &mut visited, b.at);
         let mut data = Vec::new();
         let mut blocked = None;
-        while b.at != end && b.ksets < max_ksets.min(BATCH_KSETS) && b.bytes < BATCH_BYTES {
-            let at = b.at;
-            let record = match r.log.read(r.space, at, &mut buf) {
-                Ok(record) => record,
-                Err(e) => {
-                    blocked = Some(Blocked::kset(at, e));
-                    break;
-                }
-            };
-            match record {
-                KsetRecord::End { magic } => {
-                    let why = format!("the log ends (magic {magic:#018x}) before its published end");
-                    blocked = Some(Blocked { at, range: None, err: EngineError::log(at, &why), why, retry: false });
-                    break;
-                }
-                KsetRecord::Last { next_cache_seg } => b.at = (next_cache_seg, 0),
-                KsetRecord::Keys { keys } => {
+        while walk.pos() != end && b.ksets < max_ksets.min(BATCH_KSETS) && b.bytes < BATCH_BYTES {
+            match walk.step() {
+                Some(LogStep::Keys { at, keys }) => {
                     let mut written = 0;
                     if let Some(stop) = self.write_kset(at, keys, io, r, &mut data, &mut written)? {
                         blocked = Some(stop);
@@ -128,10 +117,16 @@ impl Writeback {
                     }
                     b.bytes += written;
                     b.done_dirty += keys.iter().filter(|k| k.is_dirty()).map(|k| u64::from(k.len.get())).sum::<u64>();
-                    b.at.1 += pcache_format::kset_size(keys.len()) as u32;
                 }
+                Some(LogStep::Last { .. }) => {}
+                Some(LogStep::End { at, end }) => {
+                    blocked = Some(Blocked::end(at, end));
+                    break;
+                }
+                None => break,
             }
             b.ksets += 1;
+            b.at = walk.pos();
         }
         if b.ksets > 0 {
             // Whatever stopped the batch, the ksets before it are done.
@@ -214,8 +209,8 @@ impl Writeback {
             let (off, len) = b.range.map_or((None, None), |(o, l)| (Some(o), Some(l)));
             tracing::error!(
                 backing = %path,
-                segment = b.at.0,
-                offset = b.at.1,
+                segment = b.at.seg,
+                offset = b.at.off,
                 backing_offset = off,
                 length = len,
                 "{msg}"
@@ -284,23 +279,22 @@ impl Writeback {
 }
 
 impl Blocked {
-    fn kset(at: LogPos, e: ReadError<PmemError>) -> Self {
-        match e {
-            ReadError::Media { source, .. } => Self {
-                at,
-                range: None,
-                why: format!("pmem media error under the kset: {source}"),
-                retry: true,
-                err: EngineError::Pmem(source),
-            },
-            ReadError::Format(e) => Self {
-                at,
-                range: None,
-                why: format!("undecodable kset: {e}"),
-                retry: false,
-                err: EngineError::log(at, e),
-            },
-        }
+    /// The log ends at `at`, before its published end.
+    fn end(at: LogPos, end: LogEnd<PmemError>) -> Self {
+        let (why, err) = match end {
+            LogEnd::Media { source, .. } => {
+                let why = format!("pmem media error under the kset: {source}");
+                return Self { at, range: None, why, retry: true, err: EngineError::Pmem(source) };
+            }
+            LogEnd::Damaged(e) | LogEnd::Invalid(e) | LogEnd::Torn(e) => {
+                (format!("undecodable kset: {e}"), EngineError::log(at, e))
+            }
+            end => {
+                let why = format!("the log ends ({end}) before its published end");
+                (why.clone(), EngineError::log(at, why))
+            }
+        };
+        Self { at, range: None, why, retry: false, err }
     }
 
     fn extent(at: LogPos, off: u64, k: &IKey, err: EngineError) -> Self {
@@ -314,7 +308,7 @@ impl Blocked {
     }
 
     fn message(&self, path: &str) -> String {
-        let (seg, pos) = self.at;
+        let LogPos { seg, off: pos } = self.at;
         match self.range {
             Some((off, len)) => format!(
                 "writeback of {path} is stuck at backing offset {off} length {len} (a key of the kset at key log \
