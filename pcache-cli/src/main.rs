@@ -1,5 +1,7 @@
 //! `pcache`: format, inspect, check, attach and detach persistent-memory cache devices.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
