@@ -12,7 +12,7 @@
 //!
 //! - [`wire`]: the protocol's constants and headers, byte for byte;
 //! - [`handshake`]: the option haggling that picks an export;
-//! - [`transmit`]: the request loop, its checks and its replies;
+//! - [`mod@transmit`]: the request loop, its checks and its replies;
 //! - [`device`]: what is served.
 
 pub mod device;
