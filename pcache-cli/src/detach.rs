@@ -4,6 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use pcache_format::SEG_SIZE;
 use pcache_pmem::cache::detach::{SalvageReport, detach_salvage};
 use pcache_pmem::{CacheDev, DaxMapping, EngineError, PmemError, detach};
 
@@ -55,7 +56,7 @@ pub fn run(device: &Path, backing: &Path, salvage: bool) -> u8 {
                 r.ksets_written_back,
                 t.elapsed(),
                 r.segments_released,
-                human(u64::from(r.segments_released) << 24)
+                human(u64::from(r.segments_released) * SEG_SIZE)
             );
             println!("the backing device now holds all its data; backing entry {} is free", r.id);
             0
@@ -83,7 +84,7 @@ fn salvaged(device: &Path, backing: &Path, r: &SalvageReport, t: Instant) -> u8 
         d.ksets_written_back,
         t.elapsed(),
         d.segments_released,
-        human(u64::from(d.segments_released) << 24)
+        human(u64::from(d.segments_released) * SEG_SIZE)
     );
     if !r.lost_anything() {
         println!("nothing was lost: the backing device now holds all its data; backing entry {} is free", d.id);
@@ -140,7 +141,7 @@ pub fn discard(device: &Path, stored: &Path) -> u8 {
                 stored.display(),
                 device.display(),
                 r.segments_released,
-                human(u64::from(r.segments_released) << 24)
+                human(u64::from(r.segments_released) * SEG_SIZE)
             );
             println!("backing entry {} is free", r.id);
             0

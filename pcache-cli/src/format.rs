@@ -5,8 +5,8 @@ use std::io::{self, ErrorKind};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use pcache_format::{CACHE_DEV_SIZE_MIN, Layout, SB_OFF, SB_SIZE, SEG_SIZE, SEGMENTS_OFF};
-use pcache_pmem::format::{FormatError, allocate, existing_format, format, free_space};
+use pcache_format::{CACHE_DEV_SIZE_MIN, Layout, SB_OFF, SB_SIZE, SEG_NUM_MAX, SEG_SIZE, SEGMENTS_OFF};
+use pcache_pmem::format::{FormatError, Formatted, allocate, existing_format, format, free_space};
 use pcache_pmem::{DaxMapping, DaxOptions, Pmem};
 
 use crate::signatures::{self, Kind, Signature};
@@ -134,10 +134,6 @@ pub fn run(device: &Path, size: Option<u64>, force: bool, sparse: bool) -> u8 {
 }
 
 fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 {
-    let fail = |msg: &dyn std::fmt::Display| {
-        eprintln!("pcache format: {}: {msg}", device.display());
-        1
-    };
     let map = match DaxMapping::open(device, &DaxOptions::default()) {
         Ok(m) => m,
         Err(e) => {
@@ -145,46 +141,63 @@ fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 
             return 1;
         }
     };
-    let size = map.size();
     // Every refusal comes before anything is written or allocated.
-    if Layout::plan(size).is_err() {
-        return fail(&FormatError::TooSmall { size, min: CACHE_DEV_SIZE_MIN });
-    }
-    let found: Option<Signature> = if created {
-        None
-    } else {
-        match signatures::detect(|off, buf| map.read(off, buf).map_err(io::Error::other), size) {
-            Ok(found) => found,
-            Err(e) => return fail(&format_args!("cannot read what it holds: {e}")),
+    let found = match refusal(&map, force, created) {
+        Ok(found) => found,
+        Err(msg) => {
+            eprintln!("pcache format: {}: {msg}", device.display());
+            return 1;
         }
     };
-    match found {
-        Some(sig) if sig.kind != Kind::Pcache && !force => {
-            return fail(&format_args!("holds {sig}; add --force to destroy it"));
-        }
-        _ => {}
-    }
-    if !force {
-        match existing_format(&map) {
-            Ok(Some(seg_num)) => {
-                return fail(&format_args!(
-                    "{}; add --force to format it anyway",
-                    FormatError::AlreadyFormatted { seg_num }
-                ));
-            }
-            Ok(None) => {}
-            Err(e) => return fail(&e),
-        }
-    }
     let is_file = std::fs::metadata(device).is_ok_and(|m| m.is_file());
     if is_file
         && !sparse
         && !created
-        && let Err(msg) = allocate_existing(device, size)
+        && let Err(msg) = allocate_existing(device, map.size())
     {
         eprintln!("pcache format: {msg}");
         return 1;
     }
+    match write_format(&map, force, created) {
+        Ok(done) => {
+            report(device, &map, &done, found.as_ref(), sparse && is_file);
+            0
+        }
+        Err(msg) => {
+            eprintln!("pcache format: {}: {msg}", device.display());
+            1
+        }
+    }
+}
+
+/// Why the device may not be formatted (too small, holding something
+/// other than pcache without --force, already formatted without
+/// --force), or what signature it holds, if any.
+fn refusal(map: &DaxMapping, force: bool, created: bool) -> Result<Option<Signature>, String> {
+    let size = map.size();
+    if Layout::plan(size).is_err() {
+        return Err(FormatError::TooSmall { size, min: CACHE_DEV_SIZE_MIN }.to_string());
+    }
+    let found = if created {
+        None
+    } else {
+        signatures::detect(|off, buf| map.read(off, buf).map_err(io::Error::other), size)
+            .map_err(|e| format!("cannot read what it holds: {e}"))?
+    };
+    match &found {
+        Some(sig) if sig.kind != Kind::Pcache && !force => {
+            return Err(format!("holds {sig}; add --force to destroy it"));
+        }
+        _ => {}
+    }
+    if !force && let Some(seg_num) = existing_format(map).map_err(|e| e.to_string())? {
+        return Err(format!("{}; add --force to format it anyway", FormatError::AlreadyFormatted { seg_num }));
+    }
+    Ok(found)
+}
+
+/// Wipes what the device was, then writes the format.
+fn write_format(map: &DaxMapping, force: bool, created: bool) -> Result<Formatted, String> {
     // The first 4 KiB is never used by pcache, but it is where partition
     // tables, LVM labels and the superblocks of ext*, XFS, FAT, NTFS and LUKS
     // live: zeroed so that nothing still recognises the device as what it
@@ -193,30 +206,32 @@ fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 
     // crash midway leaves a device that is plainly neither what it was nor
     // formatted. The other signatures looked for lie in the reserved area
     // and segment 0, which the format zeroes.
-    if !created && let Err(e) = map.zero_persist(0, SB_OFF + SB_SIZE as u64) {
-        return fail(&e);
+    if !created {
+        map.zero_persist(0, SB_OFF + SB_SIZE as u64).map_err(|e| e.to_string())?;
     }
-    let done = match format(&map, force) {
-        Ok(done) => done,
-        Err(e @ FormatError::AlreadyFormatted { .. }) => {
-            return fail(&format_args!("{e}; add --force to format it anyway"));
-        }
-        Err(e) => return fail(&e),
-    };
+    format(map, force).map_err(|e| match e {
+        e @ FormatError::AlreadyFormatted { .. } => format!("{e}; add --force to format it anyway"),
+        e => e.to_string(),
+    })
+}
+
+/// Says what was formatted, and what was lost or left unused.
+fn report(device: &Path, map: &DaxMapping, done: &Formatted, found: Option<&Signature>, sparse_file: bool) {
     let layout = done.plan.layout;
     let segs = layout.seg_num();
     println!("formatted {}", device.display());
     println!("  size      {} ({} bytes)", human(layout.device_size()), layout.device_size());
     println!("  mapping   {} (flush: {})", map.mode(), map.flush_text());
     println!(
-        "  segments  {segs} of 16 MiB from offset {SEGMENTS_OFF:#x}: segment 0 holds the backing table, \
+        "  segments  {segs} of {} MiB from offset {SEGMENTS_OFF:#x}: segment 0 holds the backing table, \
          {} for caches ({})",
+        SEG_SIZE >> 20,
         segs - 1,
         human(u64::from(segs - 1) * SEG_SIZE)
     );
     if done.plan.capped() {
         println!(
-            "  note      the device could hold {} segments, but the format counts at most 65535: \
+            "  note      the device could hold {} segments, but the format counts at most {SEG_NUM_MAX}: \
              the last {} are left unused",
             done.plan.segments_possible,
             human(done.plan.unused_bytes())
@@ -227,13 +242,12 @@ fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 
             println!("  note      {} on it was destroyed (--force)", sig.what);
         }
         Some(_) => println!("  note      the previous pcache format was overwritten (--force)"),
-        _ => {}
+        None => {}
     }
-    if sparse && is_file {
+    if sparse_file {
         println!(
             "  note      --sparse: the file's holes are not allocated; a write to one fails (SIGBUS) \
              if its filesystem is full"
         );
     }
-    0
 }

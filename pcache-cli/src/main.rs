@@ -1,5 +1,7 @@
 //! `pcache`: format, inspect, check, attach and detach persistent-memory cache devices.
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -132,29 +134,38 @@ enum Command {
 /// read), so scripts can tell a typo from a damaged device.
 const EXIT_USAGE: u8 = 64;
 
-/// The log filter for the value of `PCACHE_LOG` (`None`: unset), and the
-/// warning to print when the value is not usable: then logging is at info.
+/// The log filter `PCACHE_LOG` asks for.
+#[derive(Debug)]
+struct LogFilter {
+    filter: EnvFilter,
+    /// What to print when the value is not usable: then logging is at info.
+    warning: Option<String>,
+}
+
+/// The log filter for the value of `PCACHE_LOG` (`None`: unset).
 ///
 /// `tracing`'s own parser takes a bare word it does not know as a target
 /// name (`verbose` would enable only a target called "verbose": no line at
 /// all), so a bare word must be a level or name one of pcache's own targets
 /// (`pcache`, `pcache_pmem`, ...); anything else, or a value the parser
 /// rejects, is warned about.
-fn log_filter(value: Option<&str>) -> (EnvFilter, Option<String>) {
+fn log_filter(value: Option<&str>) -> LogFilter {
     let fallback = || EnvFilter::new("info");
-    let Some(value) = value.filter(|v| !v.trim().is_empty()) else { return (fallback(), None) };
+    let Some(value) = value.filter(|v| !v.trim().is_empty()) else {
+        return LogFilter { filter: fallback(), warning: None };
+    };
     let bare_word_ok =
         |d: &str| d.contains(['=', '[', ':']) || d.parse::<LevelFilter>().is_ok() || d.starts_with("pcache");
     let known = value.split(',').map(str::trim).filter(|d| !d.is_empty()).all(bare_word_ok);
     match EnvFilter::try_new(value) {
-        Ok(filter) if known => (filter, None),
-        _ => (
-            fallback(),
-            Some(format!(
+        Ok(filter) if known => LogFilter { filter, warning: None },
+        _ => LogFilter {
+            filter: fallback(),
+            warning: Some(format!(
                 "pcache: PCACHE_LOG={value} is not a log level (error, warn, info, debug, trace, or a tracing \
                  filter such as pcache_pmem=debug); logging at info"
             )),
-        ),
+        },
     }
 }
 
@@ -167,7 +178,7 @@ fn main() -> ExitCode {
         }
     };
     let value = std::env::var_os("PCACHE_LOG").map(|v| v.to_string_lossy().into_owned());
-    let (filter, warning) = log_filter(value.as_deref());
+    let LogFilter { filter, warning } = log_filter(value.as_deref());
     if let Some(warning) = warning {
         eprintln!("{warning}");
     }
@@ -198,7 +209,7 @@ mod tests {
     #[test]
     fn unknown_log_levels_warn_and_fall_back_to_info() {
         for bad in ["verbose", "Verbose", "loud,info", "pcache_pmem=verbose", "info=[", "debug,pcache=noisy"] {
-            let (filter, warning) = log_filter(Some(bad));
+            let LogFilter { filter, warning } = log_filter(Some(bad));
             assert_eq!(filter.to_string(), "info", "{bad}");
             let warning = warning.unwrap_or_else(|| panic!("{bad}: no warning"));
             assert!(warning.starts_with(&format!("pcache: PCACHE_LOG={bad} is not a log level (")), "{warning}");
@@ -219,7 +230,7 @@ mod tests {
             (Some("info,pcache=trace"), "pcache=trace,info"),
             (Some("pcache_pmem"), "pcache_pmem=trace"),
         ] {
-            let (filter, warning) = log_filter(value);
+            let LogFilter { filter, warning } = log_filter(value);
             assert_eq!(warning, None, "{value:?}");
             assert_eq!(filter.to_string(), want, "{value:?}");
         }

@@ -1,0 +1,124 @@
+//! The command line of `pcache attach`.
+
+use std::path::PathBuf;
+
+use crate::units::parse_size;
+
+/// What to do, from the command line.
+#[derive(Debug, clap::Args)]
+pub struct AttachArgs {
+    /// The pmem device (formatted with `pcache format`).
+    pub device: PathBuf,
+    /// A backing device or file to cache and serve; repeat for several.
+    #[arg(long = "backing", value_name = "BACKING", required = true)]
+    pub backings: Vec<PathBuf>,
+    /// Export name for each --backing, in order (default: the file name).
+    #[arg(long = "export", value_name = "EXPORT")]
+    pub exports: Vec<String>,
+    /// Size of each new cache (default: sized for its backing device —
+    /// the backing rounded up to 16 MiB segments plus an eighth for its
+    /// log — within the free segments). An existing cache keeps its size.
+    #[arg(long, value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+    /// Ksets and data heads per cache (default: the CPUs, at most one
+    /// per 10 segments).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub queues: Option<u32>,
+    /// Keep a CRC of all cached data and verify it on every read hit
+    /// (new caches; an existing cache keeps its setting).
+    #[arg(long)]
+    pub data_crc: bool,
+    /// Start GC when this percentage of a cache's segments is in use.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=90))]
+    pub gc_percent: Option<u16>,
+    /// Where to listen: unix:PATH (mode 0600) or tcp:HOST:PORT.
+    #[arg(long, default_value = "tcp:127.0.0.1:10809", value_parser = parse_listen)]
+    pub listen: Listen,
+    /// Print a status line every SECS seconds (SIGUSR1 prints one any time).
+    #[arg(long, value_name = "SECS")]
+    pub status_interval: Option<u64>,
+    /// Limit writeback to this many bytes a second (e.g. 100M), to
+    /// spare the backing device; default unlimited (0 is refused: it
+    /// would stop writeback for good).
+    #[arg(long, value_parser = parse_rate)]
+    pub writeback_rate: Option<u64>,
+    /// Do not cache what read misses fetch from the backing device: the
+    /// cache then holds only written data (for read-mostly backings
+    /// that are fast enough on their own).
+    #[arg(long)]
+    pub no_read_cache: bool,
+    /// Close an open kset at most this many milliseconds after its first key.
+    #[arg(long, value_name = "MS", hide = true)]
+    pub kset_flush_ms: Option<u64>,
+}
+
+/// Parses a writeback rate: a size a second, not 0.
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err("0 would never write anything back; leave --writeback-rate out for no limit".into()),
+        n => Ok(n),
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket, created with mode 0600.
+    Unix(PathBuf),
+    /// TCP.
+    Tcp(String, u16),
+}
+
+impl std::fmt::Display for Listen {
+    /// As `--listen` takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(h, p) => write!(f, "tcp:{h}:{p}"),
+        }
+    }
+}
+
+/// Parses `unix:PATH` or `tcp:HOST:PORT`.
+pub fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a socket path, e.g. unix:/run/pcache.sock".into());
+        }
+        return Ok(Listen::Unix(PathBuf::from(path)));
+    }
+    if let Some(rest) = s.strip_prefix("tcp:") {
+        let (host, port) = rest.rsplit_once(':').ok_or("tcp: needs HOST:PORT, e.g. tcp:127.0.0.1:10809")?;
+        let port: u16 = port.parse().map_err(|_| format!("'{port}' is not a TCP port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err("tcp: needs a host, e.g. tcp:127.0.0.1:10809".into());
+        }
+        return Ok(Listen::Tcp(host.to_string(), port));
+    }
+    Err(format!("'{s}' is not unix:PATH or tcp:HOST:PORT"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen("unix:/tmp/s"), Ok(Listen::Unix("/tmp/s".into())));
+        assert_eq!(parse_listen("tcp:127.0.0.1:10809"), Ok(Listen::Tcp("127.0.0.1".into(), 10809)));
+        assert_eq!(parse_listen("tcp:[::1]:99"), Ok(Listen::Tcp("::1".into(), 99)));
+        assert!(parse_listen("tcp:host").is_err());
+        assert!(parse_listen("tcp::80").is_err());
+        assert!(parse_listen("tcp:h:99999").is_err());
+        assert!(parse_listen("unix:").is_err());
+        assert!(parse_listen("/tmp/s").is_err());
+    }
+
+    #[test]
+    fn listen_addresses_print_as_given() {
+        for s in ["unix:/tmp/s", "tcp:127.0.0.1:10809", "tcp:::1:99"] {
+            assert_eq!(parse_listen(s).unwrap().to_string(), s);
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! `pcache attach`: run the cache of one or more backing devices and serve
+//! each as an NBD export until SIGINT or SIGTERM.
+//!
+//! - `args`: the command line;
+//! - `checks`: refusals before anything is opened for writing;
+//! - `export`: a running cache as an NBD device;
+//! - `listen`: the listening socket and the life of each connection;
+//! - `signals`: SIGINT and SIGTERM stop, SIGUSR1 asks for a status line;
+//! - `hints`: how to connect, and the status line;
+//! - `run`: opening, starting, serving and stopping, in that order.
+
+mod args;
+mod checks;
+mod export;
+mod hints;
+mod listen;
+mod run;
+mod signals;
+
+pub use args::AttachArgs;
+pub use checks::check_backings;
+pub use run::run;
+
+/// The cache `attach` runs: on a DAX mapping, in front of a file or block
+/// device.
+type PmemCache = pcache_pmem::Cache<pcache_pmem::DaxMapping, pcache_pmem::FileBacking>;

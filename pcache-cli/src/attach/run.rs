@@ -1,0 +1,352 @@
+//! What `attach` does, in order: open the pmem device and the backings,
+//! refuse what must be refused, listen, start each cache, serve until a
+//! signal, then stop every cache and say what it left.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pcache_cli::nbd::Export;
+use pcache_format::SEG_SIZE;
+use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, FileBacking, default_cache_segs};
+use tracing::{info, warn};
+
+use super::PmemCache;
+use super::args::{AttachArgs, Listen};
+use super::checks::{check_allocated, check_backings};
+use super::export::CacheExport;
+use super::hints::{how_to_connect, shell_quote, status_line};
+use super::listen::{Conn, Listener, serve};
+use super::signals::Caught;
+use crate::units::human;
+
+/// The caches served, each under its export name.
+type Caches = [(String, Arc<PmemCache>)];
+
+/// The most ksets and data heads a cache takes (`--queues`' limit).
+const MAX_QUEUES: u32 = 128;
+/// A cache gets at most one queue per this many segments by default.
+const SEGMENTS_PER_QUEUE: u64 = 10;
+/// How long a client may take over the handshake by default.
+const HANDSHAKE_TIMEOUT_SECS: u64 = 30;
+
+pub fn run(a: AttachArgs) -> u8 {
+    match attach(&a) {
+        Ok(code) => code,
+        Err(msg) => {
+            eprintln!("pcache attach: {msg}");
+            1
+        }
+    }
+}
+
+/// Runs the whole command: `Err` is a refusal or a failure before serving.
+fn attach(a: &AttachArgs) -> Result<u8, String> {
+    let signals = Caught::catch()?;
+    let pmem = PmemDevice::open(&a.device)?;
+    check_backings(&a.device, &a.backings)?;
+    let files: Vec<FileBacking> =
+        a.backings.iter().map(|path| FileBacking::open(path).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    let names = export_names(&a.exports, &files)?;
+    // Listen before any cache is created: a typo in --listen or a busy
+    // port must not leave new caches behind holding segments.
+    let listener = Arc::new(Listener::bind(&a.listen)?);
+    println!("pcache attach {}: {}", a.device.display(), pmem.mapping);
+    let caches = start_caches(a, &pmem.dev, files, names).inspect_err(|_| listener.remove_path())?;
+    announce(&a.listen, &caches);
+    let caches: Arc<Caches> = caches.into();
+    serve_until_stopped(a, &listener, &caches, signals);
+    let code = stop_caches(&a.device, &caches);
+    listener.remove_path();
+    Ok(code)
+}
+
+/// The pmem device, open, and how it is mapped in words.
+struct PmemDevice {
+    dev: Arc<CacheDev<DaxMapping>>,
+    /// The mapping mode and flush instruction.
+    mapping: String,
+}
+
+impl PmemDevice {
+    /// Maps and opens the device, refusing a sparse file; warns of
+    /// damaged backing entries and of caches no entry owns.
+    fn open(device: &Path) -> Result<Self, String> {
+        let map = DaxMapping::open(device, &DaxOptions::default()).map_err(|e| e.to_string())?;
+        check_allocated(device)?;
+        let mapping = format!("{} (flush: {})", map.mode(), map.flush_text());
+        let dev = CacheDev::open(map).map_err(|e| format!("{}: {e}", device.display()))?;
+        for (id, why) in dev.damaged() {
+            warn!(entry = id, error = %why, "backing entry damaged; its id is not reused (see `pcache check`, `pcache repair`)");
+        }
+        for (o, _) in dev.orphans().iter().filter(|(_, r)| *r) {
+            warn!(
+                first_segment = o.head,
+                segments = o.segs.len(),
+                dirty_keys = o.log.dirty_keys,
+                "a cache owned by no backing entry is kept aside, never reused (see `pcache check`, `pcache repair`)"
+            );
+        }
+        Ok(Self { dev, mapping })
+    }
+}
+
+/// The export name of each backing: the one given with --export, in
+/// order, else its file name. Two exports may not share a name.
+fn export_names(given: &[String], files: &[FileBacking]) -> Result<Vec<String>, String> {
+    if given.len() > files.len() {
+        return Err(format!("{} --export names for {} --backing devices", given.len(), files.len()));
+    }
+    let mut names = given.to_vec();
+    for f in &files[given.len()..] {
+        names.push(f.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "disk".into()));
+    }
+    for (i, n) in names.iter().enumerate() {
+        if names[..i].contains(n) {
+            return Err(format!("two exports named {n:?}: give each --backing its own --export"));
+        }
+    }
+    Ok(names)
+}
+
+/// Starts the cache of each backing, in order; on a failure, stops those
+/// already started.
+fn start_caches(
+    a: &AttachArgs,
+    dev: &Arc<CacheDev<DaxMapping>>,
+    files: Vec<FileBacking>,
+    names: Vec<String>,
+) -> Result<Vec<(String, Arc<PmemCache>)>, String> {
+    let mut caches = Vec::new();
+    for (file, name) in files.into_iter().zip(names) {
+        match start_cache(a, dev, file, &name) {
+            Ok(cache) => caches.push((name, cache)),
+            Err(msg) => {
+                for (_, c) in &caches {
+                    let _ = c.stop();
+                }
+                return Err(msg);
+            }
+        }
+    }
+    Ok(caches)
+}
+
+/// Starts (creating it if need be) the cache of `file`, and says what it is.
+fn start_cache(
+    a: &AttachArgs,
+    dev: &Arc<CacheDev<DaxMapping>>,
+    file: FileBacking,
+    name: &str,
+) -> Result<Arc<PmemCache>, String> {
+    let path = file.path().to_path_buf();
+    let failed = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let size = file.size();
+    let stored = match dev.find_entry(&path, file.identity()) {
+        Ok(Ok((_, info))) => Some(info.cache_info.n_segs.get()),
+        Ok(Err(_)) => None,
+        Err(e) => return Err(failed(&e)),
+    };
+    let n_segs = match (stored, a.cache_size) {
+        (Some(n), _) => u64::from(n),
+        (None, Some(bytes)) => bytes.div_ceil(SEG_SIZE),
+        // Sized for the backing device, within what is free.
+        (None, None) => u64::from(default_cache_segs(size, 1, dev.free_segments())),
+    };
+    let by_size = u32::try_from((n_segs / SEGMENTS_PER_QUEUE).max(1)).unwrap_or(MAX_QUEUES);
+    let opts = CacheOptions {
+        // An existing cache keeps its size; the engine notes a different ask.
+        cache_size: if stored.is_some() { a.cache_size } else { Some(n_segs * SEG_SIZE) },
+        queues: a.queues.unwrap_or_else(|| cpus().min(by_size).clamp(1, MAX_QUEUES)),
+        data_crc: a.data_crc,
+        gc_percent: a.gc_percent,
+        kset_flush_delay: a.kset_flush_ms.map(Duration::from_millis).unwrap_or(pcache_format::KSET_FLUSH_DELAY),
+        writeback_rate: a.writeback_rate,
+        cache_reads: !a.no_read_cache,
+        ..CacheOptions::default()
+    };
+    let (cache, rep) = Cache::start(dev.clone(), file, &opts).map_err(|e| failed(&e))?;
+    println!(
+        "export {name:?}: {} ({}), {} cache of {} segments ({}), {} queue(s), gc {} %, data crc {}, {} keys replayed",
+        path.display(),
+        human(size),
+        if rep.new { "new" } else { "existing" },
+        rep.n_segs,
+        human(u64::from(rep.n_segs) * SEG_SIZE),
+        rep.queues,
+        rep.gc_percent,
+        if rep.data_crc { "on" } else { "off" },
+        rep.replay.keys
+    );
+    for note in &rep.notes {
+        println!("  note: {note}");
+    }
+    Ok(cache)
+}
+
+/// Says where the server listens and how to connect to each export.
+fn announce(listen: &Listen, caches: &Caches) {
+    println!("listening on {listen}; connect with:");
+    for (name, _) in caches {
+        for line in how_to_connect(listen, name) {
+            println!("  {line}");
+        }
+    }
+    println!("SIGINT or SIGTERM stops it (the cache stays warm); SIGUSR1 prints a status line");
+    let _ = io::stdout().flush();
+}
+
+/// Prints a status line now.
+fn print_status(caches: &Caches) {
+    println!("status: {}", status_line(caches));
+    let _ = io::stdout().flush();
+}
+
+/// Serves every connection until SIGINT or SIGTERM, then waits for each
+/// connection to finish what it has in flight.
+fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Caches>, signals: Caught) {
+    let exports: Arc<Vec<Export>> = Arc::new(
+        caches
+            .iter()
+            .map(|(name, c)| Export {
+                name: name.clone(),
+                description: format!("pcache of {}", c.backing().path().display()),
+                device: Arc::new(CacheExport(c.clone())),
+            })
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::default();
+    let signal_thread = {
+        let (stop, listener, conns, caches) = (stop.clone(), listener.clone(), conns.clone(), caches.clone());
+        signals.handle(
+            move || print_status(&caches),
+            move |signal| {
+                info!(signal, "stopping");
+                stop.store(true, Ordering::SeqCst);
+                listener.wake();
+                for c in conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                    c.shutdown_read();
+                }
+            },
+        )
+    };
+    if let Some(secs) = a.status_interval.filter(|s| *s > 0) {
+        let (stop, caches) = (stop.clone(), caches.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(secs));
+                print_status(&caches);
+            }
+        });
+    }
+    accept_until_stopped(listener, &exports, &stop, &conns);
+    let _ = signal_thread.join();
+}
+
+/// Accepts connections, each served on a thread of its own, until `stop`;
+/// then waits for those threads.
+fn accept_until_stopped(
+    listener: &Listener,
+    exports: &Arc<Vec<Export>>,
+    stop: &AtomicBool,
+    conns: &Arc<Mutex<HashMap<u64, Conn>>>,
+) {
+    let workers = nbd_workers();
+    let handshake_timeout = handshake_timeout();
+    let mut threads = Vec::new();
+    for id in 0.. {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                if !stop.load(Ordering::SeqCst) {
+                    warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                continue;
+            }
+        };
+        // Kept so that a stop can shut it down.
+        if let Ok(c) = conn.try_clone() {
+            conns.lock().unwrap_or_else(|e| e.into_inner()).insert(id, c);
+        }
+        if stop.load(Ordering::SeqCst) {
+            conn.shutdown_read();
+        }
+        let (exports, conns) = (exports.clone(), conns.clone());
+        threads.push(std::thread::spawn(move || {
+            serve(id, conn, &exports, workers, handshake_timeout);
+            conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        }));
+        threads.retain(|t| !t.is_finished());
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// Stops every cache; 1 if one failed to stop, or left dirty data that
+/// writeback cannot write (with what to run about it), else 0.
+fn stop_caches(device: &Path, caches: &Caches) -> u8 {
+    let mut code = 0;
+    for (name, c) in caches {
+        let stuck = c.stuck();
+        match c.stop() {
+            Ok(()) => println!(
+                "stopped {name:?}: every kset closed, the cache stays warm ({} dirty)",
+                human(c.stats().dirty_bytes)
+            ),
+            Err(e) => {
+                eprintln!("pcache attach: stopping {name:?}: {e}");
+                code = 1;
+            }
+        }
+        // Dirty data that writeback cannot write is not a clean stop: say
+        // so, and what to run, with a status scripts and systemd notice.
+        if let Some(why) = stuck {
+            let device = shell_quote(&device.display().to_string());
+            let backing = shell_quote(&c.backing().path().display().to_string());
+            eprintln!(
+                "pcache attach: {name:?}: {why}\n  the data stays in the cache; `pcache detach {device} --backing \
+                 {backing}` names what is wrong, `--salvage` writes back everything else and lists the rest"
+            );
+            code = 1;
+        }
+    }
+    code
+}
+
+fn cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+}
+
+/// Worker threads per connection for reads that may block:
+/// `PCACHE_NBD_WORKERS`, default twice the CPUs within 2..=16.
+fn nbd_workers() -> usize {
+    std::env::var("PCACHE_NBD_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| (cpus() as usize * 2).clamp(2, 16))
+}
+
+/// How long a client may take over the handshake:
+/// `PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS` (0: no limit), default 30 s.
+fn handshake_timeout() -> Option<Duration> {
+    let secs = match std::env::var("PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS") {
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            warn!(
+                value = %v,
+                "PCACHE_NBD_HANDSHAKE_TIMEOUT_SECS is not a number of seconds; using {HANDSHAKE_TIMEOUT_SECS}"
+            );
+            HANDSHAKE_TIMEOUT_SECS
+        }),
+        Err(_) => HANDSHAKE_TIMEOUT_SECS,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
+}

@@ -1,0 +1,412 @@
+//! The transmission phase: requests read one after another, each checked
+//! against the export, executed, and replied to — fast ones at once on the
+//! reading thread, reads that may block on worker threads, so replies may
+//! go out of order.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use zerocopy::IntoBytes;
+
+use super::wire::*;
+use super::{BlockDevice, DevError, NbdError, Violation};
+
+/// Room for the header of a successful read reply, before its data: the
+/// larger of the two headers, so either fits in front of the data and the
+/// reply leaves in one write.
+const READ_HEADER: usize = max(size_of::<SimpleReply>(), size_of::<OffsetDataHeader>());
+/// Requests read ahead of the workers, per connection.
+const QUEUE_DEPTH: usize = 64;
+/// Buffer of the reading side: many small requests per system call.
+const READ_BUFFER: usize = 256 << 10;
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b { a } else { b }
+}
+
+/// Counters of one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnStats {
+    /// Requests served.
+    pub requests: u64,
+}
+
+/// Serves the transmission phase on `r`/`w` until `NBD_CMD_DISC`, the end
+/// of the stream, or a protocol violation. Reads that may block
+/// ([`BlockDevice::read_may_block`]) run on up to `workers` threads and
+/// reply when they complete, so replies go out of order; every other
+/// request runs at once on the reading thread. With `workers` 0 every
+/// request runs in order on the reading thread (for fuzzing). In-flight
+/// requests always finish and are replied to before this returns.
+pub fn transmit<R: Read, W: Write + Send + 'static>(
+    r: R,
+    w: W,
+    dev: Arc<dyn BlockDevice>,
+    structured: bool,
+    workers: usize,
+) -> Result<ConnStats, NbdError> {
+    let conn = Connection {
+        r: io::BufReader::with_capacity(READ_BUFFER, r),
+        rep: Arc::new(Replier { w: Mutex::new(w), structured }),
+        dev,
+        failed: Arc::new(AtomicBool::new(false)),
+        stats: ConnStats::default(),
+    };
+    let (tx, rx) = crossbeam_channel::bounded::<(Request, Vec<u8>)>(QUEUE_DEPTH);
+    let pool: Vec<_> = (0..workers).map(|_| conn.spawn_worker(rx.clone())).collect();
+    let result = conn.serve(workers > 0, &tx);
+    drop(tx);
+    for t in pool {
+        let _ = t.join();
+    }
+    result
+}
+
+/// One connection's reading side.
+struct Connection<R, W> {
+    r: io::BufReader<R>,
+    rep: Arc<Replier<W>>,
+    dev: Arc<dyn BlockDevice>,
+    /// A worker could not send a reply.
+    failed: Arc<AtomicBool>,
+    stats: ConnStats,
+}
+
+impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
+    /// A worker that executes the requests sent on `rx` until it closes.
+    fn spawn_worker(&self, rx: Receiver<(Request, Vec<u8>)>) -> JoinHandle<()> {
+        let (rep, dev, failed) = (self.rep.clone(), self.dev.clone(), self.failed.clone());
+        std::thread::spawn(move || {
+            while let Ok((req, payload)) = rx.recv() {
+                if execute(&*dev, &rep, req, payload).is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                }
+            }
+        })
+    }
+
+    /// Reads and dispatches requests until the client is done; slow reads
+    /// go to the workers on `tx` if `pooled`.
+    fn serve(mut self, pooled: bool, tx: &Sender<(Request, Vec<u8>)>) -> Result<ConnStats, NbdError> {
+        loop {
+            let header: RequestHeader = match read_header(&mut self.r) {
+                Ok(h) => h,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(self.stats),
+                Err(e) => return Err(e.into()),
+            };
+            let req = header.parse()?;
+            self.stats.requests += 1;
+            if req.kind == CMD_DISC {
+                return Ok(self.stats);
+            }
+            let payload = self.payload(&req)?;
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(Violation::ReplyFailed.into());
+            }
+            let slow = req.kind == CMD_READ && self.dev.read_may_block(req.offset, u64::from(req.length));
+            if !pooled || !slow {
+                execute(&*self.dev, &self.rep, req, payload)?;
+            } else if tx.send((req, payload)).is_err() {
+                return Err(Violation::WorkersStopped.into());
+            }
+        }
+    }
+
+    /// The payload of a write (nothing for other requests). One too large
+    /// to skip sensibly is refused, and the connection ends.
+    fn payload(&mut self, req: &Request) -> Result<Vec<u8>, NbdError> {
+        if req.kind != CMD_WRITE {
+            return Ok(Vec::new());
+        }
+        if req.length > MAX_REQUEST {
+            let e = DevError { errno: EINVAL, message: format!("write of {} bytes", req.length) };
+            self.rep.send(req, Err(e))?;
+            return Err(Violation::WriteTooLarge { length: req.length }.into());
+        }
+        let mut payload = vec![0u8; req.length as usize];
+        self.r.read_exact(&mut payload)?;
+        Ok(payload)
+    }
+}
+
+/// Checks a request against the device; `Err` is the errno to reply with.
+fn validate(req: &Request, size: u64) -> Result<(), DevError> {
+    let inval = |m: String| Err(DevError { errno: EINVAL, message: m });
+    // FUA is valid on every command (a server must accept it even where it
+    // means nothing, as on READ and FLUSH); NO_HOLE only on WRITE_ZEROES.
+    let allowed = match req.kind {
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        _ => CMD_FLAG_FUA,
+    };
+    if req.flags & !allowed != 0 {
+        return inval(format!("flags {:#x} not supported for this command", req.flags));
+    }
+    if matches!(req.kind, CMD_READ | CMD_WRITE) && req.length > MAX_REQUEST {
+        return inval(format!("{} bytes is more than the {MAX_REQUEST}-byte maximum", req.length));
+    }
+    if matches!(req.kind, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+        match req.offset.checked_add(u64::from(req.length)) {
+            Some(end) if end <= size => {}
+            _ => {
+                return inval(format!("{} bytes at {} pass the end of the {size}-byte export", req.length, req.offset));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends replies; shared by the workers of a connection.
+struct Replier<W> {
+    w: Mutex<W>,
+    structured: bool,
+}
+
+impl<W: Write> Replier<W> {
+    fn write(&self, msg: &[u8]) -> io::Result<()> {
+        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(msg)?;
+        w.flush()
+    }
+
+    /// The header of a structured reply chunk of `kind` with `length`
+    /// bytes of payload, the last of its request.
+    fn chunk(req: &Request, kind: u16, length: usize) -> StructuredReplyHeader {
+        StructuredReplyHeader {
+            magic: STRUCTURED_REPLY_MAGIC.into(),
+            flags: REPLY_FLAG_DONE.into(),
+            kind: kind.into(),
+            handle: req.handle.into(),
+            length: (length as u32).into(),
+        }
+    }
+
+    /// Replies with an error, or success without data.
+    fn send(&self, req: &Request, result: Result<(), DevError>) -> io::Result<()> {
+        match (result, self.structured) {
+            (Err(e), true) => {
+                let text = &e.message.as_bytes()[..e.message.len().min(MAX_ERROR_MESSAGE)];
+                let payload = size_of::<ErrorChunkHeader>() - size_of::<StructuredReplyHeader>() + text.len();
+                let header = ErrorChunkHeader {
+                    chunk: Self::chunk(req, REPLY_TYPE_ERROR, payload),
+                    error: e.errno.into(),
+                    message_length: (text.len() as u16).into(),
+                };
+                self.write(&[header.as_bytes(), text].concat())
+            }
+            (result, _) => {
+                let errno = result.err().map_or(0, |e| e.errno);
+                let reply =
+                    SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: errno.into(), handle: req.handle.into() };
+                self.write(reply.as_bytes())
+            }
+        }
+    }
+
+    /// Replies to a successful read whose data fills `buf[READ_HEADER..]`:
+    /// the header goes right in front, and the reply leaves in one write.
+    fn send_read(&self, req: &Request, buf: &mut [u8]) -> io::Result<()> {
+        let data_len = buf.len() - READ_HEADER;
+        let header = if !self.structured {
+            SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: 0.into(), handle: req.handle.into() }
+                .as_bytes()
+                .to_vec()
+        } else if data_len == 0 {
+            // An OFFSET_DATA chunk must carry at least one byte.
+            return self.write(Self::chunk(req, REPLY_TYPE_NONE, 0).as_bytes());
+        } else {
+            let offset_len = size_of::<OffsetDataHeader>() - size_of::<StructuredReplyHeader>();
+            let chunk = Self::chunk(req, REPLY_TYPE_OFFSET_DATA, offset_len + data_len);
+            OffsetDataHeader { chunk, offset: req.offset.into() }.as_bytes().to_vec()
+        };
+        let start = READ_HEADER - header.len();
+        buf[start..READ_HEADER].copy_from_slice(&header);
+        self.write(&buf[start..])
+    }
+}
+
+/// Executes one request and replies to it.
+fn execute<W: Write>(dev: &dyn BlockDevice, rep: &Replier<W>, req: Request, payload: Vec<u8>) -> io::Result<()> {
+    if let Err(e) = validate(&req, dev.size()) {
+        return rep.send(&req, Err(e));
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let (off, len) = (req.offset, u64::from(req.length));
+    match req.kind {
+        CMD_READ => {
+            let mut buf = vec![0u8; READ_HEADER + req.length as usize];
+            match dev.read(off, &mut buf[READ_HEADER..]) {
+                Ok(()) => rep.send_read(&req, &mut buf),
+                Err(e) => rep.send(&req, Err(e)),
+            }
+        }
+        CMD_WRITE => rep.send(&req, dev.write(off, &payload, fua)),
+        CMD_FLUSH => rep.send(&req, dev.flush()),
+        CMD_TRIM => rep.send(&req, dev.trim(off, len).and_then(|()| if fua { dev.flush() } else { Ok(()) })),
+        CMD_WRITE_ZEROES => rep.send(&req, dev.write_zeroes(off, len, fua)),
+        other => {
+            let e = DevError { errno: EINVAL, message: format!("command {other} not supported") };
+            rep.send(&req, Err(e))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use zerocopy::FromBytes;
+
+    use super::*;
+    use crate::nbd::MemDevice;
+    use crate::nbd::test_util::{Shared, exports};
+
+    use super::encode_request as request;
+
+    /// The (handle, error) of each simple reply in `out`, skipping the data
+    /// of handle 100's successful 512-byte read.
+    fn simple_errors(out: &[u8]) -> Vec<(u64, u32)> {
+        let mut v = Vec::new();
+        let mut rest = out;
+        while let Ok((reply, tail)) = SimpleReply::read_from_prefix(rest) {
+            assert_eq!(reply.magic.get(), SIMPLE_REPLY_MAGIC);
+            let (handle, err) = (reply.handle.get(), reply.error.get());
+            v.push((handle, err));
+            rest = if handle == 100 && err == 0 { &tail[512..] } else { tail };
+        }
+        v
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let (ex, dev) = exports(1 << 20);
+        let mut input = request(CMD_WRITE, CMD_FLAG_FUA, 1, 512, 4);
+        input.extend_from_slice(b"abcd");
+        input.extend(request(CMD_WRITE, 0, 2, (1 << 20) - 2, 4)); // past the end: payload skipped
+        input.extend_from_slice(b"wxyz");
+        input.extend(request(CMD_READ, 0, 3, 0, MAX_REQUEST + 1));
+        input.extend(request(CMD_READ, 0, 4, u64::MAX, 1));
+        input.extend(request(CMD_READ, CMD_FLAG_NO_HOLE, 5, 0, 1));
+        input.extend(request(42, 0, 6, 0, 0));
+        input.extend(request(CMD_FLUSH, 0, 7, 0, 0));
+        input.extend(request(CMD_TRIM, 0, 8, 0, 4096));
+        input.extend(request(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE, 9, 514, 1));
+        input.extend(request(CMD_READ, 0, 100, 0, 512));
+        // FUA is accepted on every command, even where it means nothing.
+        input.extend(request(CMD_FLUSH, CMD_FLAG_FUA, 12, 0, 0));
+        input.extend(request(CMD_TRIM, CMD_FLAG_FUA, 13, 4096, 4096));
+        input.extend(request(CMD_DISC, 0, 10, 0, 0));
+        input.extend(request(CMD_FLUSH, 0, 11, 0, 0)); // after DISC: never served
+        let out = Shared::default();
+        let stats = transmit(&input[..], out.clone(), ex[0].device.clone(), false, 0).unwrap();
+        assert_eq!(stats.requests, 13);
+        let replies = simple_errors(&out.bytes());
+        assert_eq!(
+            replies,
+            vec![
+                (1, 0),
+                (2, EINVAL),
+                (3, EINVAL),
+                (4, EINVAL),
+                (5, EINVAL),
+                (6, EINVAL),
+                (7, 0),
+                (8, 0),
+                (9, 0),
+                (100, 0),
+                (12, 0),
+                (13, 0)
+            ]
+        );
+        assert_eq!(&dev.contents()[512..516], b"ab\0d");
+        // FLUSH, FLUSH with FUA, and TRIM with FUA made durable.
+        assert_eq!(dev.flushes.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn oversized_write_disconnects_after_replying() {
+        let (ex, _) = exports(1 << 20);
+        let input = request(CMD_WRITE, 0, 1, 0, MAX_REQUEST + 1);
+        let out = Shared::default();
+        let r = transmit(&input[..], out.clone(), ex[0].device.clone(), false, 2);
+        assert!(matches!(r, Err(NbdError::Protocol(Violation::WriteTooLarge { length })) if length == MAX_REQUEST + 1));
+        assert_eq!(simple_errors(&out.bytes()), vec![(1, EINVAL)]);
+        let r = transmit(&[0u8; 28][..], Shared::default(), ex[0].device.clone(), false, 2);
+        assert!(matches!(r, Err(NbdError::Protocol(Violation::RequestMagic { found: 0 }))));
+    }
+
+    /// Reads at offset 0 are slow and run on workers.
+    struct Slow(MemDevice);
+
+    impl BlockDevice for Slow {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
+            if off == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            self.0.read(off, buf)
+        }
+        fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
+            self.0.write(off, data, fua)
+        }
+        fn flush(&self) -> Result<(), DevError> {
+            self.0.flush()
+        }
+        fn trim(&self, off: u64, len: u64) -> Result<(), DevError> {
+            self.0.trim(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError> {
+            self.0.write_zeroes(off, len, fua)
+        }
+        fn read_may_block(&self, off: u64, _len: u64) -> bool {
+            off == 0
+        }
+    }
+
+    #[test]
+    fn slow_reads_reply_out_of_order() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(Slow(MemDevice::new(1 << 20)));
+        let mut input = request(CMD_READ, 0, 1, 0, 16);
+        input.extend(request(CMD_WRITE, 0, 2, 4096, 2));
+        input.extend_from_slice(b"hi");
+        input.extend(request(CMD_READ, 0, 3, 4096, 2));
+        let out = Shared::default();
+        transmit(&input[..], out.clone(), dev, false, 2).unwrap();
+        let out = out.bytes();
+        let handle = |at: usize| SimpleReply::read_from_bytes(&out[at..at + 16]).unwrap().handle.get();
+        // The write and the fast read reply while the slow read waits.
+        assert_eq!((handle(0), handle(16), handle(34)), (2, 3, 1));
+        assert_eq!(&out[32..34], b"hi");
+    }
+
+    #[test]
+    fn structured_replies() {
+        let (ex, dev) = exports(1 << 20);
+        dev.write(0, b"hello", false).unwrap();
+        let mut input = request(CMD_READ, 0, 7, 0, 5);
+        input.extend(request(CMD_READ, 0, 8, 1 << 20, 5));
+        input.extend(request(CMD_READ, 0, 9, 0, 0));
+        let out = Shared::default();
+        transmit(&input[..], out.clone(), ex[0].device.clone(), true, 0).unwrap();
+        let out = out.bytes();
+        assert_eq!(&out[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[4..8], &[0, 1, 0, 1]); // DONE, OFFSET_DATA
+        assert_eq!(&out[16..20], &13u32.to_be_bytes());
+        assert_eq!(&out[20..28], &0u64.to_be_bytes());
+        assert_eq!(&out[28..33], b"hello");
+        let e = &out[33..];
+        assert_eq!(&e[4..8], &[0, 1, 0x80, 1]); // DONE, ERROR
+        assert_eq!(&e[20..24], &EINVAL.to_be_bytes());
+        let len = u16::from_be_bytes([e[24], e[25]]) as usize;
+        assert_eq!(&e[16..20], &(6 + len as u32).to_be_bytes());
+        assert!(String::from_utf8_lossy(&e[26..26 + len]).contains("pass the end"));
+        // A zero-length read succeeds with a NONE chunk: OFFSET_DATA needs data.
+        let z = &e[26 + len..];
+        assert_eq!(z.len(), 20);
+        assert_eq!(&z[4..8], &[0, 1, 0, 0]); // DONE, NONE
+        assert_eq!(&z[8..16], &9u64.to_be_bytes());
+        assert_eq!(&z[16..20], &0u32.to_be_bytes());
+    }
+}
