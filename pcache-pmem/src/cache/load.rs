@@ -57,10 +57,6 @@ pub struct Loaded {
     pub replay: ReplayStats,
 }
 
-fn corrupt(at: LogPos, what: impl std::fmt::Display) -> EngineError {
-    EngineError::log(at, what)
-}
-
 /// Loads the cache of backing entry `info` for a backing device of
 /// `dev_size` bytes. Every on-media value is checked before use; a damaged
 /// cache is refused with the place and the reason, except for the one
@@ -87,11 +83,8 @@ pub fn load<P: Pmem + ?Sized>(
         gens.push(g.record.gen_.get());
     }
     let tails = read_tails(&media, layout, dev_segs[0], n_segs)?;
-    let pos = |p: Result<pcache_format::Latest<pcache_format::CachePos>, pcache_format::Error>| {
-        p.map(|l| LogPos::from(l.record)).map_err(|e| EngineError::Corrupt(e.to_string()))
-    };
-    let key_tail = pos(tails.key_tail.latest)?;
-    let dirty_tail = pos(tails.dirty_tail.latest)?;
+    let key_tail = LogPos::from(tails.key_tail.latest?.record);
+    let dirty_tail = LogPos::from(tails.dirty_tail.latest?.record);
     let mut r = Replay::new(&gens, dev_size, dirty_tail);
     let key_head = r.walk(&media, layout, &dev_segs, key_tail)?;
     r.check()?;
@@ -189,7 +182,7 @@ impl<'a> Replay<'a> {
     /// Indexes key `i` of the kset at `at`.
     fn key(&mut self, at: LogPos, i: usize, k: &pcache_format::Key) -> Result<(), EngineError> {
         self.stats.keys += 1;
-        k.check_in(self.gens.len() as u32, self.dev_size).map_err(|e| corrupt(at, e.at_index(i as u32)))?;
+        k.check_in(self.gens.len() as u32, self.dev_size).map_err(|e| EngineError::log(at, e.at_index(i as u32)))?;
         let seg = k.cache_seg_id.get() as usize;
         self.used[seg] = true;
         self.refs[seg] += 1;
@@ -199,7 +192,7 @@ impl<'a> Replay<'a> {
             return Ok(());
         }
         if kg > sg {
-            return Err(corrupt(at, format!("key {i} has generation {kg}, newer than its segment's {sg}")));
+            return Err(EngineError::log(at, format!("key {i} has generation {kg}, newer than its segment's {sg}")));
         }
         let len = k.len.get();
         // Keys before the dirty tail were written back: their data is
@@ -239,16 +232,16 @@ impl<'a> Replay<'a> {
 fn refuse(at: LogPos, end: LogEnd<crate::pmem::PmemError>) -> Result<(), EngineError> {
     Err(match end {
         LogEnd::Terminator | LogEnd::Torn(_) => return Ok(()),
-        LogEnd::Damaged(e) => corrupt(
+        LogEnd::Damaged(e) => EngineError::log(
             at,
             format!(
                 "{e}, and this is no kset torn by a crash: the log goes on past damage, and the writes recorded \
                  after it cannot be replayed; `pcache detach --salvage` writes back what can be read"
             ),
         ),
-        LogEnd::Invalid(e) => corrupt(at, e),
-        LogEnd::Loop { next } => corrupt(at, format!("LAST kset leads back to segment {next}")),
-        LogEnd::Garbage { magic } => corrupt(at, format!("no kset and no terminator (magic {magic:#018x})")),
+        LogEnd::Invalid(e) => EngineError::log(at, e),
+        LogEnd::Loop { next } => EngineError::log(at, format!("LAST kset leads back to segment {next}")),
+        LogEnd::Garbage { magic } => EngineError::log(at, format!("no kset and no terminator (magic {magic:#018x})")),
         LogEnd::Media { source, .. } => EngineError::Pmem(source),
     })
 }
