@@ -64,6 +64,7 @@ pub mod ctrl;
 pub mod error;
 #[cfg(feature = "alloc")]
 pub mod image;
+pub mod keylog;
 pub mod kset;
 pub mod layout;
 pub mod media;
