@@ -7,7 +7,9 @@ use pcache_cli::nbd::{self, BlockDevice, DevError};
 use pcache_pmem::EngineError;
 use tracing::warn;
 
-use super::PmemCache;
+/// The cache `attach` runs: on a DAX mapping, in front of a file or block
+/// device.
+pub(super) type PmemCache = pcache_pmem::Cache<pcache_pmem::DaxMapping, pcache_pmem::FileBacking>;
 
 /// The cache as an NBD device.
 pub struct CacheExport(pub Arc<PmemCache>);

@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use super::PmemCache;
 use super::args::Listen;
+use super::export::PmemCache;
 use crate::units::human;
 
 /// Percent-encodes an export name for an NBD URI; `keep` are further bytes

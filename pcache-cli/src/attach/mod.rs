@@ -20,7 +20,3 @@ mod signals;
 pub use args::AttachArgs;
 pub use checks::check_backings;
 pub use run::run;
-
-/// The cache `attach` runs: on a DAX mapping, in front of a file or block
-/// device.
-type PmemCache = pcache_pmem::Cache<pcache_pmem::DaxMapping, pcache_pmem::FileBacking>;

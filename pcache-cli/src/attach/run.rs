@@ -14,10 +14,9 @@ use pcache_format::SEG_SIZE;
 use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, FileBacking, default_cache_segs};
 use tracing::{info, warn};
 
-use super::PmemCache;
 use super::args::{AttachArgs, Listen};
 use super::checks::{check_allocated, check_backings};
-use super::export::CacheExport;
+use super::export::{CacheExport, PmemCache};
 use super::hints::{how_to_connect, shell_quote, status_line};
 use super::listen::{Conn, Listener, serve};
 use super::signals::Caught;

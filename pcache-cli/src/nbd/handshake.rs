@@ -6,8 +6,9 @@ use std::io::{self, Read, Write};
 use zerocopy::IntoBytes;
 use zerocopy::network_endian::{U16, U32};
 
+use super::device::Export;
+use super::error::{NbdError, Violation};
 use super::wire::*;
-use super::{Export, NbdError, Violation};
 
 /// Largest option payload the server reads.
 const MAX_OPTION: u32 = 64 << 10;

@@ -11,8 +11,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use zerocopy::IntoBytes;
 
+use super::device::{BlockDevice, DevError};
+use super::error::{NbdError, Violation};
 use super::wire::*;
-use super::{BlockDevice, DevError, NbdError, Violation};
 
 /// Room for the header of a successful read reply, before its data: the
 /// larger of the two headers, so either fits in front of the data and the

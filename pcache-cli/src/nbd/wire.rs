@@ -15,7 +15,7 @@ use static_assertions::const_assert_eq;
 use zerocopy::network_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::Violation;
+use super::error::Violation;
 
 /// `NBDMAGIC`: the first eight bytes a server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
