@@ -17,7 +17,7 @@ pub(super) fn invariants<P: Pmem>(index: &Index, r: Roles<'_, P>) -> Result<(), 
     let key_tail = log.key_tail();
     indexed_keys(index, r)?;
     let (kt, dt, end) = (*key_tail, log.dirty_tail(), log.end());
-    let (used, _) = space.used();
+    let used = space.used();
     for (name, pos) in [("key tail", kt), ("dirty tail", dt), ("log end", end)] {
         if !used.get(pos.seg as usize).copied().unwrap_or(false) {
             return Err(format!("the {name} is in free segment {}", pos.seg));
@@ -49,7 +49,7 @@ pub(super) fn invariants<P: Pmem>(index: &Index, r: Roles<'_, P>) -> Result<(), 
         }
     }
     let open = log.open_dirty_keys();
-    let (used, _) = space.used();
+    let used = space.used();
     for k in &open {
         live(k, &used, "an open")?;
     }
@@ -69,7 +69,7 @@ fn indexed_keys<P: Pmem>(index: &Index, r: Roles<'_, P>) -> Result<(), String> {
         }
         // Which segments are in use, read after whatever is checked against
         // it was made (a key's segment is allocated before the key exists).
-        let (used, _) = r.space.used();
+        let used = r.space.used();
         for (off, k) in s.iter() {
             if k.is_filling() || r.space.is_stale(k) {
                 continue;

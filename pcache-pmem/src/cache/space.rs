@@ -145,10 +145,9 @@ impl<P: Pmem> Space<P> {
         !k.is_filling() && k.seg_gen < self.gens[k.cache_seg as usize].load(Ordering::Acquire)
     }
 
-    /// Which segments are in use, and how many.
-    pub(super) fn used(&self) -> (Vec<bool>, u32) {
-        let map = lock(&self.map);
-        (map.used.clone(), map.count)
+    /// Which segments are in use.
+    pub(super) fn used(&self) -> Vec<bool> {
+        lock(&self.map).used.clone()
     }
 
     /// How many segments are in use.
