@@ -52,52 +52,20 @@
 //! (release, 2 CPUs; 329 s in the debug profile `tests/run-all.sh` uses).
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pcache_format::image::{ScanOptions, Severity, scan};
 use pcache_pmem::format::format;
 use pcache_pmem::mutation::{self, Mutation};
-use pcache_pmem::{
-    AsMedia, BackingDev, BackingError, Cache, CacheDev, CacheOptions, CrashState, CrashStrategy, SimEventKind, SimPmem,
+use pcache_pmem::testing::model::{WriteId, ZERO, holds, name, sector_data};
+use pcache_pmem::testing::{
+    BackingCrash, CrashState, CrashStrategy, ModelDisk, Op, SECTOR, SimBacking, SimEventKind, SimPmem, check_image,
+    run_op,
 };
+use pcache_pmem::{Cache, CacheDev, CacheOptions};
 
-const SECTOR: u64 = 512;
 const MIB: u64 = 1 << 20;
-const ZERO: u32 = 1 << 31;
-
-/// The 8-byte word at byte `off` (a multiple of 8) of what write `id` put
-/// there (id 0: the original content; ids with `ZERO`: zeroing). It holds
-/// the id and the word's place, so a sector read back tells which write it
-/// holds, whether it sits where it belongs, and whether it is whole.
-fn word(id: u32, off: u64) -> u64 {
-    if id & ZERO != 0 {
-        return 0;
-    }
-    (u64::from(id) << 32) | (off / 8) | 1 << 31
-}
-
-/// `sectors` sectors from `sector` as write `id` puts them.
-fn data(id: u32, sector: u64, sectors: u64) -> Vec<u8> {
-    let off = sector * SECTOR;
-    (0..sectors * SECTOR / 8).flat_map(|i| word(id, off + i * 8).to_le_bytes()).collect()
-}
-
-/// The write whose content a sector at byte `off` holds: its id, `ZERO` for
-/// zeros, `None` if it holds no write's content (torn, misplaced, garbage).
-fn holds(sector: &[u8], off: u64) -> Option<u32> {
-    let (words, _) = sector.as_chunks::<8>();
-    let first = u64::from_le_bytes(words[0]);
-    let id = if first == 0 { ZERO } else { (first >> 32) as u32 };
-    let expect = word(id, off);
-    let step = if id == ZERO { 0 } else { 1 };
-    // Every word compared, no early exit: this loop vectorises.
-    let diff = words.iter().zip(0..).fold(0, |d, (w, i)| d | (u64::from_le_bytes(*w) ^ (expect + i * step)));
-    (diff == 0).then_some(id)
-}
-
 struct Rng(u64);
 
 impl Rng {
@@ -111,137 +79,7 @@ impl Rng {
     }
 }
 
-// ---- a backing device that can crash ------------------------------------
-
-/// Writes since the last sync may or may not survive a crash. Content is a
-/// shared base plus an overlay of the 4 KiB pages written since, so that
-/// freezing and copying it costs only what was written.
-struct SimBacking {
-    path: PathBuf,
-    size: u64,
-    state: Mutex<BackingState>,
-}
-
-type Overlay = std::collections::HashMap<u64, Arc<[u8; 4096]>>;
-
-struct BackingState {
-    base: Arc<Vec<u8>>,
-    current: Overlay,
-    durable: Overlay,
-    pending: Vec<Arc<(u64, Vec<u8>)>>,
-}
-
-fn overlay_write(base: &[u8], ov: &mut Overlay, off: u64, data: &[u8]) {
-    let mut done = 0usize;
-    while done < data.len() {
-        let at = off + done as u64;
-        let (page, in_page) = (at / 4096, (at % 4096) as usize);
-        let n = (4096 - in_page).min(data.len() - done);
-        let p = ov.entry(page).or_insert_with(|| {
-            let start = (page * 4096) as usize;
-            let mut fresh = [0u8; 4096];
-            let end = (start + 4096).min(base.len());
-            fresh[..end - start].copy_from_slice(&base[start..end]);
-            Arc::new(fresh)
-        });
-        Arc::make_mut(p)[in_page..in_page + n].copy_from_slice(&data[done..done + n]);
-        done += n;
-    }
-}
-
-/// A frozen backing device: durable content and writes not yet synced.
-#[derive(Clone)]
-struct BackingCrash {
-    base: Arc<Vec<u8>>,
-    durable: Overlay,
-    pending: Vec<Arc<(u64, Vec<u8>)>>,
-}
-
-impl BackingCrash {
-    /// The device after a crash: `keep` chooses which unsynced writes survive.
-    fn image(&self, keep: impl Fn(usize) -> bool) -> SimBacking {
-        let mut ov = self.durable.clone();
-        for (i, w) in self.pending.iter().enumerate() {
-            if keep(i) {
-                overlay_write(&self.base, &mut ov, w.0, &w.1);
-            }
-        }
-        SimBacking::with(self.base.clone(), ov)
-    }
-}
-
-impl SimBacking {
-    fn new(content: Vec<u8>) -> Self {
-        Self::with(Arc::new(content), Overlay::new())
-    }
-
-    fn with(base: Arc<Vec<u8>>, ov: Overlay) -> Self {
-        let size = base.len() as u64;
-        let state = BackingState { base, current: ov.clone(), durable: ov, pending: Vec::new() };
-        Self { path: "/campaign/backing".into(), size, state: Mutex::new(state) }
-    }
-
-    fn crash(&self) -> BackingCrash {
-        let s = self.state.lock().unwrap();
-        BackingCrash { base: s.base.clone(), durable: s.durable.clone(), pending: s.pending.clone() }
-    }
-}
-
-impl BackingDev for SimBacking {
-    fn size(&self) -> u64 {
-        self.size
-    }
-
-    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
-        let s = self.state.lock().unwrap();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = off + done as u64;
-            let (page, in_page) = (at / 4096, (at % 4096) as usize);
-            let n = (4096 - in_page).min(buf.len() - done);
-            match s.current.get(&page) {
-                Some(p) => buf[done..done + n].copy_from_slice(&p[in_page..in_page + n]),
-                None => buf[done..done + n].copy_from_slice(&s.base[at as usize..at as usize + n]),
-            }
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
-        let mut s = self.state.lock().unwrap();
-        let base = s.base.clone();
-        overlay_write(&base, &mut s.current, off, data);
-        s.pending.push(Arc::new((off, data.to_vec())));
-        Ok(())
-    }
-
-    fn sync(&self) -> Result<(), BackingError> {
-        let mut s = self.state.lock().unwrap();
-        if !s.pending.is_empty() {
-            s.durable = s.current.clone();
-            s.pending.clear();
-        }
-        Ok(())
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
 // ---- workloads ----------------------------------------------------------
-
-#[derive(Debug, Clone, Copy)]
-enum Op {
-    Write { sector: u64, sectors: u64, fua: bool },
-    Zero { sector: u64, sectors: u64 },
-    Read { sector: u64, sectors: u64 },
-    Discard { sector: u64, sectors: u64 },
-    Flush,
-    WriteBack { ksets: usize },
-    Gc,
-}
 
 struct Workload {
     seed: u64,
@@ -348,59 +186,6 @@ fn workload(seed: u64) -> Workload {
     Workload { seed, long, previous_life, data_crc, backing, cache_segs: if long { 10 } else { 12 }, ops }
 }
 
-/// What each sector may hold: the writes since its value last became durable.
-#[derive(Clone)]
-struct Model {
-    cur: Vec<u32>,
-    cands: Vec<Vec<u32>>,
-}
-
-impl Model {
-    fn new(sectors: usize) -> Self {
-        Self { cur: vec![0; sectors], cands: vec![vec![0]; sectors] }
-    }
-
-    /// Applies a completed op `id`.
-    fn apply(&mut self, op: &Op, id: u32) {
-        match *op {
-            Op::Write { sector, sectors, fua } => {
-                for s in sector as usize..(sector + sectors) as usize {
-                    self.cur[s] = id;
-                    if fua {
-                        self.cands[s] = vec![id];
-                    } else {
-                        self.cands[s].push(id);
-                    }
-                }
-            }
-            Op::Zero { sector, sectors } => {
-                for s in sector as usize..(sector + sectors) as usize {
-                    self.cur[s] = id | ZERO;
-                    self.cands[s].push(id | ZERO);
-                }
-            }
-            Op::Flush => {
-                for (c, cur) in self.cands.iter_mut().zip(&self.cur) {
-                    if c.len() > 1 || c[0] != *cur {
-                        *c = vec![*cur];
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-/// The sectors op `id` may change while it is in progress, and the value
-/// it puts there.
-fn in_progress(op: &Op, id: u32) -> Option<(Range<usize>, u32)> {
-    match *op {
-        Op::Write { sector, sectors, .. } => Some((sector as usize..(sector + sectors) as usize, id)),
-        Op::Zero { sector, sectors } => Some((sector as usize..(sector + sectors) as usize, id | ZERO)),
-        _ => None,
-    }
-}
-
 fn cache_opts(segs: u64, cache_reads: bool, data_crc: bool) -> CacheOptions {
     CacheOptions {
         cache_size: Some(segs * 16 * MIB),
@@ -415,31 +200,14 @@ fn cache_opts(segs: u64, cache_reads: bool, data_crc: bool) -> CacheOptions {
 
 type TestCache = Arc<Cache<SimPmem, Arc<SimBacking>>>;
 
-fn run_op(c: &TestCache, op: &Op, id: u32) -> Result<(), String> {
-    let r = match *op {
-        Op::Write { sector, sectors, fua } => c.write(sector * SECTOR, &data(id, sector, sectors), fua),
-        Op::Zero { sector, sectors } => c.write_zeroes(sector * SECTOR, sectors * SECTOR, false),
-        Op::Read { sector, sectors } => {
-            let mut buf = vec![0u8; (sectors * SECTOR) as usize];
-            c.read(sector * SECTOR, &mut buf)
-        }
-        Op::Discard { sector, sectors } => c.discard(sector * SECTOR, sectors * SECTOR),
-        Op::Flush => c.flush(),
-        Op::WriteBack { ksets } => c.write_back_ksets(ksets).map(|_| ()),
-        Op::Gc => c.gc().map(|_| ()),
-    };
-    r.map_err(|e| format!("{op:?}: {e}"))
-}
-
 /// Writes ids from here on belong to the previous life: any of them read
 /// back from the current cache is a violation (they are never candidates).
-const PREVIOUS: u32 = 1 << 30;
+const PREVIOUS: WriteId = 1 << 30;
 
 /// A cache on another backing path, written (many small ksets) and
 /// detached, leaving its ksets and data in the segments the next cache gets.
 fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64, u64)>, String> {
-    let old = Arc::new(SimBacking::new(vec![0u8; w.backing as usize]));
-    let prev = Arc::new(Renamed(old, "/campaign/previous".into()));
+    let prev = Arc::new(SimBacking::new("/campaign/previous", vec![0u8; w.backing as usize]));
     let (c, _) =
         Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true, false)).map_err(|e| e.to_string())?;
     let mut r = Rng(w.seed ^ 0x01d);
@@ -448,34 +216,13 @@ fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64,
     // log, where the next cache's ksets end too when they hold one key.
     for i in 0..300u32 {
         let sector = r.below(w.backing / SECTOR - 8);
-        c.write(sector * SECTOR, &data(PREVIOUS | i, sector, 4), true).map_err(|e| e.to_string())?;
+        c.write(sector * SECTOR, &sector_data(PREVIOUS | i, sector, 4), true).map_err(|e| e.to_string())?;
         touched.push((sector, 4));
     }
     c.stop().map_err(|e| e.to_string())?;
     drop(c);
     pcache_pmem::detach(dev, prev, |_, _| {}).map_err(|e| format!("previous life: detach: {e}"))?;
     Ok(touched)
-}
-
-/// A backing device under another path.
-struct Renamed(Arc<SimBacking>, PathBuf);
-
-impl BackingDev for Renamed {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), BackingError> {
-        self.0.read_at(off, buf)
-    }
-    fn write_at(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
-        self.0.write_at(off, data)
-    }
-    fn sync(&self) -> Result<(), BackingError> {
-        self.0.sync()
-    }
-    fn path(&self) -> &Path {
-        &self.1
-    }
 }
 
 // ---- crash images and their checks --------------------------------------
@@ -505,10 +252,10 @@ struct Frozen {
 struct Check<'a> {
     segs: u64,
     data_crc: bool,
-    /// Per sector, the writes it may hold once the ops before the crash completed.
-    cands: &'a [Vec<u32>],
+    /// What each sector may hold once the ops before the crash completed.
+    model: &'a ModelDisk,
     /// The op in progress at the crash: sectors it may have changed, and the id.
-    extra: Option<(Range<usize>, u32)>,
+    extra: Option<(Range<usize>, WriteId)>,
     /// Sector ranges to read back.
     touched: &'a [(u64, u64)],
 }
@@ -516,21 +263,21 @@ struct Check<'a> {
 impl<'a> Check<'a> {
     /// What may be read after a crash at `step`, with `model` the state
     /// once the ops before it completed.
-    fn new(w: &Workload, model: &'a Model, touched: &'a [(u64, u64)], step: Step) -> Self {
+    fn new(w: &Workload, model: &'a ModelDisk, touched: &'a [(u64, u64)], step: Step) -> Self {
         let extra = match step {
-            Step::Op(i) => in_progress(&w.ops[i], i as u32 + 1),
+            Step::Op(i) => w.ops[i].changes(i as WriteId + 1),
             Step::Start | Step::Stop => None,
         };
-        Check { segs: w.cache_segs, data_crc: w.data_crc, cands: &model.cands, extra, touched }
+        Check { segs: w.cache_segs, data_crc: w.data_crc, model, extra, touched }
     }
 
-    fn may_hold(&self, s: usize, held: u32) -> bool {
-        let is = |id: u32| if held == ZERO { id & ZERO != 0 } else { id == held };
-        self.cands[s].iter().any(|&id| is(id)) || self.extra.as_ref().is_some_and(|(r, id)| r.contains(&s) && is(*id))
+    fn may_hold(&self, s: usize, held: WriteId) -> bool {
+        let is = |id: WriteId| if held == ZERO { id & ZERO != 0 } else { id == held };
+        self.model.may_hold(s, held) || self.extra.as_ref().is_some_and(|(r, id)| r.contains(&s) && is(*id))
     }
 
-    fn allowed(&self, s: usize) -> Vec<u32> {
-        let mut v = self.cands[s].clone();
+    fn allowed(&self, s: usize) -> Vec<WriteId> {
+        let mut v = self.model.candidates(s);
         v.extend(self.extra.iter().filter(|(r, _)| r.contains(&s)).map(|&(_, id)| id));
         v
     }
@@ -545,15 +292,9 @@ impl<'a> Check<'a> {
                 let s = sector as usize + i;
                 match holds(chunk, s as u64 * SECTOR) {
                     Some(id) if self.may_hold(s, id) => {}
-                    Some(id) => {
-                        let what = if id == ZERO { "zeros".to_string() } else { format!("write {id:#x}") };
-                        return Err(format!("sector {s} holds {what}, not one it may hold ({:?})", self.allowed(s)));
-                    }
-                    None => {
-                        return Err(format!(
-                            "sector {s} holds no write's content, torn or misplaced (may hold {:?})",
-                            self.allowed(s)
-                        ));
+                    held => {
+                        let allowed = self.allowed(s);
+                        return Err(format!("sector {s} holds {}, not one it may hold ({allowed:?})", name(held)));
                     }
                 }
             }
@@ -564,14 +305,8 @@ impl<'a> Check<'a> {
 
 /// `pcache check` of an image: problems are violations, notes (what a crash
 /// leaves and recovery handles) are not.
-fn check_image(pmem: &SimPmem, when: &str) -> Result<(), String> {
-    let report = scan(&AsMedia(pmem), ScanOptions::default());
-    if report.problems() > 0 {
-        let f: Vec<String> =
-            report.findings.iter().filter(|f| f.severity == Severity::Problem).map(|f| f.to_string()).collect();
-        return Err(format!("check {when}: {}", f.join("; ")));
-    }
-    Ok(())
+fn check(pmem: &SimPmem, when: &str) -> Result<(), String> {
+    check_image(pmem).map_err(|e| format!("check {when}: {e}"))
 }
 
 /// Phases of recovery a second crash can hit.
@@ -600,7 +335,7 @@ fn recover(
     // the end of the log (its CRC bad or its key count not yet stored):
     // the scan reports that as a note, since recovery stops the log there
     // and the kset was never acknowledged; only problems count.
-    check_image(&image, "of the crash image")?;
+    check(&image, "of the crash image")?;
     let dev = CacheDev::open(image).map_err(|e| format!("recovery: open: {e}"))?;
     let b = Arc::new(backing);
     let caught: Arc<Mutex<Option<Caught>>> = Arc::new(Mutex::new(None));
@@ -638,7 +373,7 @@ fn recover(
     // And once they are done: what was written back, read from the backing device.
     ck.sectors(&cache).map_err(|e| format!("after writeback and gc: {e}"))?;
     cache.stop().map_err(|e| format!("recovery: stop: {e}"))?;
-    check_image(dev.pmem(), "after recovery")?;
+    check(dev.pmem(), "after recovery")?;
     let frozen = caught.lock().unwrap().take();
     if let (Some(c), Some(seed)) = (frozen, second) {
         tally.second[c.phase] += 1;
@@ -760,7 +495,7 @@ struct Run {
     w: Arc<Workload>,
     touched: Vec<(u64, u64)>,
     /// The model once the ops before `step` completed.
-    model: Model,
+    model: ModelDisk,
     step: Step,
     out: Out,
 }
@@ -796,86 +531,77 @@ impl Run {
     }
 }
 
-/// Runs workload `w` once. Every fence (and a random share of stores) is a
-/// crash point, frozen and checked on the spot with its cheap images; a
-/// uniform sample of them, about `budget` crash states' worth, also gets
-/// random subsets and every combination when few lines are pending.
-fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally) -> Result<(), String> {
-    let pmem = SimPmem::new(512 * MIB);
-    format(&pmem, false).map_err(|e| e.to_string())?;
-    let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
-    let mut touched = if w.previous_life { previous_life(&dev, &w)? } else { Vec::new() };
+/// The sector ranges a workload's checks read back: what it and its
+/// previous life wrote, a few sectors never written, the slice boundary.
+fn touched_sectors(w: &Workload, previous: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut touched = previous;
     for op in &w.ops {
         if let Op::Write { sector, sectors, .. } | Op::Zero { sector, sectors } = *op {
             touched.push((sector, sectors));
         }
     }
-    // Also check a few sectors never written, and the slice boundary.
     let sectors = w.backing / SECTOR;
     touched.extend([(0, 4), (sectors - 4, 4), (4 * MIB / SECTOR - 2, 4)]);
-    let touched = coalesce(touched);
-    let backing = Arc::new(SimBacking::new(data(0, 0, sectors)));
-    let out = Out {
-        tally: std::mem::take(tally),
-        rng: Rng(w.seed ^ 0x5eed),
-        images: 0,
-        sample: Vec::new(),
-        keep: (budget / 4).max(1),
-        seen: 0,
-        end: None,
-    };
-    let model = Model::new(sectors as usize);
-    let run = Arc::new(Mutex::new(Run { w: w.clone(), touched, model, step: Step::Start, out }));
-    {
-        let (run, backing) = (run.clone(), backing.clone());
-        let mut r = Rng(w.seed ^ 0xdead_beef);
-        let store_share = if w.long { 40 } else { 8 };
-        dev.pmem().set_hook(Some(Box::new(move |ev| {
-            let kind = if ev.kind() == SimEventKind::Fence { Kind::Fence } else { Kind::Store };
-            let mut run = run.lock().unwrap();
-            if kind == Kind::Fence {
-                run.out.tally.fences += 1;
-            } else if r.below(store_share) != 0 {
-                return;
-            }
-            let event = format!("at {:?} {}", ev.kind(), ev.index());
-            let f = Frozen { pmem: ev.snapshot(), backing: backing.crash(), step: run.step, event, seq: 0 };
-            run.crash_point(f, kind);
-        })));
-    }
-    let ran = (|| {
-        let opts = cache_opts(w.cache_segs, true, w.data_crc);
-        let (cache, _) = Cache::start(dev.clone(), backing.clone(), &opts).map_err(|e| format!("start: {e}"))?;
-        for (i, op) in w.ops.iter().enumerate() {
-            run.lock().unwrap().step = Step::Op(i);
-            run_op(&cache, op, i as u32 + 1).map_err(|e| format!("op {i}: {e}"))?;
-            run.lock().unwrap().model.apply(op, i as u32 + 1);
-        }
-        let mut r = run.lock().unwrap();
-        r.step = Step::Stop;
-        let end = Frozen {
-            pmem: dev.pmem().snapshot(),
-            backing: backing.crash(),
-            step: Step::Stop,
-            event: "after the last op".into(),
-            seq: 0,
-        };
-        r.crash_point(end, Kind::End);
-        drop(r);
-        cache.stop().map_err(|e| format!("stop: {e}"))
-    })();
-    dev.pmem().set_hook(None);
-    let mut run = Arc::try_unwrap(run).ok().expect("the hook is gone").into_inner().unwrap();
-    if let Err(e) = ran {
-        *tally = run.out.tally;
-        return Err(e);
-    }
+    coalesce(touched)
+}
 
-    // The sample, in order, with the model replayed to each.
+/// Makes every fence of `dev`, and a random share of its stores, a crash
+/// point of `run`.
+fn set_crash_points(dev: &CacheDev<SimPmem>, run: &Arc<Mutex<Run>>, backing: &Arc<SimBacking>) {
+    let (run, backing) = (run.clone(), backing.clone());
+    let w = run.lock().unwrap().w.clone();
+    let mut r = Rng(w.seed ^ 0xdead_beef);
+    let store_share = if w.long { 40 } else { 8 };
+    dev.pmem().set_hook(Some(Box::new(move |ev| {
+        let kind = if ev.kind() == SimEventKind::Fence { Kind::Fence } else { Kind::Store };
+        let mut run = run.lock().unwrap();
+        if kind == Kind::Fence {
+            run.out.tally.fences += 1;
+        } else if r.below(store_share) != 0 {
+            return;
+        }
+        let event = format!("at {:?} {}", ev.kind(), ev.index());
+        let f = Frozen { pmem: ev.snapshot(), backing: backing.crash(), step: run.step, event, seq: 0 };
+        run.crash_point(f, kind);
+    })));
+}
+
+/// Starts the cache, runs the workload's ops (the model following each
+/// one that completes), crashes once more after the last, and stops it.
+fn run_ops(dev: &Arc<CacheDev<SimPmem>>, backing: &Arc<SimBacking>, run: &Mutex<Run>) -> Result<(), String> {
+    let w = run.lock().unwrap().w.clone();
+    let opts = cache_opts(w.cache_segs, true, w.data_crc);
+    let (cache, _) = Cache::start(dev.clone(), backing.clone(), &opts).map_err(|e| format!("start: {e}"))?;
+    let mut buf = Vec::new();
+    for (i, op) in w.ops.iter().enumerate() {
+        let id = i as WriteId + 1;
+        run.lock().unwrap().step = Step::Op(i);
+        run_op(&cache, op, id, &mut buf).map_err(|e| format!("op {i}: {op:?}: {e}"))?;
+        run.lock().unwrap().model.apply(op, id);
+    }
+    let mut r = run.lock().unwrap();
+    r.step = Step::Stop;
+    let end = Frozen {
+        pmem: dev.pmem().snapshot(),
+        backing: backing.crash(),
+        step: Step::Stop,
+        event: "after the last op".into(),
+        seq: 0,
+    };
+    r.crash_point(end, Kind::End);
+    drop(r);
+    cache.stop().map_err(|e| format!("stop: {e}"))
+}
+
+/// The sampled crash points, in order, with the model replayed to each:
+/// the images the cheap ones did not get, random subsets, and every
+/// combination when few lines are pending.
+fn sampled_images(run: &mut Run) {
+    let w = run.w.clone();
     let mut sample = std::mem::take(&mut run.out.sample);
     sample.sort_by_key(|f| f.seq);
     sample.extend(run.out.end.take());
-    let mut replay = Model::new(sectors as usize);
+    let mut replay = ModelDisk::new(w.backing / SECTOR);
     let mut applied = 0usize;
     for f in &sample {
         let before = match f.step {
@@ -884,7 +610,7 @@ fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally) -> Resu
             Step::Stop => w.ops.len(),
         };
         while applied < before {
-            replay.apply(&w.ops[applied], applied as u32 + 1);
+            replay.apply(&w.ops[applied], applied as WriteId + 1);
             applied += 1;
         }
         let ck = Check::new(&w, &replay, &run.touched, f.step);
@@ -907,8 +633,40 @@ fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally) -> Resu
             }
         }
     }
+}
+
+/// Runs workload `w` once. Every fence (and a random share of stores) is a
+/// crash point, frozen and checked on the spot with its cheap images; a
+/// uniform sample of them, about `budget` crash states' worth, also gets
+/// random subsets and every combination when few lines are pending.
+fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally) -> Result<(), String> {
+    let pmem = SimPmem::new(512 * MIB);
+    format(&pmem, false).map_err(|e| e.to_string())?;
+    let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
+    let previous = if w.previous_life { previous_life(&dev, &w)? } else { Vec::new() };
+    let touched = touched_sectors(&w, previous);
+    let sectors = w.backing / SECTOR;
+    let backing = Arc::new(SimBacking::new("/campaign/backing", sector_data(0, 0, sectors)));
+    let out = Out {
+        tally: std::mem::take(tally),
+        rng: Rng(w.seed ^ 0x5eed),
+        images: 0,
+        sample: Vec::new(),
+        keep: (budget / 4).max(1),
+        seen: 0,
+        end: None,
+    };
+    let model = ModelDisk::new(sectors);
+    let run = Arc::new(Mutex::new(Run { w, touched, model, step: Step::Start, out }));
+    set_crash_points(&dev, &run, &backing);
+    let ran = run_ops(&dev, &backing, &run);
+    dev.pmem().set_hook(None);
+    let mut run = Arc::try_unwrap(run).ok().expect("the hook is gone").into_inner().unwrap();
+    if ran.is_ok() {
+        sampled_images(&mut run);
+    }
     *tally = run.out.tally;
-    Ok(())
+    ran
 }
 
 fn campaign(states: usize, tag: &str) -> Tally {

@@ -81,8 +81,12 @@ pub fn meta_crc(copy: &[u8]) -> u32 {
 
 /// Whether every byte is zero.
 pub fn is_zero(data: &[u8]) -> bool {
-    let (words, rest) = data.as_chunks::<16>();
-    words.iter().all(|w| u128::from_ne_bytes(*w) == 0) && rest.iter().all(|&b| b == 0)
+    // OR-folded a block at a time, without a branch per word: the fold
+    // vectorises, and a coverage-instrumented build (the fuzz targets) does
+    // not call its comparison hook for every 16 bytes of a backing table.
+    let (blocks, rest) = data.as_chunks::<256>();
+    let fold = |b: &[u8]| b.iter().fold(0u8, |acc, &x| acc | x);
+    blocks.iter().all(|b| fold(b) == 0) && fold(rest) == 0
 }
 
 /// Stored CRC field (the first 4 bytes, little-endian) of a record copy, or

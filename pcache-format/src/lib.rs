@@ -45,9 +45,9 @@
 //! # Features
 //!
 //! * `alloc` — the [`image`] module: a scan of a whole device that collects
-//!   every problem it finds (what `pcache inspect` and `pcache check` print);
-//!   the [`sparse`] module: a sparse in-memory image and a reference writer
-//!   for tests and tools.
+//!   every problem it finds (what `pcache inspect` and `pcache check` print).
+//! * `testing` — implies `alloc`; the `sparse` module: a sparse in-memory
+//!   image and a reference writer, for tests, fuzz targets and tools.
 //! * `std` (default) — implies `alloc`.
 //! * `arbitrary` — `Arbitrary` for every record, built from raw bytes.
 #![no_std]
@@ -70,7 +70,7 @@ pub mod layout;
 pub mod media;
 pub mod meta;
 pub mod segment;
-#[cfg(feature = "alloc")]
+#[cfg(feature = "testing")]
 pub mod sparse;
 pub mod superblock;
 

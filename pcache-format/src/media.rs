@@ -13,6 +13,7 @@ use crate::consts::{
     CACHE_SEG_DATA_SIZE, DIRTY_TAIL_OFF, KEY_TAIL_OFF, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC,
     KSET_ONMEDIA_SIZE_MAX, SB_OFF, SB_SIZE, SEG_INFO_SIZE,
 };
+use crate::crc::is_zero;
 use crate::ctrl::{CachePos, CacheSegGen};
 use crate::error::{Error, ErrorKind, Record};
 use crate::kset::{KsetFlags, KsetRecord, decode_kset, kset_size};
@@ -154,6 +155,12 @@ pub fn read_pair<R: MetaRecord, M: ReadMedia + ?Sized>(m: &M, off: u64) -> Resul
     let mut buf = [0u8; 2 * SEG_INFO_SIZE];
     let copies = buf.get_mut(..2 * R::COPY_SIZE).unwrap_or_default();
     read(m, off, copies)?;
+    if copies.len() == 2 * R::COPY_SIZE && is_zero(copies) {
+        // Never written, as most of a backing table is: one pass over the
+        // zeros instead of one per copy for its CRC and one for its blankness.
+        let blank = CopyInfo { complete: true, stored_crc: 0, computed_crc: 0, seq: 0, blank: true };
+        return Ok(Pair { copies: [blank; 2], latest: Err(Error::new(R::RECORD, ErrorKind::NeverWritten)) });
+    }
     Ok(Pair { copies: copy_infos(copies, R::COPY_SIZE), latest: read_latest(copies) })
 }
 

@@ -34,7 +34,7 @@ use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::consts::META_INDEX_MAX;
-use crate::crc::{meta_crc, seal, stored_crc};
+use crate::crc::{is_zero, meta_crc, seal, stored_crc};
 use crate::error::{Error, ErrorKind, Record};
 
 /// Header of every double-buffered record (8 bytes).
@@ -124,13 +124,18 @@ pub fn copy_bytes(copies: &[u8], stride: usize, index: usize) -> Option<&[u8]> {
 /// Reads copy `index` of the copies laid out at `stride` in `copies`.
 pub fn copy_info(copies: &[u8], stride: usize, index: usize) -> CopyInfo {
     match copy_bytes(copies, stride, index) {
-        Some(copy) => CopyInfo {
-            complete: true,
-            stored_crc: stored_crc(copy).unwrap_or(0),
-            computed_crc: meta_crc(copy),
-            seq: copy[4],
-            blank: copy.iter().all(|&b| b == 0),
-        },
+        Some(copy) => {
+            // Most copies of a backing table were never written: one pass
+            // over their zeros, whose CRC is 0 (seed 0, no final xor).
+            let blank = is_zero(copy);
+            CopyInfo {
+                complete: true,
+                stored_crc: stored_crc(copy).unwrap_or(0),
+                computed_crc: if blank { 0 } else { meta_crc(copy) },
+                seq: copy[4],
+                blank,
+            }
+        }
         None => CopyInfo::ABSENT,
     }
 }

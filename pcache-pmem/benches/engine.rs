@@ -26,28 +26,17 @@ fn rate(ops: u64, d: Duration) -> f64 {
     ops as f64 / d.as_secs_f64()
 }
 
-fn main() {
-    let dir = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_else(|| "/dev/shm".into());
-    let pm_file = tempfile::NamedTempFile::new_in(&dir).expect("pmem file");
-    pm_file.as_file().set_len(DEVICE).expect("size");
-    let disk = tempfile::NamedTempFile::new().expect("backing file");
-    disk.as_file().set_len(BACKING).expect("size");
-    let opts = DaxOptions { force_pmem: Some(true), ..Default::default() };
-    let map = DaxMapping::open(pm_file.path(), &opts).expect("map");
-    format(&map, false).expect("format");
-    let flush = map.flush_config().instr;
-    let dev = CacheDev::open(map).expect("open");
-    let pmem = dev.pmem();
-    // Touch every page past the backing table once, so that no measurement
-    // pays for the first fault of a page.
-    let first_seg = pcache_format::SEGMENTS_OFF + pcache_format::SEG_SIZE;
-    pmem.zero_persist(first_seg, DEVICE - first_seg).expect("prefault");
+/// The four rates of [`rounds`], best of `ROUNDS`, in operations a second.
+struct Rates {
+    copy_persist: f64,
+    writes: f64,
+    memcpy: f64,
+    reads: f64,
+}
 
-    let copts = CacheOptions { cache_size: Some(1536 << 20), ..Default::default() };
-    let (cache, _) = Cache::start(dev.clone(), FileBacking::open(disk.path()).unwrap(), &copts).expect("start");
-
-    // Rounds of each method in turn, best of ROUNDS: the limits on the last
-    // GiB of the same mapping (no cache uses it), then the engine.
+/// Rounds of each method in turn, best of `ROUNDS`: the limits on the last
+/// GiB of the mapping (no cache uses it), then the engine.
+fn rounds(pmem: &DaxMapping, cache: &Cache<DaxMapping, FileBacking>) -> Rates {
     let block = vec![0x5au8; 4096];
     let region = 1u64 << 30;
     let base = DEVICE - region;
@@ -82,12 +71,12 @@ fn main() {
         best[3] = best[3].min(t.elapsed());
     }
     let [copy_persist, writes, memcpy, reads] = best.map(|d| rate(OPS, d));
-    let stats = cache.stats();
-    assert_eq!(stats.misses + stats.partial_hits, 0, "every read must hit: {stats:?}");
-    cache.stop().unwrap();
-    drop(cache);
+    Rates { copy_persist, writes, memcpy, reads }
+}
 
-    // Replay: 1 M keys of 512 bytes in a second cache.
+/// Replay: `REPLAY_KEYS` keys of 512 bytes in a second cache, then a
+/// restart; keys replayed a second.
+fn replay(dev: &Arc<CacheDev<DaxMapping>>) -> f64 {
     let disk2 = tempfile::NamedTempFile::new().expect("backing file");
     disk2.as_file().set_len(BACKING).expect("size");
     // Without background GC: 1 M keys fill this cache past the GC
@@ -106,6 +95,33 @@ fn main() {
     let replay = rate(report.replay.keys, t.elapsed());
     assert_eq!(report.replay.keys, REPLAY_KEYS);
     drop(c2);
+    replay
+}
+
+fn main() {
+    let dir = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_else(|| "/dev/shm".into());
+    let pm_file = tempfile::NamedTempFile::new_in(&dir).expect("pmem file");
+    pm_file.as_file().set_len(DEVICE).expect("size");
+    let disk = tempfile::NamedTempFile::new().expect("backing file");
+    disk.as_file().set_len(BACKING).expect("size");
+    let opts = DaxOptions { force_pmem: Some(true), ..Default::default() };
+    let map = DaxMapping::open(pm_file.path(), &opts).expect("map");
+    format(&map, false).expect("format");
+    let flush = map.flush_config().instr;
+    let dev = CacheDev::open(map).expect("open");
+    // Touch every page past the backing table once, so that no measurement
+    // pays for the first fault of a page.
+    let first_seg = pcache_format::SEGMENTS_OFF + pcache_format::SEG_SIZE;
+    dev.pmem().zero_persist(first_seg, DEVICE - first_seg).expect("prefault");
+
+    let copts = CacheOptions { cache_size: Some(1536 << 20), ..Default::default() };
+    let (cache, _) = Cache::start(dev.clone(), FileBacking::open(disk.path()).unwrap(), &copts).expect("start");
+    let Rates { copy_persist, writes, memcpy, reads } = rounds(dev.pmem(), &cache);
+    let stats = cache.stats();
+    assert_eq!(stats.misses + stats.partial_hits, 0, "every read must hit: {stats:?}");
+    cache.stop().unwrap();
+    drop(cache);
+    let replay = replay(&dev);
 
     println!(
         "engine vs persistence limits, one thread, pmem file in {dir} (write-back {flush}), best of {ROUNDS} rounds"

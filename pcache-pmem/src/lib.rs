@@ -1,7 +1,10 @@
 //! Persistent memory for pcache: the [`Pmem`] interface every pmem access
 //! goes through, the real mapping ([`DaxMapping`]) with cache-line
-//! persistence, a simulated persistence domain for crash testing
-//! ([`SimPmem`]), and device formatting.
+//! persistence, device formatting, and the cache engine.
+//!
+//! With the `testing` feature, [`testing`] holds the test kit: a simulated
+//! persistence domain for crash testing (`SimPmem`), backing devices in
+//! memory, the workload alphabet and the model disk.
 #![warn(missing_docs)]
 
 /// The README's Rust examples, compiled and run as doc tests.
@@ -17,12 +20,11 @@ pub mod format;
 pub mod mutation;
 pub mod pmem;
 pub mod records;
-pub mod sim;
 pub mod sys;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
-pub use backing::{
-    BackingDev, BackingError, BackingId, FaultyBacking, FileBacking, MemBacking, stored_name, stored_path,
-};
+pub use backing::{BackingDev, BackingError, BackingId, FileBacking, stored_name, stored_path};
 pub use cache::{
     Cache, CacheDev, CacheOptions, CacheSummary, DamagedKset, DetachReport, EngineError, Entry, Health, LostExtent,
     SalvageReport, StartReport, Stats, default_cache_segs, detach, detach_salvage, discard, summarize,
@@ -30,4 +32,3 @@ pub use cache::{
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};
 pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, check_range};
-pub use sim::{CrashState, CrashStrategy, SimEvent, SimEventKind, SimHook, SimPmem};

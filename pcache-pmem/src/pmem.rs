@@ -10,8 +10,8 @@
 //!    the caller so that several ranges can share one.
 //!
 //! The trait is generic, so code written against it is monomorphised: the
-//! real mapping ([`crate::DaxMapping`]) pays nothing for the simulator
-//! ([`crate::SimPmem`]) existing.
+//! real mapping ([`crate::DaxMapping`]) pays nothing for the crash
+//! simulator (`testing::SimPmem`, with the `testing` feature) existing.
 
 use std::path::PathBuf;
 

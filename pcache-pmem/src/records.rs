@@ -45,7 +45,7 @@ pub fn write_record_both<P: Pmem + ?Sized, R: MetaRecord>(pmem: &P, off: u64, re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::SimPmem;
+    use crate::testing::SimPmem;
     use pcache_format::{CachePos, read_latest};
 
     #[test]

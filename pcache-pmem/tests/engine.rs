@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use pcache_format::image::{ScanOptions, scan};
 use pcache_pmem::format::format;
-use pcache_pmem::{
-    AsMedia, BackingDev, Cache, CacheDev, CacheOptions, CrashStrategy, EngineError, MemBacking, Pmem, SimPmem,
-};
+use pcache_pmem::testing::{CrashStrategy, MemBacking, SimPmem};
+use pcache_pmem::{AsMedia, BackingDev, Cache, CacheDev, CacheOptions, EngineError, Pmem};
 
 const MIB: u64 = 1 << 20;
 

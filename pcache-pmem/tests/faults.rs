@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use pcache_format::image::{ScanOptions, scan};
 use pcache_pmem::format::format;
-use pcache_pmem::{
-    AsMedia, BackingDev, Cache, CacheDev, CacheOptions, EngineError, FaultyBacking, MemBacking, PmemError, SimPmem,
-};
+use pcache_pmem::testing::{FaultyBacking, MemBacking, SimPmem};
+use pcache_pmem::{AsMedia, BackingDev, Cache, CacheDev, CacheOptions, EngineError, PmemError};
 
 const MIB: u64 = 1 << 20;
 

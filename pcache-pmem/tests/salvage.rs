@@ -10,7 +10,8 @@ use pcache_format::media::{LogPos, read_kset};
 use pcache_format::{Key, KsetRecord};
 use pcache_pmem::cache::detach::{LostExtent, detach_salvage};
 use pcache_pmem::format::format;
-use pcache_pmem::{AsMedia, BackingDev, Cache, CacheDev, CacheOptions, EngineError, MemBacking, Pmem, SimPmem, detach};
+use pcache_pmem::testing::{MemBacking, SimPmem};
+use pcache_pmem::{AsMedia, BackingDev, Cache, CacheDev, CacheOptions, EngineError, Pmem, detach};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;

@@ -4,10 +4,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pcache_pmem::format::format;
-use pcache_pmem::{
-    Cache, CacheDev, CacheOptions, CrashStrategy, DaxMapping, DaxOptions, EngineError, FaultyBacking, FileBacking,
-    MemBacking, SimPmem, detach,
-};
+use pcache_pmem::testing::{CrashStrategy, FaultyBacking, MemBacking, SimPmem};
+use pcache_pmem::{Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, EngineError, FileBacking, detach};
 
 const MIB: u64 = 1 << 20;
 
