@@ -26,11 +26,26 @@ pub const PCACHE_CRC32: Algorithm<u32> = Algorithm {
     residue: 0,
 };
 
-/// Slice-by-16 tables: data CRCs cover up to 4 MiB per key.
+/// Slice-by-16 tables: the reference implementation of [`PCACHE_CRC32`],
+/// which the fast one is tested against.
 static CRC: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&PCACHE_CRC32);
 
 /// CRC of `data`.
+///
+/// Computed by `crc32fast` (the carry-less multiply instruction where the
+/// CPU has it: data CRCs cover every write and every read hit), which
+/// implements the zlib CRC: the same reflected polynomial, with a register
+/// that starts at `0xFFFFFFFF` and a final inversion. Its "initial value"
+/// is a finished zlib CRC, so starting from `0xFFFFFFFF` (finished form of
+/// a zero register) and inverting the result gives the RFC CRC.
 pub fn crc32(data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new_with_initial(u32::MAX);
+    h.update(data);
+    !h.finalize()
+}
+
+/// The RFC CRC of `data` by the table-driven reference implementation.
+pub fn crc32_reference(data: &[u8]) -> u32 {
     CRC.checksum(data)
 }
 
@@ -38,7 +53,7 @@ pub fn crc32(data: &[u8]) -> u32 {
 /// concatenation.
 #[derive(Clone)]
 pub struct Crc32 {
-    digest: crc::Digest<'static, u32, Table<16>>,
+    digest: crc32fast::Hasher,
 }
 
 impl core::fmt::Debug for Crc32 {
@@ -56,7 +71,7 @@ impl Default for Crc32 {
 impl Crc32 {
     /// An empty CRC.
     pub fn new() -> Self {
-        Self { digest: CRC.digest() }
+        Self { digest: crc32fast::Hasher::new_with_initial(u32::MAX) }
     }
 
     /// Adds `data`.
@@ -66,7 +81,7 @@ impl Crc32 {
 
     /// The CRC of everything added.
     pub fn finish(self) -> u32 {
-        self.digest.finalize()
+        !self.digest.finalize()
     }
 }
 
@@ -112,6 +127,20 @@ mod tests {
     #[test]
     fn check_value() {
         assert_eq!(crc32(b"123456789"), 0x2DFD_2D88);
+        assert_eq!(crc32_reference(b"123456789"), 0x2DFD_2D88);
+        assert_eq!(crc32(b""), 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_equals_reference(data in proptest::collection::vec(proptest::num::u8::ANY, 0..5000), cut in 0usize..5000) {
+            proptest::prop_assert_eq!(crc32(&data), crc32_reference(&data));
+            let cut = cut.min(data.len());
+            let mut c = Crc32::new();
+            c.update(&data[..cut]);
+            c.update(&data[cut..]);
+            proptest::prop_assert_eq!(c.finish(), crc32_reference(&data));
+        }
     }
 
     #[test]
