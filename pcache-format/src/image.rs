@@ -13,14 +13,14 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::backing::BackingDevInfo;
-use crate::consts::{META_ENTRIES, SB_OFF, SB_SIZE};
+use crate::consts::{SB_OFF, SB_SIZE};
 use crate::ctrl::CachePos;
 use crate::error::{Error, ErrorKind, Record};
 use crate::kset::Key;
 use crate::layout::Layout;
 use crate::media::{
     ChainWalk, LogEnd, LogPos, LogStep, LogWalk, Pair, ReadError, ReadMedia, Tails, read, read_backing, read_gen,
-    read_meta_segment_info, read_tails,
+    read_meta_segment_info, read_tails, table_ids,
 };
 use crate::meta::{CopyInfo, MetaRecord};
 use crate::segment::MetaSegmentInfo;
@@ -564,7 +564,7 @@ fn scan_backings<M: ReadMedia + ?Sized>(
     let mut backings: Vec<BackingReport> = Vec::new();
     // Which backing owns each device segment.
     let mut owner: Vec<Option<u32>> = vec![None; usize::from(layout.seg_num())];
-    for id in 0..META_ENTRIES {
+    for id in table_ids(s.m, layout) {
         let loc = Location::Backing { id };
         let pair = match read_backing(s.m, layout, id) {
             Ok(p) => p,

@@ -11,14 +11,14 @@ use core::fmt;
 use crate::backing::BackingDevInfo;
 use crate::consts::{
     CACHE_SEG_DATA_SIZE, DIRTY_TAIL_OFF, KEY_TAIL_OFF, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC,
-    KSET_ONMEDIA_SIZE_MAX, SB_OFF, SB_SIZE, SEG_INFO_SIZE,
+    KSET_ONMEDIA_SIZE_MAX, META_ENTRIES, META_ENTRY_STRIDE, SB_OFF, SB_SIZE, SEG_INFO_SIZE,
 };
 use crate::crc::is_zero;
 use crate::ctrl::{CachePos, CacheSegGen};
 use crate::error::{Error, ErrorKind, Record};
 use crate::kset::{KsetFlags, KsetRecord, decode_kset, kset_size};
 use crate::layout::Layout;
-use crate::meta::{CopyInfo, Latest, MetaRecord, copy_infos, read_latest};
+use crate::meta::{CopyInfo, Latest, MetaRecord, copy_infos, latest_of_pair};
 use crate::segment::{MetaSegmentInfo, SegmentInfo, SegmentState, SegmentType};
 use crate::superblock::Superblock;
 
@@ -32,6 +32,16 @@ pub trait ReadMedia {
     fn size(&self) -> u64;
     /// Fills `buf` from device offset `off`.
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), Self::Error>;
+
+    /// Whether the `len` bytes at `off` are known to read as zeros without
+    /// being read: a range of a sparse image or a simulator that was never
+    /// written (and reads without error). `false` says nothing, and is what
+    /// a device that cannot tell answers. Readers of large, mostly
+    /// never-written areas (the backing table) skip them with it.
+    fn unwritten(&self, off: u64, len: u64) -> bool {
+        let _ = (off, len);
+        false
+    }
 }
 
 /// A read past the end of an in-memory image.
@@ -76,6 +86,10 @@ impl<T: ReadMedia + ?Sized> ReadMedia for &T {
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
         (**self).read_at(off, buf)
+    }
+
+    fn unwritten(&self, off: u64, len: u64) -> bool {
+        (**self).unwritten(off, len)
     }
 }
 
@@ -152,16 +166,23 @@ pub struct Pair<R> {
 
 /// Reads both copies of the record `R` at device offset `off`.
 pub fn read_pair<R: MetaRecord, M: ReadMedia + ?Sized>(m: &M, off: u64) -> Result<Pair<R>, ReadError<M::Error>> {
+    let blank = || {
+        let blank = CopyInfo { complete: true, stored_crc: 0, computed_crc: 0, seq: 0, blank: true };
+        Pair { copies: [blank; 2], latest: Err(Error::new(R::RECORD, ErrorKind::NeverWritten)) }
+    };
+    if m.unwritten(off, 2 * R::COPY_SIZE as u64) {
+        return Ok(blank());
+    }
     let mut buf = [0u8; 2 * SEG_INFO_SIZE];
     let copies = buf.get_mut(..2 * R::COPY_SIZE).unwrap_or_default();
     read(m, off, copies)?;
     if copies.len() == 2 * R::COPY_SIZE && is_zero(copies) {
         // Never written, as most of a backing table is: one pass over the
         // zeros instead of one per copy for its CRC and one for its blankness.
-        let blank = CopyInfo { complete: true, stored_crc: 0, computed_crc: 0, seq: 0, blank: true };
-        return Ok(Pair { copies: [blank; 2], latest: Err(Error::new(R::RECORD, ErrorKind::NeverWritten)) });
+        return Ok(blank());
     }
-    Ok(Pair { copies: copy_infos(copies, R::COPY_SIZE), latest: read_latest(copies) })
+    let infos = copy_infos(copies, R::COPY_SIZE);
+    Ok(Pair { copies: infos, latest: latest_of_pair(copies, &infos) })
 }
 
 /// Reads the meta segment's info.
@@ -187,6 +208,22 @@ pub fn read_backing<M: ReadMedia + ?Sized>(
         }
     }
     Ok(pair)
+}
+
+/// The backing-table ids worth reading, in order: every id, except those in
+/// blocks of 64 entries that the media knows were never written (see
+/// [`ReadMedia::unwritten`]; a device that cannot tell gets every id). A
+/// never-written entry reads as free, so a skipped one is one.
+pub fn table_ids<'a, M: ReadMedia + ?Sized>(m: &'a M, layout: &'a Layout) -> impl Iterator<Item = u32> + 'a {
+    const BLOCK: u32 = 64;
+    (0..META_ENTRIES.div_ceil(BLOCK)).flat_map(move |b| {
+        let (first, end) = (b * BLOCK, ((b + 1) * BLOCK).min(META_ENTRIES));
+        let never_written = match (layout.meta_entry_offset(first), layout.meta_entry_offset(end - 1)) {
+            (Ok(a), Ok(z)) => m.unwritten(a, z + META_ENTRY_STRIDE - a),
+            _ => false,
+        };
+        if never_written { end..end } else { first..end }
+    })
 }
 
 /// Whether a backing-table entry is in use: its latest copy is valid and
@@ -427,6 +464,35 @@ mod tests {
         assert_eq!(buf, [3, 4]);
         assert!(m.read_at(3, &mut buf).is_err());
         assert!(m.read_at(u64::MAX, &mut buf).is_err());
+    }
+
+    #[test]
+    #[cfg(feature = "testing")]
+    fn a_pair_known_unwritten_reads_as_one_of_zeros() {
+        use crate::sparse::SparseImage;
+        let img = SparseImage::new(1 << 20);
+        let zeros = alloc::vec![0u8; 1 << 20];
+        let off = 64 << 10;
+        assert!(img.unwritten(off, 8192) && !zeros[..].unwritten(off, 8192));
+        let known = read_pair::<BackingDevInfo, _>(&img, off).unwrap();
+        let read = read_pair::<BackingDevInfo, _>(&zeros[..], off).unwrap();
+        assert_eq!(known, read);
+        assert!(matches!(known.latest, Err(e) if e.kind == ErrorKind::NeverWritten));
+    }
+
+    #[test]
+    #[cfg(feature = "testing")]
+    fn table_ids_skip_only_blocks_known_never_written() {
+        use crate::sparse::ImageBuilder;
+        let mut b = ImageBuilder::format(1 << 30).unwrap();
+        b.add_cache(100, b"/dev/b", 64 << 20, 10, false).unwrap();
+        let layout = b.layout();
+        let ids: alloc::vec::Vec<u32> = table_ids(b.image(), &layout).collect();
+        assert_eq!(ids, (64..128).collect::<alloc::vec::Vec<u32>>(), "only the block holding entry 100");
+        // A device that cannot tell gets every id.
+        let mut bytes = alloc::vec![0u8; 64 << 20];
+        b.image().read_at(0, &mut bytes).unwrap();
+        assert_eq!(table_ids(&bytes[..], &layout).count(), META_ENTRIES as usize);
     }
 
     #[test]

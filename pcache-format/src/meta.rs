@@ -254,6 +254,11 @@ pub fn decode_copy<R: MetaRecord>(copy: &[u8]) -> Result<R, Error> {
     if stored != computed {
         return Err(Error::new(R::RECORD, ErrorKind::BadCrc { stored, computed }));
     }
+    decode_checked(copy)
+}
+
+/// Decodes a copy whose CRC is known to match: [`MetaRecord::check`] only.
+fn decode_checked<R: MetaRecord>(copy: &[u8]) -> Result<R, Error> {
     let (record, _) =
         R::read_from_prefix(copy).map_err(|_| Error::truncated(R::RECORD, core::mem::size_of::<R>(), copy.len()))?;
     record.check()?;
@@ -267,8 +272,13 @@ pub fn decode_copy<R: MetaRecord>(copy: &[u8]) -> Result<R, Error> {
 /// latest copy fails [`MetaRecord::check`], the error names that copy (the
 /// other copy is not used: it is older).
 pub fn read_latest<R: MetaRecord>(copies: &[u8]) -> Result<Latest<R>, Error> {
-    let infos = copy_infos(copies, R::COPY_SIZE);
-    let Some(index) = latest_of(&infos) else {
+    latest_of_pair(copies, &copy_infos(copies, R::COPY_SIZE))
+}
+
+/// [`read_latest`] of `copies` whose [`copy_infos`] are `infos`: each
+/// copy's CRC is computed once, for both.
+pub fn latest_of_pair<R: MetaRecord>(copies: &[u8], infos: &[CopyInfo; META_INDEX_MAX]) -> Result<Latest<R>, Error> {
+    let Some(index) = latest_of(infos) else {
         let crcs = [(infos[0].stored_crc, infos[0].computed_crc), (infos[1].stored_crc, infos[1].computed_crc)];
         if copies.len() < R::COPY_SIZE * META_INDEX_MAX {
             return Err(Error::truncated(R::RECORD, R::COPY_SIZE * META_INDEX_MAX, copies.len()));
@@ -279,8 +289,9 @@ pub fn read_latest<R: MetaRecord>(copies: &[u8]) -> Result<Latest<R>, Error> {
         let never_written = [infos[0].blank, infos[1].blank];
         return Err(Error::new(R::RECORD, ErrorKind::NoValidCopy { crcs, never_written }));
     };
+    // A valid copy is whole and its CRC matched.
     let copy = copy_bytes(copies, R::COPY_SIZE, index).unwrap_or(&[]);
-    let record = decode_copy::<R>(copy).map_err(|e| e.in_copy(index as u8))?;
+    let record = decode_checked::<R>(copy).map_err(|e| e.in_copy(index as u8))?;
     Ok(Latest { copy: index as u8, record })
 }
 

@@ -71,6 +71,12 @@ impl ReadMedia for SparseImage {
         self.size
     }
 
+    fn unwritten(&self, off: u64, len: u64) -> bool {
+        len != 0
+            && off.checked_add(len).is_some_and(|end| end <= self.size)
+            && self.pages.range(off / PAGE..=(off + len - 1) / PAGE).next().is_none()
+    }
+
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), OutOfBounds> {
         let err = OutOfBounds { off, len: buf.len(), size: self.size };
         let end = off.checked_add(buf.len() as u64).ok_or(err)?;

@@ -79,6 +79,15 @@ pub trait Pmem: Send + Sync {
     /// Copies `buf.len()` bytes at `off` into `buf`.
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), PmemError>;
 
+    /// Whether the `len` bytes at `off` are known to read as zeros without
+    /// being read (see `pcache_format::ReadMedia::unwritten`): a simulator
+    /// knows which of its pages were never written. A mapping cannot tell,
+    /// and says `false`.
+    fn unwritten(&self, off: u64, len: u64) -> bool {
+        let _ = (off, len);
+        false
+    }
+
     /// Stores `data` at `off` through the CPU cache. Not durable until the
     /// lines are flushed and fenced.
     fn write(&self, off: u64, data: &[u8]) -> Result<(), PmemError>;
@@ -140,5 +149,9 @@ impl<P: Pmem + ?Sized> pcache_format::ReadMedia for AsMedia<'_, P> {
 
     fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), PmemError> {
         self.0.read(off, buf)
+    }
+
+    fn unwritten(&self, off: u64, len: u64) -> bool {
+        self.0.unwritten(off, len)
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use pcache_format::image::{Orphan, entry_torn_harmlessly, find_orphans};
-use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock};
+use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock, table_ids};
 use pcache_format::{
     BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, DIRTY_TAIL_OFF, ErrorKind, KEY_TAIL_OFF, Layout,
     META_ENTRIES, SegmentInfo, TERMINATOR,
@@ -94,7 +94,7 @@ impl<P: Pmem> CacheDev<P> {
         used[0] = true;
         let mut table = vec![None; META_ENTRIES as usize];
         let mut unreadable = Vec::new();
-        for id in 0..META_ENTRIES {
+        for id in table_ids(&media, &layout) {
             let pair = read_backing(&media, &layout, id)?;
             let info = match pair.latest {
                 Ok(latest) => latest.record,

@@ -447,3 +447,22 @@ fn sim_is_send_and_sync() {
     check::<SimPmem>();
     check::<CrashState>();
 }
+
+#[test]
+fn unwritten_ranges_are_known_without_a_read() {
+    let sim = SimPmem::new(16 * PAGE);
+    assert!(sim.unwritten(0, 16 * PAGE));
+    assert!(!sim.unwritten(0, 0), "an empty range says nothing");
+    assert!(!sim.unwritten(15 * PAGE, 2 * PAGE), "past the end");
+    // Zeros change no page; anything else makes its page written, durable
+    // or not.
+    sim.zero_nodrain(PAGE, PAGE).unwrap();
+    assert!(sim.unwritten(PAGE, PAGE));
+    sim.write(3 * PAGE + 100, &[1]).unwrap();
+    assert!(!sim.unwritten(3 * PAGE, 1));
+    assert!(!sim.unwritten(0, 4 * PAGE));
+    assert!(sim.unwritten(4 * PAGE, 12 * PAGE));
+    // A range that fails to read is not known to read as zeros.
+    sim.inject_media_error(8 * PAGE, 8).unwrap();
+    assert!(!sim.unwritten(7 * PAGE, 2 * PAGE));
+}
