@@ -198,6 +198,41 @@ impl State {
         }
     }
 
+    /// Whether a store of `[off, off + len)` by this thread, flushed and
+    /// fenced at once, may go straight into both views: the thread has no
+    /// line flushed and not yet fenced (its fence would make those durable
+    /// too), and no store is pending on the lines (the flush would make
+    /// those durable too).
+    pub(super) fn persists_alone(&self, off: u64, len: u64) -> bool {
+        len != 0
+            && self.marks.get(&std::thread::current().id()).is_none_or(HashMap::is_empty)
+            && self.pending.range(off / CACHE_LINE..=(off + len - 1) / CACHE_LINE).next().is_none()
+    }
+
+    /// Stores `data` at `off` durably, as a store, a flush of its lines and
+    /// a fence do when [`State::persists_alone`] holds: nothing is left
+    /// pending, and both views hold the data.
+    pub(super) fn persist_alone(&mut self, off: u64, data: &[u8]) {
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let in_page = (pos % PAGE) as usize;
+            let n = (PAGE as usize - in_page).min(data.len() - done);
+            let chunk = &data[done..done + n];
+            for pages in [&mut self.current, &mut self.durable] {
+                // An absent page is zeros: zeros into it change nothing.
+                if !pages.contains_key(&(pos / PAGE)) && pcache_format::crc::is_zero(chunk) {
+                    continue;
+                }
+                let page = Arc::make_mut(pages.entry(pos / PAGE).or_insert_with(zero_page));
+                page[in_page..in_page + n].copy_from_slice(chunk);
+            }
+            done += n;
+        }
+        self.writes += 1;
+        self.fences += 1;
+    }
+
     pub(super) fn fence(&mut self) {
         let Some(marks) = self.marks.remove(&std::thread::current().id()) else { return };
         for (line, mark) in marks {

@@ -128,3 +128,59 @@ proptest! {
         }
     }
 }
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write(u64, Vec<u8>),
+    Persist(u64, Vec<u8>),
+    Flush(u64, u64),
+    Fence,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let data = |off: u64, mut data: Vec<u8>| {
+        data.truncate((REGION - off) as usize);
+        (BASE + off, data)
+    };
+    prop_oneof![
+        2 => (0..REGION, prop::collection::vec(0..=255u8, 1..40)).prop_map(move |(o, d)| {
+            let (off, d) = data(o, d);
+            Step::Write(off, d)
+        }),
+        3 => (0..REGION, prop::collection::vec(prop_oneof![Just(0u8), 1..=255u8], 1..200)).prop_map(move |(o, d)| {
+            let (off, d) = data(o, d);
+            Step::Persist(off, d)
+        }),
+        1 => (0..REGION, 0..REGION).prop_map(|(off, len)| Step::Flush(BASE + off, len.min(REGION - off))),
+        1 => Just(Step::Fence),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    // Test 4: `copy_persist` without a hook (which may skip the store
+    // units) leaves the state a store, a flush and a fence leave (what it
+    // does with a hook): the same current view, and the same crash images.
+    #[test]
+    fn copy_persist_without_a_hook_is_store_flush_fence(steps in prop::collection::vec(step(), 1..40)) {
+        let fast = SimPmem::new(4 * PAGE);
+        let slow = SimPmem::new(4 * PAGE);
+        slow.set_hook(Some(Box::new(|_| {})));
+        for s in &steps {
+            for sim in [&fast, &slow] {
+                match s {
+                    Step::Write(off, d) => sim.write(*off, d).unwrap(),
+                    Step::Persist(off, d) => sim.copy_persist(*off, d).unwrap(),
+                    Step::Flush(off, len) => sim.flush(*off, *len).unwrap(),
+                    Step::Fence => sim.fence().unwrap(),
+                }
+            }
+            prop_assert_eq!(region(&fast), region(&slow));
+            let (f, s) = (fast.snapshot(), slow.snapshot());
+            for strategy in [CrashStrategy::NothingExtra, CrashStrategy::Everything] {
+                prop_assert_eq!(region(&f.image(strategy)), region(&s.image(strategy)), "{:?}", strategy);
+            }
+        }
+    }
+}
