@@ -135,7 +135,18 @@ impl Rig {
             }
             _ => {
                 let mut buf = std::mem::take(&mut self.buf);
-                let ran = run_op(self.cache(), &op, id, &mut buf);
+                let mut ran = run_op(self.cache(), &op, id, &mut buf);
+                if matches!(ran, Err(EngineError::CacheFull)) && !self.opts.background {
+                    // Without writeback and GC threads, a full cache is the
+                    // caller's to clear: write everything back, reclaim, and
+                    // run the op again (it writes the same data).
+                    let cache = self.cache();
+                    cache
+                        .write_back(|_, _| {})
+                        .and_then(|_| cache.gc())
+                        .map_err(|e| format!("clearing a full cache: {e}"))?;
+                    ran = run_op(self.cache(), &op, id, &mut buf);
+                }
                 let checked = match (ran, op) {
                     (Err(e), _) => Err(e.to_string()),
                     (Ok(()), Op::Read { sector, .. }) => self.model.check_read(sector, &buf),

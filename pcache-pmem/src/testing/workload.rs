@@ -116,13 +116,18 @@ impl Op {
     }
 }
 
-/// Compact for the fuzzer: a sector is a `u16`, a length a `u8` (1 to 256
-/// sectors), a crash one of three strategies; [`Op::fit`] then places the
-/// op in the device.
+/// Compact for the fuzzer: a sector is a `u16`, a length a `u8` (1 to 16
+/// sectors; 16 to 256 in steps of 16 for the top sixteen values: the
+/// simulator tracks every 8-byte word, so long requests cost cases a
+/// second, and most of what the engine does with a request shows in short
+/// ones), a crash one of three strategies; [`Op::fit`] then places the op
+/// in the device.
 impl<'a> arbitrary::Arbitrary<'a> for Op {
     fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
         let at = |u: &mut arbitrary::Unstructured<'a>| -> arbitrary::Result<(u64, u64)> {
-            Ok((u64::from(u16::arbitrary(u)?), u64::from(u8::arbitrary(u)?) + 1))
+            let len = u8::arbitrary(u)?;
+            let sectors = if len >= 0xf0 { u64::from(len - 0xef) * 16 } else { u64::from(len & 0x0f) + 1 };
+            Ok((u64::from(u16::arbitrary(u)?), sectors))
         };
         Ok(match u.int_in_range(0u8..=8)? {
             0 => {
