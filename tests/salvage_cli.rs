@@ -8,8 +8,8 @@ use std::path::Path;
 
 use common::*;
 
-use pcache_format::media::read_kset;
-use pcache_format::{Key, KsetRecord};
+use pcache_format::media::{LogPos, LogStep, LogWalk};
+use pcache_format::Key;
 use pcache_pmem::{AsMedia, DaxMapping, DaxOptions};
 
 const BLOCK: u64 = 4096;
@@ -28,19 +28,14 @@ fn data_of(dev: &Path, off: u64) -> u64 {
     let r = pcache_format::image::scan(&media, Default::default());
     let layout = r.layout.expect("a layout");
     let chain: Vec<u32> = r.backings[0].chain.iter().map(|s| s.dev_seg).collect();
-    let mut at = (0u32, 0u32);
-    let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
+    let mut visited = vec![false; chain.len()];
+    let mut walk = LogWalk::new(&media, &layout, &chain, &mut visited, LogPos::default());
     let mut found: Option<Key> = None;
-    loop {
-        match read_kset(&media, &layout, chain[at.0 as usize], at.1, chain.len() as u32, &mut buf).unwrap() {
-            KsetRecord::End { .. } => break,
-            KsetRecord::Last { next_cache_seg } => at = (next_cache_seg, 0),
-            KsetRecord::Keys { keys } => {
-                if let Some(k) = keys.iter().rev().find(|k| k.off.get() == off) {
-                    found = Some(*k);
-                }
-                at.1 += pcache_format::kset_size(keys.len()) as u32;
-            }
+    while let Some(step) = walk.step() {
+        if let LogStep::Keys { keys, .. } = step
+            && let Some(k) = keys.iter().rev().find(|k| k.off.get() == off)
+        {
+            found = Some(*k);
         }
     }
     let k = found.expect("the block is in the log");

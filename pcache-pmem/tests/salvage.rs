@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pcache_format::media::{LogPos, read_kset};
-use pcache_format::{Key, KsetRecord};
+use pcache_format::media::{LogPos, LogStep, LogWalk};
+use pcache_format::Key;
 use pcache_pmem::cache::detach::{LostExtent, detach_salvage};
 use pcache_pmem::format::format;
 use pcache_pmem::testing::{MemBacking, SimPmem};
@@ -68,28 +68,16 @@ impl Rig {
     fn log_keys(&self) -> Vec<((u32, u32), Key)> {
         let r = pcache_format::image::scan(&AsMedia(self.dev.pmem()), Default::default());
         let chain: Vec<u32> = r.backings[0].chain.iter().map(|s| s.dev_seg).collect();
+        let media = AsMedia(self.dev.pmem());
+        let mut visited = vec![false; chain.len()];
+        let mut walk = LogWalk::new(&media, self.dev.layout(), &chain, &mut visited, LogPos::default());
         let mut out = Vec::new();
-        let mut at = (0u32, 0u32);
-        let mut buf = [0u8; pcache_format::KSET_ONMEDIA_SIZE_MAX];
-        loop {
-            let rec = read_kset(
-                &AsMedia(self.dev.pmem()),
-                self.dev.layout(),
-                chain[at.0 as usize],
-                at.1,
-                chain.len() as u32,
-                &mut buf,
-            )
-            .unwrap();
-            match rec {
-                KsetRecord::End { .. } => return out,
-                KsetRecord::Last { next_cache_seg } => at = (next_cache_seg, 0),
-                KsetRecord::Keys { keys } => {
-                    out.extend(keys.iter().map(|k| (at, *k)));
-                    at.1 += pcache_format::kset_size(keys.len()) as u32;
-                }
+        while let Some(step) = walk.step() {
+            if let LogStep::Keys { at, keys } = step {
+                out.extend(keys.iter().map(|k| (at.into(), *k)));
             }
         }
+        out
     }
 
     /// Device offset of the cached data of the key for block `i`, and of
