@@ -2,12 +2,13 @@
 //! requests in flight, the wake-up signal of the workers, the health of the
 //! background work and the counters.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::error::EngineError;
 use super::options::{Counters, Health};
+use super::shard::Sharded;
 
 /// Locks `m`, also after a panic of another holder: every structure the
 /// engine guards stays consistent between statements that can panic.
@@ -57,7 +58,7 @@ pub(super) struct Ctx {
     /// Set once by `stop`: requests are refused, workers return.
     stopping: AtomicBool,
     /// Requests inside the public entry points; `stop` waits for them.
-    inflight: AtomicUsize,
+    inflight: Sharded,
     /// Wakes the flusher and the background workers.
     pub(super) wake: Event,
     pub(super) health: Mutex<BgHealth>,
@@ -71,11 +72,11 @@ pub(super) struct Ctx {
 }
 
 /// A request in flight (see [`Ctx::enter`]).
-pub(super) struct InflightGuard<'a>(&'a AtomicUsize);
+pub(super) struct InflightGuard<'a>(&'a Sharded);
 
 impl Drop for InflightGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.add_with(-1, Ordering::SeqCst);
     }
 }
 
@@ -83,7 +84,7 @@ impl Ctx {
     pub(super) fn new(background: bool, stall_timeout: Duration, self_check: bool) -> Self {
         Self {
             stopping: AtomicBool::new(false),
-            inflight: AtomicUsize::new(0),
+            inflight: Sharded::default(),
             wake: Event::default(),
             health: Mutex::new(BgHealth::default()),
             stats: Counters::default(),
@@ -96,7 +97,7 @@ impl Ctx {
     /// Admits a request: counted in flight until the guard drops, refused
     /// once the cache stops.
     pub(super) fn enter(&self) -> Result<InflightGuard<'_>, EngineError> {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
+        self.inflight.add_with(1, Ordering::SeqCst);
         let guard = InflightGuard(&self.inflight);
         // SeqCst on both sides: either `stop` sees this request in flight
         // and waits, or this request sees `stopping`.
@@ -119,7 +120,7 @@ impl Ctx {
 
     /// Waits for the requests admitted before [`Ctx::stop_requests`].
     pub(super) fn drain(&self) {
-        while self.inflight.load(Ordering::SeqCst) != 0 {
+        while self.inflight.sum_with(Ordering::SeqCst) != 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
     }

@@ -171,7 +171,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
         let ci = info.cache_info;
         let ctx = Ctx::new(opts.background, opts.stall_timeout, opts.self_check);
         ctx.stats.apply(&loaded.delta);
-        ctx.stats.dirty_pending.store(loaded.dirty_pending as i64, std::sync::atomic::Ordering::Relaxed);
+        ctx.stats.dirty_pending.set(loaded.dirty_pending as i64);
         let index = Index::new(backing.size(), loaded.slices);
         let space = Space::new(
             dev.clone(),

@@ -229,15 +229,15 @@ impl<B: BackingDev> Io<B> {
             done += chunk;
         }
         let s = &r.ctx.stats;
-        s.bytes_from_cache.fetch_add(served.cached, Ordering::Relaxed);
-        s.bytes_from_backing.fetch_add(served.backing, Ordering::Relaxed);
+        s.bytes_from_cache.add(served.cached as i64);
+        s.bytes_from_backing.add(served.backing as i64);
         let counter = match (served.cached > 0, served.backing > 0) {
             (true, false) => &s.full_hits,
             (true, true) => &s.partial_hits,
             _ => &s.misses,
         };
         if !buf.is_empty() {
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.add(1);
         }
         Ok(())
     }

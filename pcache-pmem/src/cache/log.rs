@@ -130,12 +130,12 @@ impl Log {
             kset.first_key_at = Some(Instant::now());
         }
         let closes = kset.closes;
-        ctx.stats.dirty_pending.fetch_add(dirty, Ordering::Relaxed);
+        ctx.stats.dirty_pending.add(dirty);
         if kset.keys.len() == KSET_KEYS_MAX
             && let Err(e) = self.close(&mut kset, space, ctx)
         {
             kset.keys.pop();
-            ctx.stats.dirty_pending.fetch_sub(dirty, Ordering::Relaxed);
+            ctx.stats.dirty_pending.add(-dirty);
             return Err(e);
         }
         Ok(Ticket { kset: idx, closes })
@@ -171,7 +171,7 @@ impl Log {
         kset.keys.clear();
         kset.closes += 1;
         kset.first_key_at = None;
-        ctx.stats.ksets_closed.fetch_add(1, Ordering::Relaxed);
+        ctx.stats.ksets_closed.add(1);
         Ok(())
     }
 

@@ -35,6 +35,7 @@
 //! | `gc`        | the key tail, segment reclaim, stale keys                    |
 //! | `check`     | the invariants, between GC steps                             |
 //! | `ctx`       | what every role shares: stopping, wake-ups, health, counters |
+//! | `shard`     | counters split per thread, summed on read                    |
 //! | `detach`    | detach, salvage and discard of a stopped cache               |
 //! | `repair`    | rebuilding damaged or lost backing entries                   |
 //!
@@ -55,6 +56,7 @@ pub mod load;
 mod log;
 mod options;
 pub mod repair;
+mod shard;
 mod space;
 mod start;
 mod writeback;

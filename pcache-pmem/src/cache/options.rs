@@ -1,13 +1,14 @@
 //! What a caller hands the engine and what it gets back: the options of a
 //! start, its report, the counters and the health of a running cache.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pcache_format::{SEG_SIZE, SEGS_PER_QUEUE};
 
 use super::index::Delta;
 use super::load::{LogPos, ReplayStats};
+use super::shard::Sharded;
 
 /// How to start a cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,20 +136,21 @@ pub struct Health {
     pub gc_stopped: Option<String>,
 }
 
-/// The live counters behind [`Stats`], updated by every role.
+/// The live counters behind [`Stats`], updated by every role. Those bumped
+/// on every request are sharded by thread; the rest are plain atomics.
 #[derive(Debug, Default)]
 pub(super) struct Counters {
-    pub(super) full_hits: AtomicU64,
-    pub(super) partial_hits: AtomicU64,
-    pub(super) misses: AtomicU64,
-    pub(super) bytes_from_cache: AtomicU64,
-    pub(super) bytes_from_backing: AtomicU64,
-    pub(super) keys: AtomicI64,
-    pub(super) dirty_bytes: AtomicI64,
-    pub(super) clean_bytes: AtomicI64,
-    pub(super) ksets_closed: AtomicU64,
+    pub(super) full_hits: Sharded,
+    pub(super) partial_hits: Sharded,
+    pub(super) misses: Sharded,
+    pub(super) bytes_from_cache: Sharded,
+    pub(super) bytes_from_backing: Sharded,
+    pub(super) keys: Sharded,
+    pub(super) dirty_bytes: Sharded,
+    pub(super) clean_bytes: Sharded,
+    pub(super) ksets_closed: Sharded,
     /// Bytes of dirty keys appended and not yet written back.
-    pub(super) dirty_pending: AtomicI64,
+    pub(super) dirty_pending: Sharded,
     pub(super) ksets_written_back: AtomicU64,
     pub(super) bytes_written_back: AtomicU64,
     pub(super) ksets_collected: AtomicU64,
@@ -160,32 +162,31 @@ impl Counters {
     /// Applies the index changes `d`.
     pub(super) fn apply(&self, d: &Delta) {
         if d.keys != 0 {
-            self.keys.fetch_add(d.keys, Ordering::Relaxed);
+            self.keys.add(d.keys);
         }
         if d.dirty_bytes != 0 {
-            self.dirty_bytes.fetch_add(d.dirty_bytes, Ordering::Relaxed);
+            self.dirty_bytes.add(d.dirty_bytes);
         }
         if d.clean_bytes != 0 {
-            self.clean_bytes.fetch_add(d.clean_bytes, Ordering::Relaxed);
+            self.clean_bytes.add(d.clean_bytes);
         }
     }
 
     /// The counters as a caller sees them.
     pub(super) fn snapshot(&self, segments_used: u32, segments: u32) -> Stats {
-        let get = |a: &AtomicI64| a.load(Ordering::Relaxed).max(0) as u64;
         Stats {
-            full_hits: self.full_hits.load(Ordering::Relaxed),
-            partial_hits: self.partial_hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            bytes_from_cache: self.bytes_from_cache.load(Ordering::Relaxed),
-            bytes_from_backing: self.bytes_from_backing.load(Ordering::Relaxed),
-            keys: get(&self.keys),
-            cached_bytes: get(&self.dirty_bytes) + get(&self.clean_bytes),
-            clean_bytes: get(&self.clean_bytes),
-            dirty_bytes: get(&self.dirty_pending),
+            full_hits: self.full_hits.count(),
+            partial_hits: self.partial_hits.count(),
+            misses: self.misses.count(),
+            bytes_from_cache: self.bytes_from_cache.count(),
+            bytes_from_backing: self.bytes_from_backing.count(),
+            keys: self.keys.count(),
+            cached_bytes: self.dirty_bytes.count() + self.clean_bytes.count(),
+            clean_bytes: self.clean_bytes.count(),
+            dirty_bytes: self.dirty_pending.count(),
             segments_used,
             segments,
-            ksets_closed: self.ksets_closed.load(Ordering::Relaxed),
+            ksets_closed: self.ksets_closed.count(),
             ksets_written_back: self.ksets_written_back.load(Ordering::Relaxed),
             bytes_written_back: self.bytes_written_back.load(Ordering::Relaxed),
             ksets_collected: self.ksets_collected.load(Ordering::Relaxed),
@@ -196,7 +197,7 @@ impl Counters {
 
     /// Bytes of dirty keys not yet written back.
     pub(super) fn dirty_pending(&self) -> u64 {
-        self.dirty_pending.load(Ordering::Relaxed).max(0) as u64
+        self.dirty_pending.count()
     }
 }
 

@@ -183,7 +183,7 @@ impl Writeback {
             h.writeback_last_error = None;
         }
         let s = &r.ctx.stats;
-        s.dirty_pending.fetch_sub(b.done_dirty as i64, Ordering::Relaxed);
+        s.dirty_pending.add(-(b.done_dirty as i64));
         s.ksets_written_back.fetch_add(b.ksets as u64, Ordering::Relaxed);
         s.bytes_written_back.fetch_add(b.bytes, Ordering::Relaxed);
         r.ctx.wake.notify();
