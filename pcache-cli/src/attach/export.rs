@@ -12,7 +12,21 @@ use tracing::warn;
 pub(super) type PmemCache = pcache_pmem::Cache<pcache_pmem::DaxMapping, pcache_pmem::FileBacking>;
 
 /// The cache as an NBD device.
-pub struct CacheExport(pub Arc<PmemCache>);
+pub struct CacheExport {
+    cache: Arc<PmemCache>,
+    /// Every write waits for an `msync` (pmem emulated by an ordinary
+    /// file): a connection's writes in flight then run side by side on its
+    /// workers. On pmem a write takes microseconds, and handing it to a
+    /// worker costs more than it saves.
+    writes_sync: bool,
+}
+
+impl CacheExport {
+    pub fn new(cache: Arc<PmemCache>) -> Self {
+        let writes_sync = cache.dev().pmem().mode() == pcache_pmem::MapMode::Emulated;
+        Self { cache, writes_sync }
+    }
+}
 
 /// The errno a client sees for `e` (logged: the client may not show it).
 fn dev_err(e: EngineError) -> DevError {
@@ -28,30 +42,34 @@ fn dev_err(e: EngineError) -> DevError {
 
 impl BlockDevice for CacheExport {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.cache.size()
     }
 
     fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
-        self.0.read(off, buf).map_err(dev_err)
+        self.cache.read(off, buf).map_err(dev_err)
     }
 
     fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
-        self.0.write(off, data, fua).map_err(dev_err)
+        self.cache.write(off, data, fua).map_err(dev_err)
     }
 
     fn flush(&self) -> Result<(), DevError> {
-        self.0.flush().map_err(dev_err)
+        self.cache.flush().map_err(dev_err)
     }
 
     fn trim(&self, off: u64, len: u64) -> Result<(), DevError> {
-        self.0.discard(off, len).map_err(dev_err)
+        self.cache.discard(off, len).map_err(dev_err)
     }
 
     fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError> {
-        self.0.write_zeroes(off, len, fua).map_err(dev_err)
+        self.cache.write_zeroes(off, len, fua).map_err(dev_err)
     }
 
     fn read_may_block(&self, off: u64, len: u64) -> bool {
-        !self.0.is_cached(off, len)
+        !self.cache.is_cached(off, len)
+    }
+
+    fn writes_may_block(&self) -> bool {
+        self.writes_sync
     }
 }

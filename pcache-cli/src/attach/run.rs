@@ -213,7 +213,7 @@ fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Ca
             .map(|(name, c)| Export {
                 name: name.clone(),
                 description: format!("pcache of {}", c.backing().path().display()),
-                device: Arc::new(CacheExport(c.clone())),
+                device: Arc::new(CacheExport::new(c.clone())),
             })
             .collect(),
     );

@@ -34,6 +34,13 @@ pub trait BlockDevice: Send + Sync {
     fn read_may_block(&self, _off: u64, _len: u64) -> bool {
         true
     }
+
+    /// Whether writes may wait on something slow, so that a connection's
+    /// writes in flight should run on its workers side by side rather than
+    /// one after another on its reading thread.
+    fn writes_may_block(&self) -> bool {
+        false
+    }
 }
 
 /// A named export.

@@ -1,7 +1,7 @@
 //! The transmission phase: requests read one after another, each checked
 //! against the export, executed, and replied to — fast ones at once on the
-//! reading thread, reads that may block on worker threads, so replies may
-//! go out of order.
+//! reading thread, reads that may block (and writes, on a device whose
+//! writes may) on worker threads, so replies may go out of order.
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,8 +37,9 @@ pub struct ConnStats {
 
 /// Serves the transmission phase on `r`/`w` until `NBD_CMD_DISC`, the end
 /// of the stream, or a protocol violation. Reads that may block
-/// ([`BlockDevice::read_may_block`]) run on up to `workers` threads and
-/// reply when they complete, so replies go out of order; every other
+/// ([`BlockDevice::read_may_block`]), and writes on a device whose writes
+/// may ([`BlockDevice::writes_may_block`]), run on up to `workers` threads
+/// and reply when they complete, so replies go out of order; every other
 /// request runs at once on the reading thread. With `workers` 0 every
 /// request runs in order on the reading thread (for fuzzing). In-flight
 /// requests always finish and are replied to before this returns.
@@ -107,7 +108,11 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
             if self.failed.load(Ordering::SeqCst) {
                 return Err(Violation::ReplyFailed.into());
             }
-            let slow = req.kind == CMD_READ && self.dev.read_may_block(req.offset, u64::from(req.length));
+            let slow = match req.kind {
+                CMD_READ => self.dev.read_may_block(req.offset, u64::from(req.length)),
+                CMD_WRITE | CMD_WRITE_ZEROES => self.dev.writes_may_block(),
+                _ => false,
+            };
             if !pooled || !slow {
                 execute(&*self.dev, &self.rep, req, payload)?;
             } else if tx.send((req, payload)).is_err() {
@@ -380,6 +385,60 @@ mod tests {
         // The write and the fast read reply while the slow read waits.
         assert_eq!((handle(0), handle(16), handle(34)), (2, 3, 1));
         assert_eq!(&out[32..34], b"hi");
+    }
+
+    /// Writes at offset 0 are slow, and writes may block: they run on workers.
+    struct SlowWrites(MemDevice);
+
+    impl BlockDevice for SlowWrites {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
+            self.0.read(off, buf)
+        }
+        fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
+            if off == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            self.0.write(off, data, fua)
+        }
+        fn flush(&self) -> Result<(), DevError> {
+            self.0.flush()
+        }
+        fn trim(&self, off: u64, len: u64) -> Result<(), DevError> {
+            self.0.trim(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError> {
+            self.0.write_zeroes(off, len, fua)
+        }
+        fn read_may_block(&self, _off: u64, _len: u64) -> bool {
+            false
+        }
+        fn writes_may_block(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn writes_that_may_block_run_side_by_side() {
+        let mem = Arc::new(SlowWrites(MemDevice::new(1 << 20)));
+        let dev: Arc<dyn BlockDevice> = mem.clone();
+        let mut input = request(CMD_WRITE, 0, 1, 0, 2);
+        input.extend_from_slice(b"ab");
+        input.extend(request(CMD_WRITE, 0, 2, 4096, 2));
+        input.extend_from_slice(b"cd");
+        let out = Shared::default();
+        transmit(&input[..], out.clone(), dev, false, 2).unwrap();
+        let out = out.bytes();
+        let handle = |at: usize| SimpleReply::read_from_bytes(&out[at..at + 16]).unwrap().handle.get();
+        // The fast write replies while the slow one waits; both land.
+        assert_eq!((handle(0), handle(16)), (2, 1));
+        let mut b = [0u8; 2];
+        mem.0.read(0, &mut b).unwrap();
+        assert_eq!(&b, b"ab");
+        mem.0.read(4096, &mut b).unwrap();
+        assert_eq!(&b, b"cd");
     }
 
     #[test]

@@ -222,6 +222,11 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
         self.inner.io.backing()
     }
 
+    /// The pmem device the cache is on.
+    pub fn dev(&self) -> &Arc<CacheDev<P>> {
+        self.inner.space.dev()
+    }
+
     /// The backing-table entry.
     pub fn id(&self) -> u32 {
         self.inner.id
