@@ -8,8 +8,8 @@ use std::path::Path;
 
 use common::*;
 
-use pcache_format::media::{LogPos, LogStep, LogWalk};
 use pcache_format::Key;
+use pcache_format::media::{LogPos, LogStep, LogWalk};
 use pcache_pmem::{AsMedia, DaxMapping, DaxOptions};
 
 const BLOCK: u64 = 4096;

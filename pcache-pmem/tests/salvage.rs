@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pcache_format::media::{LogPos, LogStep, LogWalk};
 use pcache_format::Key;
+use pcache_format::media::{LogPos, LogStep, LogWalk};
 use pcache_pmem::cache::detach::{LostExtent, detach_salvage};
 use pcache_pmem::format::format;
 use pcache_pmem::testing::{MemBacking, SimPmem};
