@@ -71,7 +71,7 @@ fn indexed_keys<P: Pmem>(index: &Index, r: Roles<'_, P>) -> Result<(), String> {
         // it was made (a key's segment is allocated before the key exists).
         let used = r.space.used();
         for (off, k) in s.iter() {
-            if k.is_filling() || r.space.is_stale(k) {
+            if k.is_filling() || r.space.is_stale(&k) {
                 continue;
             }
             let seg = k.cache_seg;

@@ -20,10 +20,14 @@
 //! original offset, and cutting it would cache that data at the wrong place
 //! (the RFC's bug, fixed upstream).
 
+mod store;
+
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use pcache_format::{CACHE_SUBTREE_SHIFT, CACHE_SUBTREE_SIZE, Key, KeyFlags};
+
+use self::store::{Packed, Store};
 
 /// What an index entry stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,74 +192,111 @@ pub enum Piece {
     },
 }
 
-/// The index of one slice.
-#[derive(Debug, Default)]
+/// The index of one slice: its entries keyed by their offset within the
+/// slice, their keys packed ([`store`] says how: 32 bytes an entry, in
+/// leaves kept about 80% full or better). The API speaks backing offsets
+/// and [`IKey`]s; every entry lies in the slice the first insert names.
+#[derive(Default)]
 pub struct Slice {
-    map: BTreeMap<u64, IKey>,
+    /// The slice's first backing offset.
+    base: u64,
+    store: Store,
+}
+
+impl std::fmt::Debug for Slice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
 }
 
 impl Slice {
     /// Number of entries (keys and placeholders).
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.store.len()
     }
 
     /// Whether the slice holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.store.len() == 0
+    }
+
+    /// `off` within the slice; offsets outside it map past its ends, where
+    /// they compare with its entries as the offsets themselves do.
+    fn rel(&self, off: u64) -> u32 {
+        off.saturating_sub(self.base).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// The backing offset of `o` within the slice.
+    fn abs(&self, o: u32) -> u64 {
+        self.base + u64::from(o)
+    }
+
+    /// `off` within the slice, if the slice holds it.
+    fn exact(&self, off: u64) -> Option<u32> {
+        off.checked_sub(self.base).filter(|r| *r < CACHE_SUBTREE_SIZE).map(|r| r as u32)
     }
 
     /// Every entry, in offset order.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &IKey)> {
-        self.map.iter().map(|(o, k)| (*o, k))
+    pub fn iter(&self) -> impl Iterator<Item = (u64, IKey)> + '_ {
+        self.store.iter().map(|(o, p)| (self.abs(o), p.get()))
     }
 
     /// The entry at exactly `off`.
-    pub fn get(&self, off: u64) -> Option<&IKey> {
-        self.map.get(&off)
+    pub fn get(&self, off: u64) -> Option<IKey> {
+        self.store.get(self.exact(off)?).map(|p| p.get())
     }
 
-    fn put(&mut self, off: u64, key: IKey, d: &mut Delta) {
+    fn put(&mut self, o: u32, key: IKey, d: &mut Delta) {
         d.account(&key, 1);
-        if let Some(old) = self.map.insert(off, key) {
-            d.account(&old, -1);
+        if let Some(old) = self.store.put(o, Packed::new(&key)) {
+            d.account(&old.get(), -1);
         }
     }
 
-    fn take(&mut self, off: u64, d: &mut Delta) -> Option<IKey> {
-        let k = self.map.remove(&off)?;
+    fn take(&mut self, o: u32, d: &mut Delta) -> Option<IKey> {
+        let k = self.store.take(o)?.get();
         d.account(&k, -1);
         Some(k)
     }
 
     /// Removes the entry at `off`.
     pub fn remove(&mut self, off: u64, d: &mut Delta) -> Option<IKey> {
-        self.take(off, d)
+        let o = self.exact(off)?;
+        self.take(o, d)
     }
 
-    /// Inserts `key` at `off`; every overlapped part of existing keys is
-    /// cut away so the new key wins.
+    /// Inserts `key` at `ks`; every overlapped part of existing keys is
+    /// cut away so the new key wins. `[ks, ks + key.len)` must lie in one
+    /// slice, the one of the keys already here: the engine splits requests
+    /// at slice ends, and a key read from the log stays in its slice.
     pub fn insert(&mut self, ks: u64, key: IKey, d: &mut Delta) {
+        if self.is_empty() {
+            self.base = ks & !(CACHE_SUBTREE_SIZE - 1);
+        }
         let ke = ks + u64::from(key.len);
-        let ends_after = |(ts, t): (&u64, &IKey)| *ts + u64::from(t.len) > ks;
-        // Keys are sorted and disjoint: walking back from K's end, the
-        // overlapping ones come first, and the first that ends before K
-        // starts ends the search. Most inserts overlap nothing.
-        if self.map.range(..ke).next_back().is_some_and(ends_after) {
-            let overlapping: Vec<(u64, IKey)> =
-                self.map.range(..ke).rev().take_while(|e| ends_after(*e)).map(|(o, k)| (*o, *k)).collect();
+        assert!(
+            ks >= self.base && ke <= self.base + CACHE_SUBTREE_SIZE,
+            "key [{ks}, {ke}) outside the slice at {}",
+            self.base
+        );
+        let (ks, ke) = ((ks - self.base) as u32, (ke - self.base) as u32);
+        // Keys are sorted and disjoint: K overlaps something only if the
+        // last key starting before K's end ends after K's start. Most
+        // inserts overlap nothing.
+        if self.store.before(ke).is_some_and(|(ts, t)| ts + t.len() > ks) {
+            let overlapping: Vec<(u32, IKey)> = self.local_overlapping(ks, ke).map(|(o, p)| (o, p.get())).collect();
             for (ts, t) in overlapping {
-                let te = ts + u64::from(t.len);
+                let te = ts + t.len;
                 if ts < ks {
                     let mut head = t;
-                    head.len = (ks - ts) as u32;
+                    head.len = ks - ts;
                     self.put(ts, head, d);
                 } else {
                     self.take(ts, d);
                 }
                 if te > ke && !t.is_filling() {
                     let mut tail = t;
-                    tail.cut_front((ke - ts) as u32);
+                    tail.cut_front(ke - ts);
                     self.put(ke, tail, d);
                 }
             }
@@ -265,24 +306,34 @@ impl Slice {
 
     /// The key that covers all of `[ks, ke)`, if one does.
     pub fn covering(&self, ks: u64, ke: u64) -> Option<(u64, IKey)> {
-        let (ts, t) = self.map.range(..=ks).next_back()?;
-        (*ts + u64::from(t.len) >= ke).then_some((*ts, *t))
+        if ks < self.base {
+            return None;
+        }
+        let (ts, t) = self.store.at_or_before(self.rel(ks))?;
+        let ts = self.abs(ts);
+        (ts + u64::from(t.len()) >= ke).then(|| (ts, t.get()))
     }
 
     /// Removes the keys `stale` says are stale among those overlapping
     /// `[ks, ke)`; returns how many.
     pub fn drop_stale(&mut self, ks: u64, ke: u64, stale: impl Fn(&IKey) -> bool, d: &mut Delta) -> usize {
-        let found: Vec<u64> = self.overlapping(ks, ke).filter(|(_, k)| stale(k)).map(|(o, _)| o).collect();
+        let (ks, ke) = (self.rel(ks), self.rel(ke));
+        let found: Vec<u32> = self.local_overlapping(ks, ke).filter(|(_, p)| stale(&p.get())).map(|(o, _)| o).collect();
         for o in &found {
             self.take(*o, d);
         }
         found.len()
     }
 
+    /// Entries overlapping `[ks, ke)` within the slice, in order.
+    fn local_overlapping(&self, ks: u32, ke: u32) -> impl Iterator<Item = (u32, Packed)> + '_ {
+        let before = self.store.before(ks).filter(|(o, p)| u64::from(*o) + u64::from(p.len()) > u64::from(ks));
+        before.into_iter().chain(self.store.from(ks).take_while(move |(o, _)| *o < ke))
+    }
+
     /// Entries overlapping `[ks, ke)`, in order.
     pub fn overlapping(&self, ks: u64, ke: u64) -> impl Iterator<Item = (u64, IKey)> + '_ {
-        let before = self.map.range(..ks).next_back().filter(|(o, k)| **o + u64::from(k.len) > ks);
-        before.into_iter().chain(self.map.range(ks..ke)).map(|(o, k)| (*o, *k))
+        self.local_overlapping(self.rel(ks), self.rel(ke)).map(|(o, p)| (self.abs(o), p.get()))
     }
 
     /// How `[ks, ke)` maps onto the index: hits, misses and pending fills,
@@ -311,19 +362,23 @@ impl Slice {
 
     /// Removes clean keys from `[ks, ke)`, cutting those that cross its ends.
     pub fn drop_clean(&mut self, ks: u64, ke: u64, d: &mut Delta) {
-        let clean: Vec<(u64, IKey)> =
-            self.overlapping(ks, ke).filter(|(_, k)| !k.is_filling() && !k.is_dirty()).collect();
+        let (ks, ke) = (self.rel(ks), self.rel(ke));
+        let clean: Vec<(u32, IKey)> = self
+            .local_overlapping(ks, ke)
+            .map(|(o, p)| (o, p.get()))
+            .filter(|(_, k)| !k.is_filling() && !k.is_dirty())
+            .collect();
         for (ts, t) in clean {
-            let te = ts + u64::from(t.len);
+            let te = ts + t.len;
             self.take(ts, d);
             if ts < ks {
                 let mut head = t;
-                head.len = (ks - ts) as u32;
+                head.len = ks - ts;
                 self.put(ts, head, d);
             }
             if te > ke {
                 let mut tail = t;
-                tail.cut_front((ke - ts) as u32);
+                tail.cut_front(ke - ts);
                 self.put(ke, tail, d);
             }
         }
@@ -415,7 +470,7 @@ mod tests {
         s.insert(0, IKey::placeholder(300, 7), &mut d);
         s.insert(100, key(50, 2, 0), &mut d);
         assert_eq!(entries(&s), vec![(0, 100, 0, 0), (100, 50, 2, 0)], "containing: cut back, not split");
-        assert_eq!(s.get(0).and_then(IKey::fill_id), Some(7), "still the same fill's placeholder");
+        assert_eq!(s.get(0).and_then(|k| k.fill_id()), Some(7), "still the same fill's placeholder");
     }
 
     #[test]
@@ -462,6 +517,122 @@ mod tests {
         assert_eq!(d, Delta { keys: 3, dirty_bytes: 300, clean_bytes: 0 });
     }
 
+    /// The index as a `BTreeMap` of whole keys, as it was before keys were
+    /// packed: what [`Slice`] must still do.
+    #[derive(Default)]
+    struct Model(BTreeMap<u64, IKey>);
+
+    impl Model {
+        fn overlapping(&self, ks: u64, ke: u64) -> Vec<(u64, IKey)> {
+            let before = self.0.range(..ks).next_back().filter(|(o, k)| **o + u64::from(k.len) > ks);
+            before.into_iter().chain(self.0.range(ks..ke)).map(|(o, k)| (*o, *k)).collect()
+        }
+
+        fn insert(&mut self, ks: u64, key: IKey) {
+            let ke = ks + u64::from(key.len);
+            for (ts, t) in self.overlapping(ks, ke) {
+                self.0.remove(&ts);
+                if ts < ks {
+                    self.0.insert(ts, IKey { len: (ks - ts) as u32, ..t });
+                }
+                if ts + u64::from(t.len) > ke && !t.is_filling() {
+                    let mut tail = t;
+                    tail.cut_front((ke - ts) as u32);
+                    self.0.insert(ke, tail);
+                }
+            }
+            self.0.insert(ks, key);
+        }
+
+        fn drop_clean(&mut self, ks: u64, ke: u64) {
+            for (ts, t) in self.overlapping(ks, ke).into_iter().filter(|(_, k)| k.state == KeyState::Clean) {
+                self.0.remove(&ts);
+                if ts < ks {
+                    self.0.insert(ts, IKey { len: (ks - ts) as u32, ..t });
+                }
+                if ts + u64::from(t.len) > ke {
+                    let mut tail = t;
+                    tail.cut_front((ke - ts) as u32);
+                    self.0.insert(ke, tail);
+                }
+            }
+        }
+    }
+
+    /// An operation on a slice: 0 inserts a dirty key, 1 a clean one, 2 a
+    /// placeholder, 3 removes the entry at or before `off`, 4 drops clean
+    /// keys, 5 drops keys of odd segments as stale.
+    fn apply(s: &mut Slice, m: &mut Model, d: &mut Delta, (op, off, len, seg): (u8, u64, u32, u32)) {
+        let mut k = IKey { seg_gen: u64::from(seg) << 33, ..key(len, seg, seg * 64) };
+        match op {
+            0 | 1 => {
+                k.state = if op == 0 { KeyState::Dirty } else { KeyState::Clean };
+                s.insert(off, k, d);
+                m.insert(off, k);
+            }
+            2 => {
+                s.insert(off, IKey::placeholder(len, seg), d);
+                m.insert(off, IKey::placeholder(len, seg));
+            }
+            3 => {
+                let at = m.0.range(..=off).next_back().map(|(o, _)| *o).unwrap_or(off);
+                assert_eq!(s.remove(at, d), m.0.remove(&at));
+            }
+            4 => {
+                s.drop_clean(off, off + u64::from(len), d);
+                m.drop_clean(off, off + u64::from(len));
+            }
+            _ => {
+                let stale = |k: &IKey| !k.is_filling() && k.cache_seg % 2 == 1;
+                s.drop_stale(off, off + u64::from(len), stale, d);
+                for (o, _) in m.overlapping(off, off + u64::from(len)).into_iter().filter(|(_, k)| stale(k)) {
+                    m.0.remove(&o);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sequential_and_descending_runs_fill_their_leaves() {
+        for descending in [false, true] {
+            let mut s = Slice::default();
+            let mut d = Delta::default();
+            for i in 0..1000u64 {
+                let i = if descending { 999 - i } else { i };
+                s.insert((5 << CACHE_SUBTREE_SHIFT) + i * 8, key(8, 1, 0), &mut d);
+            }
+            let lens = s.store.leaf_lens();
+            assert!(lens.iter().filter(|&&n| n < store::LEAF_CAP).count() <= 1, "{lens:?}");
+            assert_eq!(s.len(), 1000);
+        }
+    }
+
+    #[test]
+    fn packed_keys_round_trip_at_their_bounds() {
+        let max = IKey {
+            seg_gen: u64::MAX,
+            len: CACHE_SUBTREE_SIZE as u32,
+            cache_seg: u32::MAX,
+            seg_off: pcache_format::CACHE_SEG_DATA_SIZE - 1,
+            crc: u32::MAX,
+            orig_delta: CACHE_SUBTREE_SIZE as u32 - 1,
+            orig_len: CACHE_SUBTREE_SIZE as u32,
+            state: KeyState::Clean,
+        };
+        assert_eq!(Packed::new(&max).get(), max);
+        assert_eq!(Packed::new(&max).len(), max.len);
+        let ph = IKey::placeholder(CACHE_SUBTREE_SIZE as u32, u32::MAX);
+        assert_eq!(Packed::new(&ph).get(), ph);
+        let dirty = IKey { state: KeyState::Dirty, seg_gen: 0, ..max };
+        assert_eq!(Packed::new(&dirty).get(), dirty);
+    }
+
+    #[test]
+    #[should_panic(expected = "out of its bounds")]
+    fn keys_past_the_packed_bounds_are_refused() {
+        Packed::new(&key(CACHE_SUBTREE_SIZE as u32 * 2, 1, 0));
+    }
+
     proptest! {
         /// Any sequence of inserts leaves an index that maps every byte to
         /// the newest key covering it, at the right place in its data.
@@ -492,6 +663,35 @@ mod tests {
             }
             prop_assert_eq!(seen, model);
             prop_assert_eq!(d, Delta { keys, dirty_bytes: bytes, clean_bytes: 0 });
+        }
+
+        /// Any sequence of operations, over enough small keys to fill,
+        /// split, rebalance and merge many leaves, leaves the slice as the
+        /// `BTreeMap` index left it, and answers every query alike.
+        #[test]
+        fn slice_matches_btreemap_index(
+            ops in proptest::collection::vec((0u8..6, 0u64..6000, 1u32..48, 0u32..8), 1..800),
+            queries in proptest::collection::vec((0u64..6100, 1u64..300), 20),
+        ) {
+            let base = 3 << CACHE_SUBTREE_SHIFT;
+            let (mut s, mut m, mut d) = (Slice::default(), Model::default(), Delta::default());
+            for (op, off, len, seg) in ops {
+                apply(&mut s, &mut m, &mut d, (op, base + off, len, seg));
+            }
+            prop_assert_eq!(s.iter().collect::<Vec<_>>(), m.0.iter().map(|(o, k)| (*o, *k)).collect::<Vec<_>>());
+            prop_assert_eq!(s.len(), m.0.len());
+            let mut want = Delta::default();
+            for k in m.0.values() {
+                want.account(k, 1);
+            }
+            prop_assert_eq!(d, want);
+            for (off, len) in queries {
+                let (ks, ke) = (base + off, base + off + len);
+                prop_assert_eq!(s.overlapping(ks, ke).collect::<Vec<_>>(), m.overlapping(ks, ke));
+                let covering = m.0.range(..=ks).next_back().filter(|(o, k)| **o + u64::from(k.len) >= ke);
+                prop_assert_eq!(s.covering(ks, ke), covering.map(|(o, k)| (*o, *k)));
+                prop_assert_eq!(s.get(ks), m.0.get(&ks).copied());
+            }
         }
     }
 }

@@ -369,7 +369,7 @@ impl<B: BackingDev> Io<B> {
             let stored =
                 r.space.data_addr(ext.seg, ext.off, ext.len).and_then(|a| Ok(r.space.pmem().copy_persist(a, piece)?));
             let mut slice = self.index.slice(at);
-            let current = slice.get(at).copied().filter(|k| k.fill_id() == Some(id));
+            let current = slice.get(at).filter(|k| k.fill_id() == Some(id));
             let (Some(ph), Ok(())) = (current, stored) else {
                 drop(slice);
                 let _ = r.space.put_ref(ext.seg, r.ctx);

@@ -6,10 +6,12 @@
 //! history, at kset boundaries. A failed write or sync leaves the dirty
 //! tail where it is; the same ksets are retried.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use pcache_format::CACHE_SUBTREE_SHIFT;
 use pcache_format::media::{LogEnd, LogStep, LogWalk};
 
 use super::ctx::lock;
@@ -341,12 +343,24 @@ pub(super) fn extent_why(err: &EngineError, off: u64, len: u32) -> String {
     }
 }
 
-/// Collapses a kset's keys as the index does: later keys win.
-pub(super) fn collapse(keys: &[pcache_format::Key]) -> Slice {
-    let mut tree = Slice::default();
+/// A kset's keys collapsed: what is left of each, in backing offset order.
+pub(super) struct Collapsed(Vec<(u64, IKey)>);
+
+impl Collapsed {
+    /// Each key left, with its offset.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u64, &IKey)> {
+        self.0.iter().map(|(o, k)| (*o, k))
+    }
+}
+
+/// Collapses a kset's keys as the index does: later keys win. A kset holds
+/// keys of several slices, each collapsed in its own.
+pub(super) fn collapse(keys: &[pcache_format::Key]) -> Collapsed {
+    let mut slices: BTreeMap<u64, Slice> = BTreeMap::new();
     let mut d = Delta::default();
     for k in keys {
-        tree.insert(k.off.get(), IKey::from_media(k, k.is_dirty()), &mut d);
+        let off = k.off.get();
+        slices.entry(off >> CACHE_SUBTREE_SHIFT).or_default().insert(off, IKey::from_media(k, k.is_dirty()), &mut d);
     }
-    tree
+    Collapsed(slices.values().flat_map(Slice::iter).collect())
 }
