@@ -63,7 +63,7 @@ fn indexed_keys<P: Pmem>(index: &Index, r: Roles<'_, P>) -> Result<(), String> {
     for (i, slice) in index.slices().iter().enumerate() {
         // A slice held by a writer that waits for GC is skipped rather than
         // waited for: GC may be the caller.
-        let Ok(s) = slice.try_lock() else { continue };
+        let Ok(s) = slice.try_read() else { continue };
         if s.is_empty() {
             continue;
         }

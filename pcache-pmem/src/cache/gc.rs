@@ -111,7 +111,7 @@ pub(super) fn worker<P: Pmem>(index: &Index, r: Roles<'_, P>) {
 pub(super) fn clean_stale<P: Pmem>(index: &Index, r: Roles<'_, P>) {
     for slice in index.slices() {
         loop {
-            let Ok(mut s) = slice.try_lock() else { break };
+            let Ok(mut s) = slice.try_write() else { break };
             let stale: Vec<u64> =
                 s.iter().filter(|(_, k)| r.space.is_stale(k)).map(|(o, _)| o).take(CLEAN_KEYS_MAX).collect();
             let mut d = Delta::default();

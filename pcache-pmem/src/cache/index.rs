@@ -23,7 +23,7 @@
 mod store;
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use pcache_format::{CACHE_SUBTREE_SHIFT, CACHE_SUBTREE_SIZE, Key, KeyFlags};
 
@@ -389,14 +389,14 @@ impl Slice {
 /// own lock.
 #[derive(Debug)]
 pub(super) struct Index {
-    slices: Vec<Mutex<Slice>>,
+    slices: Vec<RwLock<Slice>>,
 }
 
 impl Index {
     /// The index of a device of `dev_size` bytes, with what replay found.
     pub(super) fn new(dev_size: u64, loaded: BTreeMap<u64, Slice>) -> Self {
         let n = dev_size.div_ceil(CACHE_SUBTREE_SIZE) as usize;
-        let mut slices: Vec<Mutex<Slice>> = (0..n).map(|_| Mutex::new(Slice::default())).collect();
+        let mut slices: Vec<RwLock<Slice>> = (0..n).map(|_| RwLock::new(Slice::default())).collect();
         for (idx, slice) in loaded {
             if let Some(s) = slices.get_mut(idx as usize) {
                 *s.get_mut().unwrap_or_else(|e| e.into_inner()) = slice;
@@ -406,12 +406,18 @@ impl Index {
     }
 
     /// The slice holding backing offset `off`, locked.
-    pub(super) fn slice(&self, off: u64) -> MutexGuard<'_, Slice> {
-        self.slices[(off >> CACHE_SUBTREE_SHIFT) as usize].lock().unwrap_or_else(|e| e.into_inner())
+    pub(super) fn slice(&self, off: u64) -> RwLockWriteGuard<'_, Slice> {
+        self.slices[(off >> CACHE_SUBTREE_SHIFT) as usize].write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Every slice.
-    pub(super) fn slices(&self) -> &[Mutex<Slice>] {
+    /// The slice holding backing offset `off`, shared with other readers:
+    /// what a read hit looks up, so that readers of one slice never wait
+    /// for each other.
+    pub(super) fn slice_shared(&self, off: u64) -> RwLockReadGuard<'_, Slice> {
+        self.slices[(off >> CACHE_SUBTREE_SHIFT) as usize].read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn slices(&self) -> &[RwLock<Slice>] {
         &self.slices
     }
 }

@@ -204,7 +204,7 @@ impl<B: BackingDev> Io<B> {
         while at < end {
             let to = slice_end(at).min(end);
             let mut pos = at;
-            let slice = self.index.slice(at);
+            let slice = self.index.slice_shared(at);
             while pos < to {
                 match slice.covering(pos, pos + 1) {
                     Some((ts, k)) if !k.is_filling() && !space.is_stale(&k) => pos = ts + u64::from(k.len),
@@ -266,7 +266,7 @@ impl<B: BackingDev> Io<B> {
         let end = off + out.len() as u64;
         // The common case: one live key covers the whole range.
         let covering =
-            self.index.slice(off).covering(off, end).filter(|(_, k)| !k.is_filling() && !r.space.is_stale(k));
+            self.index.slice_shared(off).covering(off, end).filter(|(_, k)| !k.is_filling() && !r.space.is_stale(k));
         if let Some((ts, key)) = covering
             && self.copy_hit(ts, &key, (off - ts) as u32, out, r.space)?
         {
