@@ -52,6 +52,20 @@ pub(super) struct BgHealth {
     pub(super) gc_stopped: Option<String>,
 }
 
+impl BgHealth {
+    /// Records a writeback failure: one that may clear (retried) is failing
+    /// since the first of its kind; any other stops writeback until a
+    /// restart.
+    pub(super) fn writeback_failed(&mut self, msg: String, retry: bool) {
+        if retry {
+            self.writeback_failing_since.get_or_insert_with(Instant::now);
+            self.writeback_last_error = Some(msg);
+        } else {
+            self.writeback_stopped = Some(msg);
+        }
+    }
+}
+
 /// The state every role of a running cache shares.
 #[derive(Debug)]
 pub(super) struct Ctx {

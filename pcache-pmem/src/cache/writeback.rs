@@ -200,12 +200,7 @@ impl Writeback {
         let mut h = lock(&r.ctx.health);
         let repeat = h.writeback_stopped.as_deref() == Some(msg.as_str())
             || h.writeback_last_error.as_deref() == Some(msg.as_str());
-        if b.retry {
-            h.writeback_failing_since.get_or_insert_with(Instant::now);
-            h.writeback_last_error = Some(msg.clone());
-        } else {
-            h.writeback_stopped = Some(msg.clone());
-        }
+        h.writeback_failed(msg.clone(), b.retry);
         drop(h);
         if !repeat {
             let (off, len) = b.range.map_or((None, None), |(o, l)| (Some(o), Some(l)));
@@ -258,16 +253,9 @@ impl Writeback {
                     // logged) where it was met; other errors are recorded
                     // here.
                     let retry = blocked.unwrap_or(matches!(err, EngineError::Backing(_) | EngineError::Pmem(_)));
-                    let mut h = lock(&ctx.health);
                     if blocked.is_none() {
-                        if retry {
-                            h.writeback_failing_since.get_or_insert_with(Instant::now);
-                            h.writeback_last_error = Some(err.to_string());
-                        } else {
-                            h.writeback_stopped = Some(err.to_string());
-                        }
+                        lock(&ctx.health).writeback_failed(err.to_string(), retry);
                     }
-                    drop(h);
                     if !retry {
                         r.space.wake_waiters();
                         return;
