@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use pcache_format::media::{ChainWalk, LogEnd, LogStep, LogWalk, read_gen, read_tails};
+use pcache_format::media::{LogEnd, LogStep, LogWalk, read_gen, read_tails};
 use pcache_format::{BackingDevInfo, CACHE_SEG_CTRL_SIZE, CACHE_SEG_DATA_SIZE, KSET_HEADER_SIZE, Key, Layout};
 
 use super::dev::CacheDev;
 use super::error::EngineError;
 use super::facade::Cache;
 use super::io::read_extent;
-use super::load::LogPos;
+use super::load::{LogPos, chain_of};
 use super::options::CacheOptions;
 use super::writeback::{collapse, extent_why};
 use crate::backing::BackingDev;
@@ -293,11 +293,7 @@ fn read_for_salvage<P: Pmem>(dev: &CacheDev<P>, info: &BackingDevInfo) -> Result
     let (media, layout) = (AsMedia(dev.pmem()), dev.layout());
     let ci = info.cache_info;
     let n_segs = ci.n_segs.get();
-    let mut dev_segs = Vec::with_capacity(n_segs as usize);
-    let mut chain = ChainWalk::new(ci.seg_id.get(), n_segs);
-    while let Some(step) = chain.next(&media, layout) {
-        dev_segs.push(step?.dev_seg);
-    }
+    let dev_segs = chain_of(dev.pmem(), layout, info)?;
     let gens = dev_segs
         .iter()
         .map(|&seg| read_gen(&media, layout, seg).ok()?.latest.ok().map(|g| g.record.gen_.get()))
@@ -429,13 +425,7 @@ pub struct DiscardReport {
 /// names a file or device, by identity.
 pub fn discard<P: Pmem>(dev: &CacheDev<P>, stored: &std::path::Path) -> Result<DiscardReport, EngineError> {
     let (id, info) = super::repair::entry_named(dev, stored)?;
-    let ci = info.cache_info;
-    let media = crate::pmem::AsMedia(dev.pmem());
-    let mut segs = Vec::new();
-    let mut walk = pcache_format::media::ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
-    while let Some(step) = walk.next(&media, dev.layout()) {
-        segs.push(step?.dev_seg);
-    }
+    let segs = chain_of(dev.pmem(), dev.layout(), &info)?;
     let dirty_bytes = super::facade::summarize(dev.pmem(), dev.layout(), &info).ok().map(|s| s.dirty_bytes);
     release(dev, id, &info, &segs)?;
     Ok(DiscardReport { id, dirty_bytes, segments_released: segs.len() as u32 })

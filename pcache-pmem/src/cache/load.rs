@@ -57,6 +57,23 @@ pub struct Loaded {
     pub replay: ReplayStats,
 }
 
+/// The device segment of each cache segment of the cache of entry `info`,
+/// its chain checked on the way.
+pub(super) fn chain_of<P: Pmem + ?Sized>(
+    pmem: &P,
+    layout: &Layout,
+    info: &BackingDevInfo,
+) -> Result<Vec<u32>, EngineError> {
+    let media = AsMedia(pmem);
+    let ci = info.cache_info;
+    let mut dev_segs = Vec::with_capacity(ci.n_segs.get() as usize);
+    let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
+    while let Some(step) = walk.next(&media, layout) {
+        dev_segs.push(step?.dev_seg);
+    }
+    Ok(dev_segs)
+}
+
 /// Loads the cache of backing entry `info` for a backing device of
 /// `dev_size` bytes. Every on-media value is checked before use; a damaged
 /// cache is refused with the place and the reason, except for the one
@@ -70,11 +87,7 @@ pub fn load<P: Pmem + ?Sized>(
     let media = AsMedia(pmem);
     let ci = info.cache_info;
     let n_segs = ci.n_segs.get();
-    let mut dev_segs = Vec::with_capacity(n_segs as usize);
-    let mut walk = ChainWalk::new(ci.seg_id.get(), n_segs);
-    while let Some(step) = walk.next(&media, layout) {
-        dev_segs.push(step?.dev_seg);
-    }
+    let dev_segs = chain_of(pmem, layout, info)?;
     let mut gens = Vec::with_capacity(dev_segs.len());
     for (i, &seg) in dev_segs.iter().enumerate() {
         let pair = read_gen(&media, layout, seg)?;
