@@ -341,39 +341,53 @@ mod tests {
         assert!(matches!(r, Err(NbdError::Protocol(Violation::RequestMagic { found: 0 }))));
     }
 
-    /// Reads at offset 0 are slow and run on workers.
-    struct Slow(MemDevice);
+    /// A device whose requests of kind `slow` at offset 0 take 200 ms; they
+    /// may block, so they run on workers.
+    struct Slow {
+        mem: MemDevice,
+        slow: u16,
+    }
+
+    impl Slow {
+        fn wait(&self, kind: u16, off: u64) {
+            if kind == self.slow && off == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    }
 
     impl BlockDevice for Slow {
         fn size(&self) -> u64 {
-            self.0.size()
+            self.mem.size()
         }
         fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
-            if off == 0 {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            self.0.read(off, buf)
+            self.wait(CMD_READ, off);
+            self.mem.read(off, buf)
         }
         fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
-            self.0.write(off, data, fua)
+            self.wait(CMD_WRITE, off);
+            self.mem.write(off, data, fua)
         }
         fn flush(&self) -> Result<(), DevError> {
-            self.0.flush()
+            self.mem.flush()
         }
         fn trim(&self, off: u64, len: u64) -> Result<(), DevError> {
-            self.0.trim(off, len)
+            self.mem.trim(off, len)
         }
         fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError> {
-            self.0.write_zeroes(off, len, fua)
+            self.mem.write_zeroes(off, len, fua)
         }
         fn read_may_block(&self, off: u64, _len: u64) -> bool {
-            off == 0
+            self.slow == CMD_READ && off == 0
+        }
+        fn writes_may_block(&self) -> bool {
+            self.slow == CMD_WRITE
         }
     }
 
     #[test]
     fn slow_reads_reply_out_of_order() {
-        let dev: Arc<dyn BlockDevice> = Arc::new(Slow(MemDevice::new(1 << 20)));
+        let dev: Arc<dyn BlockDevice> = Arc::new(Slow { mem: MemDevice::new(1 << 20), slow: CMD_READ });
         let mut input = request(CMD_READ, 0, 1, 0, 16);
         input.extend(request(CMD_WRITE, 0, 2, 4096, 2));
         input.extend_from_slice(b"hi");
@@ -387,42 +401,9 @@ mod tests {
         assert_eq!(&out[32..34], b"hi");
     }
 
-    /// Writes at offset 0 are slow, and writes may block: they run on workers.
-    struct SlowWrites(MemDevice);
-
-    impl BlockDevice for SlowWrites {
-        fn size(&self) -> u64 {
-            self.0.size()
-        }
-        fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
-            self.0.read(off, buf)
-        }
-        fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
-            if off == 0 {
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            self.0.write(off, data, fua)
-        }
-        fn flush(&self) -> Result<(), DevError> {
-            self.0.flush()
-        }
-        fn trim(&self, off: u64, len: u64) -> Result<(), DevError> {
-            self.0.trim(off, len)
-        }
-        fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError> {
-            self.0.write_zeroes(off, len, fua)
-        }
-        fn read_may_block(&self, _off: u64, _len: u64) -> bool {
-            false
-        }
-        fn writes_may_block(&self) -> bool {
-            true
-        }
-    }
-
     #[test]
     fn writes_that_may_block_run_side_by_side() {
-        let mem = Arc::new(SlowWrites(MemDevice::new(1 << 20)));
+        let mem = Arc::new(Slow { mem: MemDevice::new(1 << 20), slow: CMD_WRITE });
         let dev: Arc<dyn BlockDevice> = mem.clone();
         let mut input = request(CMD_WRITE, 0, 1, 0, 2);
         input.extend_from_slice(b"ab");
@@ -435,9 +416,9 @@ mod tests {
         // The fast write replies while the slow one waits; both land.
         assert_eq!((handle(0), handle(16)), (2, 1));
         let mut b = [0u8; 2];
-        mem.0.read(0, &mut b).unwrap();
+        mem.mem.read(0, &mut b).unwrap();
         assert_eq!(&b, b"ab");
-        mem.0.read(4096, &mut b).unwrap();
+        mem.mem.read(4096, &mut b).unwrap();
         assert_eq!(&b, b"cd");
     }
 
