@@ -221,6 +221,7 @@ impl MetaRecord for BackingDevInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Dialect;
     use crate::error::ErrorKind;
     use crate::meta::{decode_copy, encode_copy};
 
@@ -229,8 +230,8 @@ mod tests {
         let ci = CacheInfo::new(1, 32, 70, CacheFlags::DATA_CRC);
         let info = BackingDevInfo::running(3, b"/dev/sdb", 2048, ci).unwrap();
         let mut copy = [0u8; BACKING_DEV_INFO_SIZE];
-        encode_copy(&info, 1, &mut copy).unwrap();
-        let back: BackingDevInfo = decode_copy(&copy).unwrap();
+        encode_copy(Dialect::RfcV1, &info, 1, &mut copy).unwrap();
+        let back: BackingDevInfo = decode_copy(Dialect::RfcV1, &copy).unwrap();
         assert_eq!(back.path(), b"/dev/sdb");
         assert!(back.is_running());
         assert!(back.cache_info.data_crc());

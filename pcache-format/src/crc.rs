@@ -1,5 +1,6 @@
-//! The RFC v1 CRC (spec §2.4).
+//! The CRCs of both dialects (spec §2.4, §3.6).
 //!
+//! RFC v1 ([`crc32`]):
 //! Every RFC checksum is the kernel's `crc32(seed, buf, len)` with seed 0:
 //! the reflected CRC-32 polynomial `0x04C11DB7`, a register that starts at
 //! zero and no final inversion. It is neither the zlib CRC (which starts at
@@ -10,6 +11,16 @@
 //! ```
 //! assert_eq!(pcache_format::crc::crc32(b"123456789"), 0x2DFD_2D88);
 //! assert_eq!(pcache_format::crc::crc32(&[0u8; 4096]), 0);
+//! ```
+//!
+//! dm-pcache ([`crc32c`]): the kernel's `crc32c(0x3B15A, buf, len)`, the
+//! reflected Castagnoli polynomial `0x1EDC6F41` with a register that starts
+//! at `0x3B15A` and no final inversion. Zeros do not hash to zero, so a
+//! zeroed slot fails its CRC check.
+//!
+//! ```
+//! assert_eq!(pcache_format::crc::crc32c(b"123456789"), 0xE586_8AB2);
+//! assert_eq!(pcache_format::crc::crc32c(&[0u8; 4096]), 0x6035_71B1);
 //! ```
 
 use crc::{Algorithm, Crc, Table};
@@ -47,6 +58,46 @@ pub fn crc32(data: &[u8]) -> u32 {
 /// The RFC CRC of `data` by the table-driven reference implementation.
 pub fn crc32_reference(data: &[u8]) -> u32 {
     CRC.checksum(data)
+}
+
+/// Register preset of every dm-pcache CRC.
+pub const DM_CRC_SEED: u32 = 0x0003_B15A;
+
+/// The dm-pcache CRC as a `crc` crate algorithm. The crate states `init` in
+/// unreflected form: the bit reversal of [`DM_CRC_SEED`].
+pub const DM_PCACHE_CRC32C: Algorithm<u32> = Algorithm {
+    width: 32,
+    poly: 0x1EDC_6F41,
+    init: DM_CRC_SEED.reverse_bits(),
+    refin: true,
+    refout: true,
+    xorout: 0,
+    check: 0xE586_8AB2,
+    residue: 0,
+};
+
+static CRC_C: Crc<u32, Table<16>> = Crc::<u32, Table<16>>::new(&DM_PCACHE_CRC32C);
+
+/// The dm-pcache CRC of `data`.
+///
+/// With `std`, computed by the `crc32c` crate (the CPU's CRC32 instruction
+/// where it has one), whose functions invert the register before and after:
+/// starting from the inverted seed and inverting the result gives the
+/// kernel's CRC. Without `std`, the table-driven reference.
+pub fn crc32c(data: &[u8]) -> u32 {
+    #[cfg(feature = "std")]
+    {
+        !crc32c_hw::crc32c_append(!DM_CRC_SEED, data)
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        CRC_C.checksum(data)
+    }
+}
+
+/// The dm-pcache CRC of `data` by the table-driven reference implementation.
+pub fn crc32c_reference(data: &[u8]) -> u32 {
+    CRC_C.checksum(data)
 }
 
 /// A CRC computed over several pieces, equal to [`crc32`] of their
@@ -131,7 +182,22 @@ mod tests {
         assert_eq!(crc32(b""), 0);
     }
 
+    #[test]
+    fn dm_pcache_check_values() {
+        // Spec §5 examples 1 and 5, and §3.6.
+        assert_eq!(crc32c(b"123456789"), 0xE586_8AB2);
+        assert_eq!(crc32c_reference(b"123456789"), 0xE586_8AB2);
+        assert_eq!(crc32c(&[0u8; 4096]), 0x6035_71B1);
+        assert_eq!(crc32c(&[0u8; 20]), 0xB9B6_9066);
+        assert_eq!(crc32c(b""), DM_CRC_SEED);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn fast_crc32c_equals_reference(data in proptest::collection::vec(proptest::num::u8::ANY, 0..5000)) {
+            proptest::prop_assert_eq!(crc32c(&data), crc32c_reference(&data));
+        }
+
         #[test]
         fn fast_equals_reference(data in proptest::collection::vec(proptest::num::u8::ANY, 0..5000), cut in 0usize..5000) {
             proptest::prop_assert_eq!(crc32(&data), crc32_reference(&data));

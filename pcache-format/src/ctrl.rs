@@ -170,13 +170,14 @@ static_assertions::const_assert_eq!(core::mem::offset_of!(CacheCtrl, dirty_tail_
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Dialect;
     use crate::meta::{encode_copy, read_latest};
 
     #[test]
     fn golden_tail() {
         // Spec §5 example 2.
         let mut copy = [0u8; 16];
-        encode_copy(&CachePos::new(0, 0), 1, &mut copy).unwrap();
+        encode_copy(Dialect::RfcV1, &CachePos::new(0, 0), 1, &mut copy).unwrap();
         assert_eq!(u32::from_le_bytes(copy[..4].try_into().unwrap()), 0x9BA5_4C6F);
         assert_eq!(&copy[4..], &[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
@@ -184,20 +185,20 @@ mod tests {
     #[test]
     fn gen_pair_latest() {
         let mut pair = [0u8; 32];
-        encode_copy(&CacheSegGen::new(5), 10, &mut pair[..16]).unwrap();
-        encode_copy(&CacheSegGen::new(6), 11, &mut pair[16..]).unwrap();
-        let l = read_latest::<CacheSegGen>(&pair).unwrap();
+        encode_copy(Dialect::RfcV1, &CacheSegGen::new(5), 10, &mut pair[..16]).unwrap();
+        encode_copy(Dialect::RfcV1, &CacheSegGen::new(6), 11, &mut pair[16..]).unwrap();
+        let l = read_latest::<CacheSegGen>(Dialect::RfcV1, &pair).unwrap();
         assert_eq!((l.copy, l.record.gen_.get()), (1, 6));
     }
 
     #[test]
     fn pos_offset_checked() {
         let mut copy = [0u8; 16];
-        encode_copy(&CachePos::new(0, CACHE_SEG_DATA_SIZE), 1, &mut copy).unwrap();
+        encode_copy(Dialect::RfcV1, &CachePos::new(0, CACHE_SEG_DATA_SIZE), 1, &mut copy).unwrap();
         let mut pair = [0u8; 32];
         pair[..16].copy_from_slice(&copy);
         pair[16..].copy_from_slice(&copy);
-        let err = read_latest::<CachePos>(&pair).unwrap_err();
+        let err = read_latest::<CachePos>(Dialect::RfcV1, &pair).unwrap_err();
         assert_eq!(err.copy, Some(0));
     }
 }

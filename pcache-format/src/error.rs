@@ -16,6 +16,8 @@ pub enum Record {
     SegmentInfo,
     /// A backing-table entry.
     BackingDevInfo,
+    /// dm-pcache's cache info (at 0x2000 and 0x3000).
+    CacheInfo,
     /// A cache segment's generation record.
     SegmentGen,
     /// A log position (key tail or dirty tail).
@@ -35,6 +37,7 @@ impl Record {
             Record::MetaSegmentInfo => "meta segment info",
             Record::SegmentInfo => "segment info",
             Record::BackingDevInfo => "backing device info",
+            Record::CacheInfo => "cache info",
             Record::SegmentGen => "segment generation",
             Record::CachePos => "cache position",
             Record::Kset => "kset",

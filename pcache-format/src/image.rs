@@ -12,19 +12,26 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::backing::BackingDevInfo;
+use crate::backing::{BackingDevInfo, BackingState, CacheFlags, CacheInfo};
 use crate::consts::{SB_OFF, SB_SIZE};
 use crate::ctrl::CachePos;
+use crate::dialect::Dialect;
+use crate::dm::{DmCacheInfo, DmSuperblock};
 use crate::error::{Error, ErrorKind, Record};
 use crate::kset::Key;
 use crate::layout::Layout;
 use crate::media::{
-    ChainWalk, LogEnd, LogPos, LogStep, LogWalk, Pair, ReadError, ReadMedia, Tails, read, read_backing, read_gen,
-    read_meta_segment_info, read_tails, table_ids,
+    ChainWalk, LogEnd, LogPos, LogStep, LogWalk, Pair, ReadError, ReadMedia, Tails, read, read_backing,
+    read_dm_cache_info, read_gen, read_meta_segment_info, read_tails, table_ids,
 };
 use crate::meta::{CopyInfo, MetaRecord};
 use crate::segment::MetaSegmentInfo;
 use crate::superblock::Superblock;
+
+/// The id a dm-pcache device's one cache has in a [`Report`] (its
+/// [`BackingReport::id`] and in [`Location`]s): dm-pcache has no backing
+/// table, and its cache is printed as "the cache".
+pub const DM_CACHE_ID: u32 = u32::MAX - 1;
 
 /// What to scan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,11 +102,18 @@ impl fmt::Display for Location {
             Location::Device => f.write_str("device"),
             Location::Superblock => f.write_str("superblock"),
             Location::MetaSegment => f.write_str("meta segment"),
+            Location::Backing { id: DM_CACHE_ID } => f.write_str("cache"),
             Location::Backing { id } => write!(f, "backing {id}"),
+            Location::Segment { backing: DM_CACHE_ID, cache_seg, dev_seg } => {
+                write!(f, "cache segment {cache_seg} (device segment {dev_seg})")
+            }
             Location::Segment { backing, cache_seg, dev_seg } => {
                 write!(f, "backing {backing}, cache segment {cache_seg} (device segment {dev_seg})")
             }
             Location::DeviceSegment { dev_seg } => write!(f, "device segment {dev_seg}"),
+            Location::Log { backing: DM_CACHE_ID, cache_seg, seg_off } => {
+                write!(f, "key log at segment {cache_seg} offset {seg_off:#x}")
+            }
             Location::Log { backing, cache_seg, seg_off } => {
                 write!(f, "backing {backing}, key log at segment {cache_seg} offset {seg_off:#x}")
             }
@@ -131,7 +145,23 @@ pub enum Issue {
         /// Its number of segments.
         n_segs: u32,
         /// Segments of the device.
-        seg_num: u16,
+        seg_num: u32,
+    },
+    /// dm-pcache: no valid cache info. The kernel would start a new, empty
+    /// cache here, discarding whatever the segments hold.
+    NoCacheInfo(Error),
+    /// dm-pcache: the cache info lacks INIT_DONE (the cache never finished
+    /// its first start): the kernel would start it anew, empty.
+    NotInitialised,
+    /// dm-pcache: a valid cache-info copy at 0x2018, where Linux 6.18.0
+    /// wrote its second copy (a stride defect fixed in December 2025). A
+    /// fixed kernel, and pcache, read the copies at 0x2000 and 0x3000 only.
+    UnfixedKernelCopy {
+        /// Its sequence number.
+        seq: u8,
+        /// It is newer than the copy in use: the update it holds (a
+        /// gc_percent change) is not what a fixed kernel sees.
+        newer: bool,
     },
     /// Two running entries name the same backing path.
     PathShared {
@@ -215,6 +245,25 @@ impl fmt::Display for Issue {
                 )
             }
             Issue::PathShared { other } => write!(f, "same backing path as backing {other}"),
+            Issue::NoCacheInfo(e) => write!(
+                f,
+                "{e}: the kernel's dm-pcache would start a new, empty cache on this device, dropping what the \
+                 segments hold; do not load the module on it before `pcache detach --salvage` or a copy"
+            ),
+            Issue::UnfixedKernelCopy { seq, newer: false } => write!(
+                f,
+                "a cache-info copy (seq {seq}) lies at 0x2018, where Linux 6.18.0 wrote its second copy: an unfixed \
+                 kernel ran this cache; the copies at 0x2000 and 0x3000 are read, as a fixed kernel reads them"
+            ),
+            Issue::UnfixedKernelCopy { seq, newer: true } => write!(
+                f,
+                "a cache-info copy (seq {seq}) at 0x2018, where Linux 6.18.0 wrote its second copy, is newer than \
+                 the copy in use: the update it holds (a gc_percent change) is not seen by a fixed kernel or pcache"
+            ),
+            Issue::NotInitialised => f.write_str(
+                "cache info lacks INIT_DONE: the cache never finished its first start, and the kernel's \
+                 dm-pcache would start it anew, empty",
+            ),
             Issue::SingleCopy { never_written } => write!(
                 f,
                 "copy {never_written} was never written, so one damaged page would lose this entry \
@@ -282,6 +331,11 @@ impl fmt::Display for Finding {
 /// The superblock as found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SuperblockReport {
+    /// The dialect the superblock is in: the one whose CRC matches, or the
+    /// likelier one when neither does. `None` without pcache's magic.
+    pub dialect: Option<Dialect>,
+    /// The dm-pcache struct, when the dialect is dm-pcache.
+    pub raw_dm: Option<DmSuperblock>,
     /// The struct as stored, if the device is large enough to hold one.
     pub raw: Option<Superblock>,
     /// The CRC computed over the superblock area.
@@ -293,7 +347,10 @@ pub struct SuperblockReport {
 impl SuperblockReport {
     /// Whether the stored CRC matches the area.
     pub fn crc_ok(&self) -> bool {
-        self.raw.is_some_and(|sb| sb.crc.get() == self.computed_crc)
+        match self.raw_dm {
+            Some(sb) => sb.crc.get() == self.computed_crc,
+            None => self.raw.is_some_and(|sb| sb.crc.get() == self.computed_crc),
+        }
     }
 }
 
@@ -373,6 +430,8 @@ pub struct Report {
     pub layout: Option<Layout>,
     /// The meta segment's info, if the scan got that far.
     pub meta: Option<Pair<MetaSegmentInfo>>,
+    /// dm-pcache's cache info copies (`None` on an RFC device).
+    pub cache_info: Option<Pair<DmCacheInfo>>,
     /// Entries in use.
     pub backings: Vec<BackingReport>,
     /// Caches owned by no entry.
@@ -442,7 +501,7 @@ impl<M: ReadMedia + ?Sized> Scanner<'_, '_, M> {
     fn stale_copies<R: MetaRecord>(&mut self, location: Location, pair: &Pair<R>) {
         let Ok(latest) = &pair.latest else { return };
         for (i, c) in pair.copies.iter().enumerate() {
-            if i != usize::from(latest.copy) && !c.crc_ok() {
+            if i != usize::from(latest.copy) && !c.crc_ok() && !c.blank {
                 let e = Error::new(R::RECORD, ErrorKind::BadCrc { stored: c.stored_crc, computed: c.computed_crc });
                 self.push(Severity::Note, location, Issue::Record(e.in_copy(i as u8)));
             }
@@ -475,15 +534,18 @@ pub fn scan_with<'k, M: ReadMedia + ?Sized>(m: &M, opts: ScanOptions, keys: &'k 
     let mut s = Scanner { m, opts, findings: Vec::new(), keys };
     let mut report = Report {
         device_size: m.size(),
-        superblock: SuperblockReport { raw: None, computed_crc: 0, error: None },
+        superblock: SuperblockReport { dialect: None, raw: None, raw_dm: None, computed_crc: 0, error: None },
         layout: None,
         meta: None,
+        cache_info: None,
         backings: Vec::new(),
         orphans: Vec::new(),
         findings: Vec::new(),
     };
     report.layout = scan_superblock(&mut s, &mut report.superblock);
-    if let Some(layout) = report.layout {
+    if let Some(layout) = report.layout.filter(|l| l.dialect() == Dialect::DmPcache) {
+        scan_dm_cache(&mut s, &layout, &mut report);
+    } else if let Some(layout) = report.layout {
         match read_meta_segment_info(m, &layout) {
             Ok(pair) => {
                 if let Err(e) = pair.latest {
@@ -529,10 +591,23 @@ fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, '_, M>, sb: &mut S
         s.read_error(Location::Superblock, e);
         return None;
     }
-    let raw = Superblock::read(&area).ok()?;
-    sb.raw = Some(raw);
-    sb.computed_crc = Superblock::computed_crc(&area);
-    if let Err(e) = raw.validate(sb.computed_crc) {
+    let dialect = Dialect::guess(&area).unwrap_or_default();
+    sb.dialect = Dialect::guess(&area);
+    let (seg_num, checked) = match dialect {
+        Dialect::RfcV1 => {
+            let raw = Superblock::read(&area).ok()?;
+            sb.raw = Some(raw);
+            sb.computed_crc = Superblock::computed_crc(&area);
+            (u32::from(raw.seg_num.get()), raw.validate(sb.computed_crc))
+        }
+        Dialect::DmPcache => {
+            let raw = DmSuperblock::read(&area).ok()?;
+            sb.raw_dm = Some(raw);
+            sb.computed_crc = DmSuperblock::computed_crc(&area);
+            (raw.seg_num.get(), raw.validate(sb.computed_crc))
+        }
+    };
+    if let Err(e) = checked {
         sb.error = Some(e);
         s.problem(Location::Superblock, Issue::Record(e));
         // Without the magic this is no pcache image; with a big-endian one
@@ -541,7 +616,7 @@ fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, '_, M>, sb: &mut S
             return None;
         }
     }
-    match Layout::new(raw.seg_num.get(), size) {
+    match Layout::new(dialect, seg_num, size) {
         Ok(layout) => Some(layout),
         Err(e) => {
             if sb.error.is_none() {
@@ -553,7 +628,72 @@ fn scan_superblock<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, '_, M>, sb: &mut S
     }
 }
 
-/// Entries without a valid copy, judged once the orphans are known.
+/// dm-pcache: the one cache, from its cache info, scanned as a backing
+/// entry's cache is.
+fn scan_dm_cache<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, '_, M>, layout: &Layout, report: &mut Report) {
+    let loc = Location::Backing { id: DM_CACHE_ID };
+    let pair = match read_dm_cache_info(s.m, layout) {
+        Ok(pair) => pair,
+        Err(e) => return s.read_error(loc, e),
+    };
+    report.cache_info = Some(pair);
+    let latest = match pair.latest {
+        Ok(l) => l,
+        // Formatted, never started (the kernel writes the cache info after
+        // the segments): nothing to lose. Segments already set up say the
+        // cache info was there and is gone.
+        Err(e) if e.kind == ErrorKind::NeverWritten => {
+            if crate::media::read_cache_segment_info(s.m, layout, 0).is_ok() {
+                s.problem(loc, Issue::NoCacheInfo(e));
+            }
+            return;
+        }
+        Err(e) => return s.problem(loc, Issue::NoCacheInfo(e)),
+    };
+    s.stale_copies(loc, &pair);
+    let ci = latest.record;
+    unfixed_kernel_copy(s, layout, &ci);
+    if !ci.init_done() {
+        s.problem(loc, Issue::NotInitialised);
+    }
+    let flags = if ci.data_crc() { CacheFlags::DATA_CRC } else { CacheFlags::empty() };
+    let mut info = BackingDevInfo::free(DM_CACHE_ID);
+    info.state = BackingState::Running as u8;
+    info.cache_info = CacheInfo::new(ci.seg_id.get(), ci.n_segs.get(), ci.gc_percent() as u16, flags);
+    let mut b = BackingReport {
+        id: DM_CACHE_ID,
+        copy: latest.copy,
+        copies: pair.copies,
+        info,
+        chain: Vec::new(),
+        chain_complete: false,
+        key_tail: None,
+        dirty_tail: None,
+        log: None,
+    };
+    let mut owner: Vec<Option<u32>> = vec![None; layout.seg_num() as usize];
+    scan_cache(s, layout, &mut owner, &mut b);
+    report.backings.push(b);
+}
+
+/// Notes the cache-info copy Linux 6.18.0 wrote at 0x2018 (its copy 1, at
+/// a stride of the struct size instead of 4 KiB), if one is there.
+fn unfixed_kernel_copy<M: ReadMedia + ?Sized>(s: &mut Scanner<'_, '_, M>, layout: &Layout, current: &DmCacheInfo) {
+    const STRIDE_DEFECT_OFF: u64 = 0x18;
+    let Ok(base) = layout.cache_info_offset() else { return };
+    let mut copy = [0u8; core::mem::size_of::<DmCacheInfo>()];
+    if read(s.m, base + STRIDE_DEFECT_OFF, &mut copy).is_err() {
+        return;
+    }
+    let stored = u32::from_le_bytes([copy[0], copy[1], copy[2], copy[3]]);
+    if Dialect::DmPcache.record_crc(&copy, copy.len()) != stored {
+        return;
+    }
+    let seq = copy[4];
+    let newer = crate::meta::seq_after(seq, current.header.seq);
+    s.push(Severity::Note, Location::Backing { id: DM_CACHE_ID }, Issue::UnfixedKernelCopy { seq, newer });
+}
+
 type Unreadable = Vec<(u32, Error)>;
 
 fn scan_backings<M: ReadMedia + ?Sized>(
@@ -563,7 +703,7 @@ fn scan_backings<M: ReadMedia + ?Sized>(
     let mut unreadable = Vec::new();
     let mut backings: Vec<BackingReport> = Vec::new();
     // Which backing owns each device segment.
-    let mut owner: Vec<Option<u32>> = vec![None; usize::from(layout.seg_num())];
+    let mut owner: Vec<Option<u32>> = vec![None; layout.seg_num() as usize];
     for id in table_ids(s.m, layout) {
         let loc = Location::Backing { id };
         let pair = match read_backing(s.m, layout, id) {
@@ -671,7 +811,7 @@ fn never_written_info<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, seg: u32) -
 /// dirty data; an entry lost to damage leaves one with its dirty data. The
 /// segments of one that [`Orphan::holds_dirty_data`] must never be reused.
 pub fn find_orphans<M: ReadMedia + ?Sized>(m: &M, layout: &Layout, owned: &[bool]) -> Vec<Orphan> {
-    let seg_num = u32::from(layout.seg_num());
+    let seg_num = layout.seg_num();
     let mut taken: Vec<bool> = (0..seg_num as usize).map(|i| owned.get(i).copied().unwrap_or(i == 0)).collect();
     let mut orphans = Vec::new();
     // Running data segments no entry owns, and which of them another one
@@ -764,7 +904,8 @@ fn scan_cache<M: ReadMedia + ?Sized>(
     let ci = b.info.cache_info;
     let (first, n_segs) = (ci.seg_id.get(), ci.n_segs.get());
     let loc = Location::Backing { id: b.id };
-    if first == 0 || first >= u32::from(layout.seg_num()) || n_segs >= u32::from(layout.seg_num()) {
+    let room = layout.seg_num() - layout.first_cache_seg();
+    if first < layout.first_cache_seg() || first >= layout.seg_num() || n_segs > room {
         s.problem(loc, Issue::CacheTooLarge { seg_id: first, n_segs, seg_num: layout.seg_num() });
         return;
     }
@@ -967,7 +1108,7 @@ fn scan_key<M: ReadMedia + ?Sized>(
         if let Err(e) = read(s.m, off, data) {
             return s.read_error(at, e);
         }
-        let computed = crate::crc::crc32(data);
+        let computed = layout.dialect().crc(data);
         if computed != key.data_crc.get() {
             s.problem(at, Issue::DataCrc { key: index, stored: key.data_crc.get(), computed });
         }

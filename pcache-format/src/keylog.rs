@@ -476,6 +476,7 @@ mod tests {
         use alloc::vec::Vec;
         use core::ops::Range;
 
+        use crate::Dialect;
         use crate::kset::{Key, KeyFlags, TERMINATOR, encode_kset, encode_last};
         use crate::media::{LogEnd, LogPos, LogStep, LogWalk, ReadMedia};
         use crate::sparse::{ImageBuilder, SparseImage};
@@ -518,7 +519,7 @@ mod tests {
                 let mut r = Rig { b, chain };
                 r.kset(0, 0, 0);
                 r.kset(0, 64, 1);
-                r.put(0, 128, &encode_last(2));
+                r.put(0, 128, &encode_last(Dialect::RfcV1, 2));
                 r.kset(2, 0, 2);
                 r.put(2, 64, &TERMINATOR);
                 r
@@ -536,7 +537,7 @@ mod tests {
             fn kset(&mut self, seg: u32, off: u32, i: u32) {
                 let key = Key::new(u64::from(i) * 4096, 4096, KeyFlags::empty(), 1, i * 4096, 0);
                 let mut buf = [0u8; 64];
-                encode_kset(&[key], &mut buf).unwrap();
+                encode_kset(Dialect::RfcV1, &[key], &mut buf).unwrap();
                 self.put(seg, off, &buf);
             }
 
@@ -630,7 +631,7 @@ mod tests {
             // segment) not: it seems to lead to segment 0, which holds
             // ksets, yet it is what a crash leaves.
             let mut r = Rig::new();
-            let last = encode_last(3);
+            let last = encode_last(Dialect::RfcV1, 3);
             r.put(2, 0, &[0; 8]);
             r.put(2, 8, &last[8..]);
             r.put(3, 0, &TERMINATOR);
@@ -669,7 +670,7 @@ mod tests {
             let keys: Vec<Key> =
                 (0..3).map(|i| Key::new(i * 4096, 4096, KeyFlags::empty(), 1, i as u32 * 4096, 0)).collect();
             let mut buf = [0u8; 256];
-            encode_kset(&keys, &mut buf).unwrap();
+            encode_kset(Dialect::RfcV1, &keys, &mut buf).unwrap();
             let size = crate::kset::kset_size(3) as u32;
             r.put(2, 0, &buf[..size as usize]);
             r.put(2, size, &TERMINATOR);
@@ -691,7 +692,7 @@ mod tests {
         #[test]
         fn a_last_kset_back_into_the_log_is_a_loop() {
             let mut r = Rig::new();
-            r.put(2, 64, &encode_last(0));
+            r.put(2, 64, &encode_last(Dialect::RfcV1, 0));
             assert_eq!(r.walk(), with_head(&[("keys", 2, 0), ("loop", 2, 64)]));
             assert_eq!(r.salvage(), r.walk(), "nothing to pick up after a loop");
         }
@@ -718,12 +719,12 @@ mod tests {
         #[test]
         fn a_kset_that_verifies_but_holds_wrong_values_is_invalid() {
             let mut r = Rig::new();
-            r.put(0, 128, &encode_last(9));
+            r.put(0, 128, &encode_last(Dialect::RfcV1, 9));
             assert_eq!(r.walk(), [("keys", 0, 0), ("keys", 0, 64), ("invalid", 0, 128)]);
             // A key with EMPTY set: the header still tells where the next kset is.
             let mut r = Rig::new();
             let mut buf = [0u8; 64];
-            encode_kset(&[Key::new(0, 4096, KeyFlags::EMPTY, 1, 0, 0)], &mut buf).unwrap();
+            encode_kset(Dialect::RfcV1, &[Key::new(0, 4096, KeyFlags::EMPTY, 1, 0, 0)], &mut buf).unwrap();
             r.put(0, 0, &buf);
             assert_eq!(r.salvage()[..3], [("invalid", 0, 0), ("resync", 0, 64), ("keys", 0, 64)]);
         }
@@ -737,7 +738,7 @@ mod tests {
             assert_eq!(s[2..], [("damaged", 0, 128), ("resync", 2, 0), ("keys", 2, 0), ("terminator", 2, 64)]);
             // Naming a segment already walked, it leads nowhere.
             let mut r = Rig::new();
-            r.put(0, 128, &encode_last(0));
+            r.put(0, 128, &encode_last(Dialect::RfcV1, 0));
             r.flip(0, 128);
             assert_eq!(r.salvage(), [("keys", 0, 0), ("keys", 0, 64), ("damaged", 0, 128)]);
         }

@@ -14,7 +14,8 @@ use crate::consts::{
     CACHE_SEG_DATA_SIZE, CACHE_SUBTREE_SIZE, CACHE_SUBTREE_SIZE_MASK, KEY_SIZE, KSET_HEADER_SIZE, KSET_KEYS_MAX,
     KSET_MAGIC,
 };
-use crate::crc::{crc32, meta_crc, seal, stored_crc};
+use crate::crc::stored_crc;
+use crate::dialect::Dialect;
 use crate::error::{Error, ErrorKind, Record};
 
 bitflags! {
@@ -181,9 +182,10 @@ impl Key {
         Ok(())
     }
 
-    /// Whether `data` (the key's `len` cached bytes) matches `data_crc`.
-    pub fn data_crc_matches(&self, data: &[u8]) -> bool {
-        crc32(data) == self.data_crc.get()
+    /// Whether `data` (the key's `len` cached bytes) matches `data_crc`,
+    /// computed with `dialect`'s CRC.
+    pub fn data_crc_matches(&self, dialect: Dialect, data: &[u8]) -> bool {
+        dialect.crc(data) == self.data_crc.get()
     }
 }
 
@@ -230,15 +232,17 @@ pub const fn kset_size(n: usize) -> usize {
 /// bad CRC, or a key failing [`Key::check`] (the error names the key).
 ///
 /// ```
-/// use pcache_format::{decode_kset, encode_kset, Key, KeyFlags, KsetRecord};
+/// use pcache_format::{decode_kset, encode_kset, Dialect, Key, KeyFlags, KsetRecord};
 /// let key = Key::new(4096, 4096, KeyFlags::empty(), 1, 0, 0);
 /// let mut buf = [0u8; 64];
-/// let size = encode_kset(&[key], &mut buf).unwrap();
+/// let size = encode_kset(Dialect::RfcV1, &[key], &mut buf).unwrap();
 /// assert_eq!(size, 64);
-/// assert_eq!(decode_kset(&buf).unwrap(), KsetRecord::Keys { keys: &[key] });
-/// assert_eq!(decode_kset(&[0u8; 24]).unwrap(), KsetRecord::End { magic: 0 });
+/// assert_eq!(decode_kset(Dialect::RfcV1, &buf).unwrap(), KsetRecord::Keys { keys: &[key] });
+/// assert_eq!(decode_kset(Dialect::RfcV1, &[0u8; 24]).unwrap(), KsetRecord::End { magic: 0 });
+/// // The same bytes sealed by the other dialect's CRC are damage.
+/// assert!(decode_kset(Dialect::DmPcache, &buf).is_err());
 /// ```
-pub fn decode_kset(bytes: &[u8]) -> Result<KsetRecord<'_>, Error> {
+pub fn decode_kset(dialect: Dialect, bytes: &[u8]) -> Result<KsetRecord<'_>, Error> {
     const R: Record = Record::Kset;
     let Ok((header, _)) = KsetHeader::ref_from_prefix(bytes) else {
         return Err(Error::truncated(R, KSET_HEADER_SIZE, bytes.len()));
@@ -266,7 +270,7 @@ pub fn decode_kset(bytes: &[u8]) -> Result<KsetRecord<'_>, Error> {
         return Err(Error::truncated(R, size, bytes.len()));
     };
     let stored = stored_crc(record).unwrap_or(0);
-    let computed = meta_crc(record);
+    let computed = dialect.record_crc(record, record.len());
     if stored != computed {
         return Err(Error::new(R, ErrorKind::BadCrc { stored, computed }));
     }
@@ -283,7 +287,7 @@ pub fn decode_kset(bytes: &[u8]) -> Result<KsetRecord<'_>, Error> {
 
 /// Encodes a kset of `keys` (1 to 128) at the start of `out`, CRC included,
 /// and returns its size.
-pub fn encode_kset(keys: &[Key], out: &mut [u8]) -> Result<usize, Error> {
+pub fn encode_kset(dialect: Dialect, keys: &[Key], out: &mut [u8]) -> Result<usize, Error> {
     const R: Record = Record::Kset;
     if keys.is_empty() || keys.len() > KSET_KEYS_MAX {
         return Err(Error::out_of_range(R, "key_num", keys.len() as u64, 1, KSET_KEYS_MAX as u64));
@@ -301,12 +305,12 @@ pub fn encode_kset(keys: &[Key], out: &mut [u8]) -> Result<usize, Error> {
     };
     record[..KSET_HEADER_SIZE].copy_from_slice(header.as_bytes());
     record[KSET_HEADER_SIZE..].copy_from_slice(keys.as_bytes());
-    seal(record);
+    dialect.seal(record, size);
     Ok(size)
 }
 
 /// Encodes a LAST kset pointing at key segment `next_cache_seg`.
-pub fn encode_last(next_cache_seg: u32) -> [u8; KSET_HEADER_SIZE] {
+pub fn encode_last(dialect: Dialect, next_cache_seg: u32) -> [u8; KSET_HEADER_SIZE] {
     let header = KsetHeader {
         crc: U32::new(0),
         key_num: U32::new(next_cache_seg),
@@ -315,13 +319,17 @@ pub fn encode_last(next_cache_seg: u32) -> [u8; KSET_HEADER_SIZE] {
     };
     let mut out = [0u8; KSET_HEADER_SIZE];
     out.copy_from_slice(header.as_bytes());
-    seal(&mut out);
+    dialect.seal(&mut out, KSET_HEADER_SIZE);
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seal(record: &mut [u8]) {
+        Dialect::RfcV1.seal(record, record.len());
+    }
 
     const GOLDEN_ONE_KEY: [u8; 64] = [
         0x89, 0xe8, 0x0f, 0xd3, 0x01, 0x00, 0x00, 0x00, 0x1a, 0x4f, 0x16, 0x4e, 0xa6, 0x94, 0x68, 0x67, //
@@ -335,44 +343,66 @@ mod tests {
         // Spec §5 example 4.
         let key = Key::new(4096, 4096, KeyFlags::empty(), 1, 0, 0);
         let mut out = [0u8; 64];
-        assert_eq!(encode_kset(&[key], &mut out).unwrap(), 64);
+        assert_eq!(encode_kset(Dialect::RfcV1, &[key], &mut out).unwrap(), 64);
         assert_eq!(out, GOLDEN_ONE_KEY);
-        assert_eq!(decode_kset(&GOLDEN_ONE_KEY).unwrap(), KsetRecord::Keys { keys: &[key] });
+        assert_eq!(decode_kset(Dialect::RfcV1, &GOLDEN_ONE_KEY).unwrap(), KsetRecord::Keys { keys: &[key] });
     }
 
     #[test]
     fn golden_last_kset() {
         // Spec §5 example 3.
-        let last = encode_last(5);
+        let last = encode_last(Dialect::RfcV1, 5);
         assert_eq!(u32::from_le_bytes(last[..4].try_into().unwrap()), 0xB6EB_3DD5);
-        assert_eq!(decode_kset(&last).unwrap(), KsetRecord::Last { next_cache_seg: 5 });
+        assert_eq!(decode_kset(Dialect::RfcV1, &last).unwrap(), KsetRecord::Last { next_cache_seg: 5 });
+    }
+
+    #[test]
+    fn golden_dm_pcache_ksets() {
+        // Spec §5 examples 3 and 4, upstream CRCs.
+        let last = encode_last(Dialect::DmPcache, 5);
+        assert_eq!(u32::from_le_bytes(last[..4].try_into().unwrap()), 0x5917_C2A5);
+        assert_eq!(decode_kset(Dialect::DmPcache, &last).unwrap(), KsetRecord::Last { next_cache_seg: 5 });
+        let key = Key::new(4096, 4096, KeyFlags::empty(), 1, 0, 0);
+        let mut out = [0u8; 64];
+        encode_kset(Dialect::DmPcache, &[key], &mut out).unwrap();
+        assert_eq!(u32::from_le_bytes(out[..4].try_into().unwrap()), 0xD0EE_3C16);
+        assert_eq!(out[4..], GOLDEN_ONE_KEY[4..]);
+        assert!(decode_kset(Dialect::RfcV1, &out).is_err());
+        // Data CRCs: spec §5 example 5.
+        let mut k = key;
+        k.data_crc = U32::new(0x6035_71B1);
+        assert!(k.data_crc_matches(Dialect::DmPcache, &[0u8; 4096]));
+        assert!(!k.data_crc_matches(Dialect::RfcV1, &[0u8; 4096]));
     }
 
     #[test]
     fn boundaries() {
         // One byte short.
-        let err = decode_kset(&GOLDEN_ONE_KEY[..63]).unwrap_err();
+        let err = decode_kset(Dialect::RfcV1, &GOLDEN_ONE_KEY[..63]).unwrap_err();
         assert_eq!(err.kind, ErrorKind::Truncated { needed: 64, found: 63 });
-        assert!(decode_kset(&GOLDEN_ONE_KEY[..23]).is_err());
+        assert!(decode_kset(Dialect::RfcV1, &GOLDEN_ONE_KEY[..23]).is_err());
         // One bit flipped anywhere after the magic.
         for at in (4..8).chain(16..64) {
             let mut bad = GOLDEN_ONE_KEY;
             bad[at] ^= 0x04;
-            assert!(decode_kset(&bad).is_err(), "flip at {at}");
+            assert!(decode_kset(Dialect::RfcV1, &bad).is_err(), "flip at {at}");
         }
         // A flipped magic ends the log.
         let mut bad = GOLDEN_ONE_KEY;
         bad[9] ^= 1;
-        assert!(matches!(decode_kset(&bad).unwrap(), KsetRecord::End { .. }));
+        assert!(matches!(decode_kset(Dialect::RfcV1, &bad).unwrap(), KsetRecord::End { .. }));
         // key_num out of range.
         let mut many = [0u8; 24];
         many[4..8].copy_from_slice(&129u32.to_le_bytes());
         many[8..16].copy_from_slice(&KSET_MAGIC.to_le_bytes());
         seal(&mut many);
-        assert!(matches!(decode_kset(&many).unwrap_err().kind, ErrorKind::OutOfRange { field: "key_num", .. }));
+        assert!(matches!(
+            decode_kset(Dialect::RfcV1, &many).unwrap_err().kind,
+            ErrorKind::OutOfRange { field: "key_num", .. }
+        ));
         many[4..8].copy_from_slice(&0u32.to_le_bytes());
         seal(&mut many);
-        assert!(decode_kset(&many).is_err());
+        assert!(decode_kset(Dialect::RfcV1, &many).is_err());
     }
 
     #[test]
@@ -394,18 +424,18 @@ mod tests {
         assert!(ok.check_in(1, 4 * 1024 * 1024 - 1).is_err());
         // A bad key inside a kset is named by its index.
         let mut out = [0u8; 24 + 80];
-        encode_kset(&[ok, zero], &mut out).unwrap();
-        let err = decode_kset(&out).unwrap_err();
+        encode_kset(Dialect::RfcV1, &[ok, zero], &mut out).unwrap();
+        let err = decode_kset(Dialect::RfcV1, &out).unwrap_err();
         assert_eq!((err.record, err.index), (Record::Key, Some(1)));
     }
 
     #[test]
     fn encode_refuses_bad_counts() {
         let mut out = [0u8; 8192];
-        assert!(encode_kset(&[], &mut out).is_err());
+        assert!(encode_kset(Dialect::RfcV1, &[], &mut out).is_err());
         let keys = [Key::new(0, 512, KeyFlags::empty(), 0, 0, 0); 129];
-        assert!(encode_kset(&keys, &mut out).is_err());
-        assert_eq!(encode_kset(&keys[..128], &mut out).unwrap(), 5144);
-        assert!(encode_kset(&keys[..2], &mut [0u8; 63]).is_err());
+        assert!(encode_kset(Dialect::RfcV1, &keys, &mut out).is_err());
+        assert_eq!(encode_kset(Dialect::RfcV1, &keys[..128], &mut out).unwrap(), 5144);
+        assert!(encode_kset(Dialect::RfcV1, &keys[..2], &mut [0u8; 63]).is_err());
     }
 }

@@ -1,4 +1,6 @@
-//! Where everything lives on a device (spec §2.2).
+//! Where everything lives on a device (spec §2.2, §3.4).
+//!
+//! RFC v1 ([`Dialect::RfcV1`]):
 //!
 //! ```text
 //! 0x0000  unused 4 KiB (never touched)
@@ -14,18 +16,25 @@
 //! +0x3000 entry 0 copy 1              +0x3000 data area, 16 764 928 bytes
 //! +0x4000 entry 1 copy 0 ... (2047 entries)
 //! ```
+//!
+//! dm-pcache ([`Dialect::DmPcache`]): the superblock at 0x1000, cache info
+//! at 0x2000/0x3000, tails at 0x4000, segment 0 at 0x5000; every segment is
+//! a cache segment with the layout above (see [`crate::dm`]).
 
 use crate::consts::{
-    CACHE_DEV_SIZE_MIN, CACHE_SEG_CTRL_OFF, CACHE_SEG_DATA_OFF, CACHE_SEG_DATA_SIZE, META_ENTRIES, META_ENTRY_STRIDE,
-    META_SEG_DATA_OFF, SEG_NUM_MAX, SEG_SIZE, SEGMENTS_OFF,
+    CACHE_DEV_SIZE_MIN, CACHE_SEG_CTRL_OFF, CACHE_SEG_DATA_OFF, CACHE_SEG_DATA_SIZE, DIRTY_TAIL_OFF, KEY_TAIL_OFF,
+    META_ENTRIES, META_ENTRY_STRIDE, META_SEG_DATA_OFF, SEG_SIZE,
 };
+use crate::dialect::Dialect;
+use crate::dm::{DM_CACHE_INFO_OFF, DM_CTRL_OFF, DM_DIRTY_TAIL_OFF, DM_KEY_TAIL_OFF};
 use crate::error::{Error, ErrorKind, Record};
 
 /// The geometry of a formatted device: how many segments it has and where
 /// each record lives. Every offset it returns is inside the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
-    seg_num: u16,
+    dialect: Dialect,
+    seg_num: u32,
     device_size: u64,
 }
 
@@ -52,45 +61,63 @@ impl FormatPlan {
 }
 
 impl Layout {
-    /// Plans the format of a device of `device_size` bytes: `seg_num` is
-    /// `(size - 16 KiB) / 16 MiB`, capped at 65 535 (the cap is reported,
+    /// Plans the RFC v1 format of a device of `device_size` bytes: `seg_num`
+    /// is `(size - 16 KiB) / 16 MiB`, capped at 65 535 (the cap is reported,
     /// never wrapped). Devices under 512 MiB are refused.
     ///
     /// ```
-    /// use pcache_format::Layout;
-    /// let plan = Layout::plan(1 << 30).unwrap();
+    /// use pcache_format::{Dialect, Layout};
+    /// let plan = Layout::plan(Dialect::RfcV1, 1 << 30).unwrap();
     /// assert_eq!(plan.layout.seg_num(), 63);
     /// assert!(!plan.capped());
-    /// assert!(Layout::plan(511 << 20).is_err());
-    /// let huge = Layout::plan(2 << 40).unwrap();
+    /// assert!(Layout::plan(Dialect::RfcV1, 511 << 20).is_err());
+    /// let huge = Layout::plan(Dialect::RfcV1, 2 << 40).unwrap();
     /// assert_eq!(huge.layout.seg_num(), 65_535);
     /// assert!(huge.capped());
+    /// // dm-pcache: segments from 20 KiB, up to 1 048 576 of them.
+    /// let dm = Layout::plan(Dialect::DmPcache, 1 << 30).unwrap();
+    /// assert_eq!(dm.layout.seg_num(), 63);
+    /// assert_eq!(Layout::plan(Dialect::DmPcache, 2 << 40).unwrap().layout.seg_num(), 131_071);
     /// ```
-    pub fn plan(device_size: u64) -> Result<FormatPlan, Error> {
+    pub fn plan(dialect: Dialect, device_size: u64) -> Result<FormatPlan, Error> {
         if device_size < CACHE_DEV_SIZE_MIN {
             return Err(Error::out_of_range(Record::Device, "size", device_size, CACHE_DEV_SIZE_MIN, u64::MAX));
         }
-        let segments_possible = (device_size - SEGMENTS_OFF) / SEG_SIZE;
-        let seg_num = segments_possible.min(SEG_NUM_MAX.into()) as u16;
-        Ok(FormatPlan { layout: Layout { seg_num, device_size }, segments_possible })
+        let segments_possible = (device_size - dialect.segments_off()) / SEG_SIZE;
+        let seg_num = segments_possible.min(dialect.seg_num_max().into()) as u32;
+        Ok(FormatPlan { layout: Layout { dialect, seg_num, device_size }, segments_possible })
     }
 
     /// The layout of a device of `device_size` bytes whose superblock says
-    /// `seg_num`: refused if `seg_num` is 0 or its segments do not fit.
-    pub fn new(seg_num: u16, device_size: u64) -> Result<Self, Error> {
-        let layout = Layout { seg_num, device_size };
-        if seg_num == 0 {
-            return Err(Error::out_of_range(Record::Superblock, "seg_num", 0, 1, SEG_NUM_MAX.into()));
+    /// `seg_num`: refused if `seg_num` is 0, over the dialect's bound, or
+    /// its segments do not fit; in dm-pcache also under 512 MiB, which the
+    /// kernel refuses to load.
+    pub fn new(dialect: Dialect, seg_num: u32, device_size: u64) -> Result<Self, Error> {
+        let layout = Layout { dialect, seg_num, device_size };
+        if dialect == Dialect::DmPcache && device_size < CACHE_DEV_SIZE_MIN {
+            return Err(Error::out_of_range(Record::Device, "size", device_size, CACHE_DEV_SIZE_MIN, u64::MAX));
         }
-        if layout.segments_end() > device_size {
-            let fits = device_size.saturating_sub(SEGMENTS_OFF) / SEG_SIZE;
-            return Err(Error::out_of_range(Record::Superblock, "seg_num", seg_num.into(), 1, fits));
+        let fits = device_size.saturating_sub(dialect.segments_off()) / SEG_SIZE;
+        let max = fits.min(dialect.seg_num_max().into());
+        if seg_num == 0 || u64::from(seg_num) > max {
+            return Err(Error::out_of_range(Record::Superblock, "seg_num", seg_num.into(), 1, max.max(1)));
         }
         Ok(layout)
     }
 
+    /// The dialect the device speaks.
+    pub const fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The first device segment a cache may use: 1 in the RFC (segment 0
+    /// holds the backing table), 0 in dm-pcache.
+    pub const fn first_cache_seg(&self) -> u32 {
+        if self.dialect.has_backing_table() { 1 } else { 0 }
+    }
+
     /// Number of segments, segment 0 included.
-    pub const fn seg_num(&self) -> u16 {
+    pub const fn seg_num(&self) -> u32 {
         self.seg_num
     }
 
@@ -101,19 +128,19 @@ impl Layout {
 
     /// End of the last segment.
     pub const fn segments_end(&self) -> u64 {
-        SEGMENTS_OFF + self.seg_num as u64 * SEG_SIZE
+        self.dialect.segments_off() + self.seg_num as u64 * SEG_SIZE
     }
 
     fn segment_error(&self, seg: u32) -> Error {
-        Error::out_of_range(Record::SegmentInfo, "segment", seg.into(), 0, u64::from(self.seg_num) - 1)
+        Error::out_of_range(Record::SegmentInfo, "segment", seg.into(), 0, u64::from(self.seg_num).saturating_sub(1))
     }
 
     /// Device offset of segment `seg`.
     pub fn segment_offset(&self, seg: u32) -> Result<u64, Error> {
-        if seg >= u32::from(self.seg_num) {
+        if seg >= self.seg_num {
             return Err(self.segment_error(seg));
         }
-        Ok(SEGMENTS_OFF + u64::from(seg) * SEG_SIZE)
+        Ok(self.dialect.segments_off() + u64::from(seg) * SEG_SIZE)
     }
 
     /// Device offset of the two segment-info copies of segment `seg`
@@ -151,27 +178,57 @@ impl Layout {
     /// Device offset of the two copies of backing-table entry `id` (copy 1
     /// follows at +4096).
     pub fn meta_entry_offset(&self, id: u32) -> Result<u64, Error> {
+        if !self.dialect.has_backing_table() {
+            return Err(Error::invalid(Record::BackingDevInfo, "table (a dm-pcache device has none)", id.into()));
+        }
         if id >= META_ENTRIES {
             return Err(Error::out_of_range(Record::BackingDevInfo, "id", id.into(), 0, (META_ENTRIES - 1).into()));
         }
-        Ok(SEGMENTS_OFF + META_SEG_DATA_OFF + u64::from(id) * META_ENTRY_STRIDE)
+        Ok(self.dialect.segments_off() + META_SEG_DATA_OFF + u64::from(id) * META_ENTRY_STRIDE)
+    }
+}
+
+impl Layout {
+    /// Device offset of dm-pcache's two cache-info copies (copy 1 at
+    /// +4096). An RFC device keeps its caches' infos in the backing table.
+    pub fn cache_info_offset(&self) -> Result<u64, Error> {
+        match self.dialect {
+            Dialect::DmPcache => Ok(DM_CACHE_INFO_OFF),
+            Dialect::RfcV1 => {
+                Err(Error::invalid(Record::CacheInfo, "record (RFC caches keep it in the backing table)", 0))
+            }
+        }
+    }
+
+    /// Device offsets of the key-tail and dirty-tail copy pairs of the cache
+    /// whose first segment is `first_seg`: in that segment's control page
+    /// (RFC), or at 0x4000 (dm-pcache, one cache per device).
+    pub fn tail_offsets(&self, first_seg: u32) -> Result<(u64, u64), Error> {
+        match self.dialect {
+            Dialect::RfcV1 => {
+                let ctrl = self.ctrl_offset(first_seg)?;
+                Ok((ctrl + KEY_TAIL_OFF as u64, ctrl + DIRTY_TAIL_OFF as u64))
+            }
+            Dialect::DmPcache => Ok((DM_CTRL_OFF + DM_KEY_TAIL_OFF, DM_CTRL_OFF + DM_DIRTY_TAIL_OFF)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consts::SEGMENTS_OFF;
 
     #[test]
     fn plan_sizes() {
-        assert!(Layout::plan(CACHE_DEV_SIZE_MIN - 1).is_err());
-        let min = Layout::plan(CACHE_DEV_SIZE_MIN).unwrap();
+        assert!(Layout::plan(Dialect::RfcV1, CACHE_DEV_SIZE_MIN - 1).is_err());
+        let min = Layout::plan(Dialect::RfcV1, CACHE_DEV_SIZE_MIN).unwrap();
         assert_eq!(min.layout.seg_num(), 31);
         assert_eq!(min.unused_bytes(), CACHE_DEV_SIZE_MIN - SEGMENTS_OFF - 31 * SEG_SIZE);
         let exact = SEGMENTS_OFF + 65_535 * SEG_SIZE;
-        assert!(!Layout::plan(exact).unwrap().capped());
+        assert!(!Layout::plan(Dialect::RfcV1, exact).unwrap().capped());
         let one_more = exact + SEG_SIZE;
-        let p = Layout::plan(one_more).unwrap();
+        let p = Layout::plan(Dialect::RfcV1, one_more).unwrap();
         assert!(p.capped());
         assert_eq!(p.segments_possible, 65_536);
         assert_eq!(p.layout.seg_num(), 65_535);
@@ -180,7 +237,7 @@ mod tests {
 
     #[test]
     fn offsets() {
-        let l = Layout::new(63, 1 << 30).unwrap();
+        let l = Layout::new(Dialect::RfcV1, 63, 1 << 30).unwrap();
         assert_eq!(l.segment_offset(0).unwrap(), 0x4000);
         assert_eq!(l.segment_offset(1).unwrap(), 0x4000 + SEG_SIZE);
         assert!(l.segment_offset(63).is_err());
@@ -198,10 +255,32 @@ mod tests {
     }
 
     #[test]
+    fn dm_pcache_offsets() {
+        let l = Layout::new(Dialect::DmPcache, 62, 1_054_867_456).unwrap();
+        assert_eq!(l.segment_offset(0).unwrap(), 0x5000);
+        assert_eq!(l.data_offset(1).unwrap(), 0x5000 + SEG_SIZE + 0x3000);
+        assert_eq!(l.cache_info_offset().unwrap(), 0x2000);
+        assert_eq!(l.tail_offsets(0).unwrap(), (0x4000, 0x4020));
+        assert_eq!(l.first_cache_seg(), 0);
+        assert!(l.meta_entry_offset(0).is_err());
+        assert!(Layout::new(Dialect::DmPcache, 63, 1_054_867_456).is_err());
+        assert!(Layout::new(Dialect::DmPcache, 1 << 21, u64::MAX).is_err());
+        // The kernel refuses a device under 512 MiB, whatever its superblock says.
+        assert!(Layout::new(Dialect::DmPcache, 2, 511 << 20).is_err());
+        assert!(Layout::new(Dialect::RfcV1, 2, 511 << 20).is_ok());
+        let rfc = Layout::new(Dialect::RfcV1, 63, 1 << 30).unwrap();
+        assert_eq!(
+            rfc.tail_offsets(1).unwrap(),
+            (0x4000 + SEG_SIZE + 0x2000 + 0x220, 0x4000 + SEG_SIZE + 0x2000 + 0x240)
+        );
+        assert!(rfc.cache_info_offset().is_err());
+    }
+
+    #[test]
     fn superblock_seg_num_must_fit() {
-        assert!(Layout::new(0, 1 << 30).is_err());
-        assert!(Layout::new(63, 1 << 30).is_ok());
-        assert!(Layout::new(64, 1 << 30).is_err());
-        assert!(Layout::new(1, 0).is_err());
+        assert!(Layout::new(Dialect::RfcV1, 0, 1 << 30).is_err());
+        assert!(Layout::new(Dialect::RfcV1, 63, 1 << 30).is_ok());
+        assert!(Layout::new(Dialect::RfcV1, 64, 1 << 30).is_err());
+        assert!(Layout::new(Dialect::RfcV1, 1, 0).is_err());
     }
 }

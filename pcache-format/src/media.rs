@@ -10,15 +10,17 @@ use core::fmt;
 
 use crate::backing::BackingDevInfo;
 use crate::consts::{
-    CACHE_SEG_DATA_SIZE, DIRTY_TAIL_OFF, KEY_TAIL_OFF, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC,
-    KSET_ONMEDIA_SIZE_MAX, META_ENTRIES, META_ENTRY_STRIDE, SB_OFF, SB_SIZE, SEG_INFO_SIZE,
+    CACHE_SEG_DATA_SIZE, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC, KSET_ONMEDIA_SIZE_MAX, META_ENTRIES,
+    META_ENTRY_STRIDE, SB_OFF, SB_SIZE, SEG_INFO_SIZE,
 };
 use crate::crc::is_zero;
 use crate::ctrl::{CachePos, CacheSegGen};
+use crate::dialect::Dialect;
+use crate::dm::{DmCacheInfo, DmSegmentInfo, DmSuperblock};
 use crate::error::{Error, ErrorKind, Record};
 use crate::kset::{KsetFlags, KsetRecord, decode_kset, kset_size};
 use crate::layout::Layout;
-use crate::meta::{CopyInfo, Latest, MetaRecord, copy_infos, latest_of_pair};
+use crate::meta::{CopyInfo, Latest, MetaRecord, Slots, copy_infos, latest_of_pair};
 use crate::segment::{MetaSegmentInfo, SegmentInfo, SegmentState, SegmentType};
 use crate::superblock::Superblock;
 
@@ -41,6 +43,44 @@ pub trait ReadMedia {
     fn unwritten(&self, off: u64, len: u64) -> bool {
         let _ = (off, len);
         false
+    }
+}
+
+/// The part of a device from byte `base` on, seen as a device of its own:
+/// a pmem device inside a namespace image ([`crate::pfn`]), or whatever
+/// `--offset` names.
+#[derive(Debug, Clone, Copy)]
+pub struct Window<M> {
+    inner: M,
+    base: u64,
+}
+
+impl<M: ReadMedia> Window<M> {
+    /// The bytes of `inner` from `base` on (none if `base` is past its end).
+    pub fn new(inner: M, base: u64) -> Self {
+        Self { inner, base }
+    }
+
+    /// Where the window starts in the device.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+}
+
+impl<M: ReadMedia> ReadMedia for Window<M> {
+    type Error = M::Error;
+
+    fn size(&self) -> u64 {
+        self.inner.size().saturating_sub(self.base)
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8]) -> Result<(), Self::Error> {
+        // An offset past the window is past the device too: the device says so.
+        self.inner.read_at(self.base.saturating_add(off), buf)
+    }
+
+    fn unwritten(&self, off: u64, len: u64) -> bool {
+        self.inner.unwritten(self.base.saturating_add(off), len)
     }
 }
 
@@ -141,18 +181,25 @@ pub fn read<M: ReadMedia + ?Sized>(m: &M, off: u64, buf: &mut [u8]) -> Result<()
     m.read_at(off, buf).map_err(|source| ReadError::Media { off, len: buf.len(), source })
 }
 
-/// Reads and validates the superblock, and derives the layout from it and
-/// the device size.
-pub fn read_superblock<M: ReadMedia + ?Sized>(m: &M) -> Result<(Superblock, Layout), ReadError<M::Error>> {
+/// Reads and validates the superblock of either dialect, and derives the
+/// layout (dialect, segments) from it and the device size.
+///
+/// A superblock with pcache's magic whose CRC neither dialect accepts is
+/// reported with the CRC of the dialect it most likely was
+/// ([`Dialect::guess`]).
+pub fn read_superblock<M: ReadMedia + ?Sized>(m: &M) -> Result<Layout, ReadError<M::Error>> {
     let mut area = [0u8; SB_SIZE];
     if m.size() < SB_OFF + SB_SIZE as u64 {
         let found = m.size().saturating_sub(SB_OFF) as usize;
         return Err(Error::truncated(Record::Superblock, SB_SIZE, found).into());
     }
     read(m, SB_OFF, &mut area)?;
-    let sb = Superblock::decode(&area)?;
-    let layout = Layout::new(sb.seg_num.get(), m.size())?;
-    Ok((sb, layout))
+    let seg_num = match Dialect::guess(&area).unwrap_or_default() {
+        Dialect::RfcV1 => u32::from(Superblock::decode(&area)?.seg_num.get()),
+        Dialect::DmPcache => DmSuperblock::decode(&area)?.seg_num.get(),
+    };
+    let dialect = Dialect::detect(&area).unwrap_or_default();
+    Ok(Layout::new(dialect, seg_num, m.size())?)
 }
 
 /// A double-buffered record and the state of both its copies.
@@ -164,8 +211,13 @@ pub struct Pair<R> {
     pub latest: Result<Latest<R>, Error>,
 }
 
-/// Reads both copies of the record `R` at device offset `off`.
-pub fn read_pair<R: MetaRecord, M: ReadMedia + ?Sized>(m: &M, off: u64) -> Result<Pair<R>, ReadError<M::Error>> {
+/// Reads both copies of the record `R` at device offset `off`, sealed by
+/// `dialect`'s CRC.
+pub fn read_pair<R: MetaRecord, M: ReadMedia + ?Sized>(
+    dialect: Dialect,
+    m: &M,
+    off: u64,
+) -> Result<Pair<R>, ReadError<M::Error>> {
     let blank = || {
         let blank = CopyInfo { complete: true, stored_crc: 0, computed_crc: 0, seq: 0, blank: true };
         Pair { copies: [blank; 2], latest: Err(Error::new(R::RECORD, ErrorKind::NeverWritten)) }
@@ -181,7 +233,7 @@ pub fn read_pair<R: MetaRecord, M: ReadMedia + ?Sized>(m: &M, off: u64) -> Resul
         // zeros instead of one per copy for its CRC and one for its blankness.
         return Ok(blank());
     }
-    let infos = copy_infos(copies, R::COPY_SIZE);
+    let infos = copy_infos(Slots::of::<R>(dialect), copies);
     Ok(Pair { copies: infos, latest: latest_of_pair(copies, &infos) })
 }
 
@@ -190,7 +242,7 @@ pub fn read_meta_segment_info<M: ReadMedia + ?Sized>(
     m: &M,
     layout: &Layout,
 ) -> Result<Pair<MetaSegmentInfo>, ReadError<M::Error>> {
-    read_pair(m, layout.seg_info_offset(0)?)
+    read_pair(layout.dialect(), m, layout.seg_info_offset(0)?)
 }
 
 /// Reads backing-table entry `id`.
@@ -199,7 +251,7 @@ pub fn read_backing<M: ReadMedia + ?Sized>(
     layout: &Layout,
     id: u32,
 ) -> Result<Pair<BackingDevInfo>, ReadError<M::Error>> {
-    let pair = read_pair::<BackingDevInfo, M>(m, layout.meta_entry_offset(id)?)?;
+    let pair = read_pair::<BackingDevInfo, M>(layout.dialect(), m, layout.meta_entry_offset(id)?)?;
     if let Ok(latest) = &pair.latest {
         let found = latest.record.backing_dev_id.get();
         if latest.record.is_running() && found != id {
@@ -260,11 +312,25 @@ pub fn read_cache_segment_info<M: ReadMedia + ?Sized>(
     dev_seg: u32,
 ) -> Result<Found<SegmentInfo>, ReadError<M::Error>> {
     const R: Record = Record::SegmentInfo;
-    if dev_seg == 0 {
+    if dev_seg < layout.first_cache_seg() {
         return Err(Error::invalid(R, "segment (segment 0 is the backing table)", 0).into());
     }
-    let pair = read_pair::<SegmentInfo, M>(m, layout.seg_info_offset(dev_seg)?)?;
-    let latest = pair.latest?;
+    let off = layout.seg_info_offset(dev_seg)?;
+    let (copies, latest) = match layout.dialect() {
+        Dialect::RfcV1 => {
+            let pair = read_pair::<SegmentInfo, M>(Dialect::RfcV1, m, off)?;
+            (pair.copies, pair.latest?)
+        }
+        Dialect::DmPcache => {
+            // dm-pcache's 16-byte record, seen as the RFC's: it has no
+            // type byte, state or seg_id, so those read as what they must be.
+            let pair = read_pair::<DmSegmentInfo, M>(Dialect::DmPcache, m, off)?;
+            let dm = pair.latest?;
+            let mut info = SegmentInfo::data(dev_seg, dm.record.next());
+            info.header = dm.record.header;
+            (pair.copies, Latest { copy: dm.copy, record: info })
+        }
+    };
     let info = &latest.record;
     let fail = |e: Error| ReadError::Format(e.in_copy(latest.copy));
     if info.seg_type() != Some(SegmentType::Data) {
@@ -277,12 +343,20 @@ pub fn read_cache_segment_info<M: ReadMedia + ?Sized>(
         return Err(fail(Error::mismatch(R, "seg_id", info.seg_id.get().into(), dev_seg.into())));
     }
     if let Some(next) = info.next()
-        && (next == 0 || next >= u32::from(layout.seg_num()))
+        && (next < layout.first_cache_seg() || next >= layout.seg_num())
     {
         let max = u64::from(layout.seg_num()) - 1;
-        return Err(fail(Error::out_of_range(R, "next_seg", next.into(), 1, max)));
+        return Err(fail(Error::out_of_range(R, "next_seg", next.into(), layout.first_cache_seg().into(), max)));
     }
-    Ok(Found { copies: pair.copies, latest })
+    Ok(Found { copies, latest })
+}
+
+/// Reads both copies of dm-pcache's cache info (at 0x2000 and 0x3000).
+pub fn read_dm_cache_info<M: ReadMedia + ?Sized>(
+    m: &M,
+    layout: &Layout,
+) -> Result<Pair<DmCacheInfo>, ReadError<M::Error>> {
+    read_pair(layout.dialect(), m, layout.cache_info_offset()?)
 }
 
 /// A record that passed every check, and the state of both its copies.
@@ -368,7 +442,7 @@ pub fn read_gen<M: ReadMedia + ?Sized>(
     layout: &Layout,
     dev_seg: u32,
 ) -> Result<Pair<CacheSegGen>, ReadError<M::Error>> {
-    read_pair(m, layout.ctrl_offset(dev_seg)?)
+    read_pair(layout.dialect(), m, layout.ctrl_offset(dev_seg)?)
 }
 
 /// The key tail and the dirty tail, from the control page of a cache's first
@@ -389,9 +463,9 @@ pub fn read_tails<M: ReadMedia + ?Sized>(
     first_seg: u32,
     n_segs: u32,
 ) -> Result<Tails, ReadError<M::Error>> {
-    let ctrl = layout.ctrl_offset(first_seg)?;
-    let mut key_tail = read_pair::<CachePos, M>(m, ctrl + KEY_TAIL_OFF as u64)?;
-    let mut dirty_tail = read_pair::<CachePos, M>(m, ctrl + DIRTY_TAIL_OFF as u64)?;
+    let (key, dirty) = layout.tail_offsets(first_seg)?;
+    let mut key_tail = read_pair::<CachePos, M>(layout.dialect(), m, key)?;
+    let mut dirty_tail = read_pair::<CachePos, M>(layout.dialect(), m, dirty)?;
     for pair in [&mut key_tail, &mut dirty_tail] {
         if let Ok(l) = &pair.latest {
             let seg = l.record.cache_seg_id.get();
@@ -441,7 +515,7 @@ pub fn read_kset<'b, M: ReadMedia + ?Sized>(
         }
         read(m, base + KSET_HEADER_SIZE as u64, &mut buf[KSET_HEADER_SIZE..size])?;
     }
-    let record = decode_kset(&buf[..])?;
+    let record = decode_kset(layout.dialect(), &buf[..])?;
     if let KsetRecord::Last { next_cache_seg } = record
         && next_cache_seg >= n_segs
     {
@@ -474,8 +548,8 @@ mod tests {
         let zeros = alloc::vec![0u8; 1 << 20];
         let off = 64 << 10;
         assert!(img.unwritten(off, 8192) && !zeros[..].unwritten(off, 8192));
-        let known = read_pair::<BackingDevInfo, _>(&img, off).unwrap();
-        let read = read_pair::<BackingDevInfo, _>(&zeros[..], off).unwrap();
+        let known = read_pair::<BackingDevInfo, _>(Dialect::RfcV1, &img, off).unwrap();
+        let read = read_pair::<BackingDevInfo, _>(Dialect::RfcV1, &zeros[..], off).unwrap();
         assert_eq!(known, read);
         assert!(matches!(known.latest, Err(e) if e.kind == ErrorKind::NeverWritten));
     }

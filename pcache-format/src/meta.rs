@@ -34,7 +34,8 @@ use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::consts::META_INDEX_MAX;
-use crate::crc::{is_zero, meta_crc, seal, stored_crc};
+use crate::crc::{is_zero, stored_crc};
+use crate::dialect::Dialect;
 use crate::error::{Error, ErrorKind, Record};
 
 /// Header of every double-buffered record (8 bytes).
@@ -112,6 +113,32 @@ impl CopyInfo {
     }
 }
 
+/// Where the two copies of a record lie and what each copy's CRC covers:
+/// the copies are `stride` bytes apart, and each CRC covers bytes
+/// `[4, covered)` of its copy, computed by `dialect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slots {
+    /// The dialect whose CRC seals the copies.
+    pub dialect: Dialect,
+    /// Distance between the copies, and the size of each.
+    pub stride: usize,
+    /// Bytes of each copy (from its start) that its CRC covers.
+    pub covered: usize,
+}
+
+impl Slots {
+    /// Copies `stride` apart whose CRCs cover `covered` bytes.
+    pub const fn new(dialect: Dialect, stride: usize, covered: usize) -> Self {
+        Self { dialect, stride, covered }
+    }
+
+    /// The copies of record `R` in `dialect`: [`MetaRecord::COPY_SIZE`]
+    /// apart, each CRC covering the whole slot (RFC) or the record (dm-pcache).
+    pub const fn of<R: MetaRecord>(dialect: Dialect) -> Self {
+        Self { dialect, stride: R::COPY_SIZE, covered: dialect.covered(R::COPY_SIZE, core::mem::size_of::<R>()) }
+    }
+}
+
 /// The bytes of copy `index` in `copies`, if it lies wholly inside them.
 pub fn copy_bytes(copies: &[u8], stride: usize, index: usize) -> Option<&[u8]> {
     if stride < core::mem::size_of::<MetaHeader>() {
@@ -121,34 +148,32 @@ pub fn copy_bytes(copies: &[u8], stride: usize, index: usize) -> Option<&[u8]> {
     copies.get(start..start.checked_add(stride)?)
 }
 
-/// Reads copy `index` of the copies laid out at `stride` in `copies`.
-pub fn copy_info(copies: &[u8], stride: usize, index: usize) -> CopyInfo {
-    match copy_bytes(copies, stride, index) {
+/// Reads copy `index` of the copies laid out as `slots` say in `copies`.
+pub fn copy_info(slots: Slots, copies: &[u8], index: usize) -> CopyInfo {
+    match copy_bytes(copies, slots.stride, index) {
         Some(copy) => {
             // Most copies of a backing table were never written: one pass
-            // over their zeros, whose CRC is 0 (seed 0, no final xor).
+            // over their zeros, whose RFC CRC is 0 (seed 0, no final xor).
             let blank = is_zero(copy);
-            CopyInfo {
-                complete: true,
-                stored_crc: stored_crc(copy).unwrap_or(0),
-                computed_crc: if blank { 0 } else { meta_crc(copy) },
-                seq: copy[4],
-                blank,
-            }
+            let computed_crc = match slots.dialect {
+                Dialect::RfcV1 if blank => 0,
+                d => d.record_crc(copy, slots.covered),
+            };
+            CopyInfo { complete: true, stored_crc: stored_crc(copy).unwrap_or(0), computed_crc, seq: copy[4], blank }
         }
         None => CopyInfo::ABSENT,
     }
 }
 
 /// Both copies.
-pub fn copy_infos(copies: &[u8], stride: usize) -> [CopyInfo; META_INDEX_MAX] {
-    [copy_info(copies, stride, 0), copy_info(copies, stride, 1)]
+pub fn copy_infos(slots: Slots, copies: &[u8]) -> [CopyInfo; META_INDEX_MAX] {
+    [copy_info(slots, copies, 0), copy_info(slots, copies, 1)]
 }
 
 /// Index of the latest valid copy (written, CRC matching), or `None` if
 /// neither is valid.
-pub fn find_latest(copies: &[u8], stride: usize) -> Option<usize> {
-    latest_of(&copy_infos(copies, stride))
+pub fn find_latest(slots: Slots, copies: &[u8]) -> Option<usize> {
+    latest_of(&copy_infos(slots, copies))
 }
 
 fn latest_of(infos: &[CopyInfo; META_INDEX_MAX]) -> Option<usize> {
@@ -167,8 +192,8 @@ fn latest_of(infos: &[CopyInfo; META_INDEX_MAX]) -> Option<usize> {
 
 /// Index of the copy a writer overwrites: the first copy that is not valid
 /// (bad CRC or never written), otherwise the older one (ties go to copy 0).
-pub fn find_oldest(copies: &[u8], stride: usize) -> usize {
-    let infos = copy_infos(copies, stride);
+pub fn find_oldest(slots: Slots, copies: &[u8]) -> usize {
+    let infos = copy_infos(slots, copies);
     let mut oldest: Option<usize> = None;
     for (i, info) in infos.iter().enumerate() {
         if !info.valid() {
@@ -185,8 +210,8 @@ pub fn find_oldest(copies: &[u8], stride: usize) -> usize {
 /// Sequence number for the next write: the latest valid sequence plus one
 /// (mod 256, skipping 0), or 1 if no copy is valid. Never 0, so that no
 /// written copy is all zeros.
-pub fn next_seq(copies: &[u8], stride: usize) -> u8 {
-    let infos = copy_infos(copies, stride);
+pub fn next_seq(slots: Slots, copies: &[u8]) -> u8 {
+    let infos = copy_infos(slots, copies);
     match latest_of(&infos) {
         Some(l) => match infos[l].seq.wrapping_add(1) {
             0 => 1,
@@ -198,9 +223,10 @@ pub fn next_seq(copies: &[u8], stride: usize) -> u8 {
 
 /// A double-buffered record type.
 ///
-/// `COPY_SIZE` is both the stride between the two copies and the number of
-/// bytes each copy's CRC covers (from byte 4): 4096 for segment infos and
-/// backing-table entries, 16 for generation records and tails.
+/// `COPY_SIZE` is the stride between the two copies: 4096 for segment
+/// infos, backing-table entries and dm-pcache's cache info, 16 for
+/// generation records and tails. What each copy's CRC covers depends on the
+/// dialect ([`Slots::of`]).
 pub trait MetaRecord: FromBytes + IntoBytes + Immutable + KnownLayout + Copy {
     /// Which record this is, for errors.
     const RECORD: Record;
@@ -225,10 +251,10 @@ pub struct Latest<R> {
 }
 
 /// Encodes `record` as one whole copy with sequence `seq`: the record's
-/// bytes, zeros up to `R::COPY_SIZE`, and the CRC over all of it.
+/// bytes, zeros up to `R::COPY_SIZE`, and the dialect's CRC.
 ///
 /// `out` must be exactly `R::COPY_SIZE` bytes long.
-pub fn encode_copy<R: MetaRecord>(record: &R, seq: u8, out: &mut [u8]) -> Result<(), Error> {
+pub fn encode_copy<R: MetaRecord>(dialect: Dialect, record: &R, seq: u8, out: &mut [u8]) -> Result<(), Error> {
     let size = core::mem::size_of::<R>();
     if out.len() != R::COPY_SIZE || size > R::COPY_SIZE {
         return Err(Error::truncated(R::RECORD, R::COPY_SIZE, out.len()));
@@ -239,18 +265,18 @@ pub fn encode_copy<R: MetaRecord>(record: &R, seq: u8, out: &mut [u8]) -> Result
     header.crc = U32::new(0);
     out[..size].copy_from_slice(rec.as_bytes());
     out[size..].fill(0);
-    seal(out);
+    dialect.seal(out, Slots::of::<R>(dialect).covered);
     Ok(())
 }
 
 /// Decodes one copy: its CRC, then [`MetaRecord::check`].
-pub fn decode_copy<R: MetaRecord>(copy: &[u8]) -> Result<R, Error> {
+pub fn decode_copy<R: MetaRecord>(dialect: Dialect, copy: &[u8]) -> Result<R, Error> {
     if copy.len() < R::COPY_SIZE {
         return Err(Error::truncated(R::RECORD, R::COPY_SIZE, copy.len()));
     }
     let copy = &copy[..R::COPY_SIZE];
     let stored = stored_crc(copy).unwrap_or(0);
-    let computed = meta_crc(copy);
+    let computed = dialect.record_crc(copy, Slots::of::<R>(dialect).covered);
     if stored != computed {
         return Err(Error::new(R::RECORD, ErrorKind::BadCrc { stored, computed }));
     }
@@ -271,8 +297,8 @@ fn decode_checked<R: MetaRecord>(copy: &[u8]) -> Result<R, Error> {
 /// with [`ErrorKind::NoValidCopy`] if neither copy is valid otherwise; if the
 /// latest copy fails [`MetaRecord::check`], the error names that copy (the
 /// other copy is not used: it is older).
-pub fn read_latest<R: MetaRecord>(copies: &[u8]) -> Result<Latest<R>, Error> {
-    latest_of_pair(copies, &copy_infos(copies, R::COPY_SIZE))
+pub fn read_latest<R: MetaRecord>(dialect: Dialect, copies: &[u8]) -> Result<Latest<R>, Error> {
+    latest_of_pair(copies, &copy_infos(Slots::of::<R>(dialect), copies))
 }
 
 /// [`read_latest`] of `copies` whose [`copy_infos`] are `infos`: each
@@ -300,6 +326,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const S16: Slots = Slots::new(Dialect::RfcV1, 16, 16);
+
+    fn seal(copy: &mut [u8]) {
+        Dialect::RfcV1.seal(copy, copy.len());
+    }
+
     /// Two 16-byte copies with the given sequence numbers and validity.
     fn pair(c0: Option<u8>, c1: Option<u8>) -> [u8; 32] {
         let mut b = [0u8; 32];
@@ -317,35 +349,35 @@ mod tests {
 
     #[test]
     fn latest_prefers_strictly_after_and_ties_go_to_copy_0() {
-        assert_eq!(find_latest(&pair(Some(1), Some(2)), 16), Some(1));
-        assert_eq!(find_latest(&pair(Some(2), Some(1)), 16), Some(0));
-        assert_eq!(find_latest(&pair(Some(7), Some(7)), 16), Some(0));
-        assert_eq!(find_latest(&pair(Some(255), Some(0)), 16), Some(1));
-        assert_eq!(find_latest(&pair(Some(0), Some(255)), 16), Some(0));
-        assert_eq!(find_latest(&pair(None, Some(3)), 16), Some(1));
-        assert_eq!(find_latest(&pair(Some(3), None), 16), Some(0));
-        assert_eq!(find_latest(&pair(None, None), 16), None);
+        assert_eq!(find_latest(S16, &pair(Some(1), Some(2))), Some(1));
+        assert_eq!(find_latest(S16, &pair(Some(2), Some(1))), Some(0));
+        assert_eq!(find_latest(S16, &pair(Some(7), Some(7))), Some(0));
+        assert_eq!(find_latest(S16, &pair(Some(255), Some(0))), Some(1));
+        assert_eq!(find_latest(S16, &pair(Some(0), Some(255))), Some(0));
+        assert_eq!(find_latest(S16, &pair(None, Some(3))), Some(1));
+        assert_eq!(find_latest(S16, &pair(Some(3), None)), Some(0));
+        assert_eq!(find_latest(S16, &pair(None, None)), None);
     }
 
     #[test]
     fn oldest_is_first_bad_copy_then_strictly_older() {
-        assert_eq!(find_oldest(&pair(None, None), 16), 0);
-        assert_eq!(find_oldest(&pair(Some(1), None), 16), 1);
-        assert_eq!(find_oldest(&pair(None, Some(1)), 16), 0);
-        assert_eq!(find_oldest(&pair(Some(1), Some(2)), 16), 0);
-        assert_eq!(find_oldest(&pair(Some(2), Some(1)), 16), 1);
-        assert_eq!(find_oldest(&pair(Some(9), Some(9)), 16), 0);
-        assert_eq!(find_oldest(&pair(Some(0), Some(255)), 16), 1);
+        assert_eq!(find_oldest(S16, &pair(None, None)), 0);
+        assert_eq!(find_oldest(S16, &pair(Some(1), None)), 1);
+        assert_eq!(find_oldest(S16, &pair(None, Some(1))), 0);
+        assert_eq!(find_oldest(S16, &pair(Some(1), Some(2))), 0);
+        assert_eq!(find_oldest(S16, &pair(Some(2), Some(1))), 1);
+        assert_eq!(find_oldest(S16, &pair(Some(9), Some(9))), 0);
+        assert_eq!(find_oldest(S16, &pair(Some(0), Some(255))), 1);
     }
 
     #[test]
     fn next_seq_continues_from_media() {
-        assert_eq!(next_seq(&pair(None, None), 16), 1);
-        assert_eq!(next_seq(&pair(Some(41), Some(40)), 16), 42);
-        assert_eq!(next_seq(&pair(Some(255), None), 16), 1);
-        assert_eq!(next_seq(&pair(Some(254), None), 16), 255);
+        assert_eq!(next_seq(S16, &pair(None, None)), 1);
+        assert_eq!(next_seq(S16, &pair(Some(41), Some(40))), 42);
+        assert_eq!(next_seq(S16, &pair(Some(255), None)), 1);
+        assert_eq!(next_seq(S16, &pair(Some(254), None)), 255);
         // All-zero copies were never written: not valid.
-        assert_eq!(next_seq(&[0u8; 32], 16), 1);
+        assert_eq!(next_seq(S16, &[0u8; 32]), 1);
     }
 
     #[test]
@@ -353,40 +385,40 @@ mod tests {
         let mut b = pair(Some(200), Some(9));
         // Without the rule, a zeroed copy 1 (seq 0) would win over seq 200.
         b[16..].fill(0);
-        assert_eq!(find_latest(&b, 16), Some(0));
-        assert_eq!(find_oldest(&b, 16), 1);
-        assert_eq!(next_seq(&b, 16), 201);
-        let infos = copy_infos(&b, 16);
+        assert_eq!(find_latest(S16, &b), Some(0));
+        assert_eq!(find_oldest(S16, &b), 1);
+        assert_eq!(next_seq(S16, &b), 201);
+        let infos = copy_infos(S16, &b);
         assert!(infos[1].blank && infos[1].crc_ok() && !infos[1].valid());
         // A damaged copy beside a never-written one is damage, not "free".
         let mut d = [0u8; 32];
         d[..16].copy_from_slice(&pair(Some(3), None)[..16]);
         d[0] ^= 0x40;
-        let e = read_latest::<crate::CachePos>(&d).unwrap_err();
+        let e = read_latest::<crate::CachePos>(Dialect::RfcV1, &d).unwrap_err();
         assert!(matches!(e.kind, ErrorKind::NoValidCopy { never_written: [false, true], .. }), "{e}");
         // Two never-written copies are just that.
-        let e = read_latest::<crate::CachePos>(&[0u8; 32]).unwrap_err();
+        let e = read_latest::<crate::CachePos>(Dialect::RfcV1, &[0u8; 32]).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NeverWritten);
         // A record written with next_seq is never all zeros, even at the wrap.
         let mut w = [0u8; 32];
         w[..16].copy_from_slice(&pair(Some(255), None)[..16]);
-        let seq = next_seq(&w, 16);
+        let seq = next_seq(S16, &w);
         assert_eq!(seq, 1);
-        let t = find_oldest(&w, 16);
-        encode_copy(&crate::CachePos::new(0, 0), seq, &mut w[t * 16..t * 16 + 16]).unwrap();
-        assert!(copy_infos(&w, 16)[t].valid());
-        assert_eq!(find_latest(&w, 16), Some(t));
+        let t = find_oldest(S16, &w);
+        encode_copy(Dialect::RfcV1, &crate::CachePos::new(0, 0), seq, &mut w[t * 16..t * 16 + 16]).unwrap();
+        assert!(copy_infos(S16, &w)[t].valid());
+        assert_eq!(find_latest(S16, &w), Some(t));
     }
 
     #[test]
     fn short_input_and_tiny_stride_do_not_panic() {
-        assert_eq!(find_latest(&[], 16), None);
-        assert_eq!(find_latest(&[0u8; 31], 16), None);
-        assert_eq!(find_oldest(&[0u8; 31], 16), 0);
-        assert_eq!(find_latest(&[0u8; 32], 4), None);
-        assert_eq!(find_oldest(&[0u8; 32], 0), 0);
-        assert_eq!(next_seq(&[0u8; 8], usize::MAX), 1);
-        assert!(!copy_info(&[0u8; 32], usize::MAX, 1).complete);
+        assert_eq!(find_latest(S16, &[]), None);
+        assert_eq!(find_latest(S16, &[0u8; 31]), None);
+        assert_eq!(find_oldest(S16, &[0u8; 31]), 0);
+        assert_eq!(find_latest(Slots::new(Dialect::RfcV1, 4, 4), &[0u8; 32]), None);
+        assert_eq!(find_oldest(Slots::new(Dialect::RfcV1, 0, 0), &[0u8; 32]), 0);
+        assert_eq!(next_seq(Slots::new(Dialect::RfcV1, usize::MAX, usize::MAX), &[0u8; 8]), 1);
+        assert!(!copy_info(Slots::new(Dialect::RfcV1, usize::MAX, usize::MAX), &[0u8; 32], 1).complete);
     }
 
     proptest! {
@@ -421,10 +453,10 @@ mod tests {
                 (Some(_), None) => 1,
                 (Some(s0), Some(s1)) => if (s0.wrapping_sub(s1) as i8) > 0 { 1 } else { 0 },
             };
-            prop_assert_eq!(find_latest(&b, 16), model_latest);
-            prop_assert_eq!(find_oldest(&b, 16), model_oldest);
+            prop_assert_eq!(find_latest(S16, &b), model_latest);
+            prop_assert_eq!(find_oldest(S16, &b), model_oldest);
             let model_next = model_latest.map(|i| [c0, c1][i].unwrap().wrapping_add(1)).unwrap_or(1).max(1);
-            prop_assert_eq!(next_seq(&b, 16), model_next);
+            prop_assert_eq!(next_seq(S16, &b), model_next);
         }
 
         /// Writing `next_seq` into the oldest copy makes that copy the latest,
@@ -438,21 +470,21 @@ mod tests {
                 prop_assume!((a.wrapping_sub(b) as i8).unsigned_abs() < 126);
             }
             let mut b = pair(c0, c1);
-            let seq = next_seq(&b, 16);
-            let target = find_oldest(&b, 16);
+            let seq = next_seq(S16, &b);
+            let target = find_oldest(S16, &b);
             let copy = &mut b[target * 16..(target + 1) * 16];
             copy.fill(0);
             copy[4] = seq;
             copy[8] = 0x77;
             seal(copy);
-            prop_assert_eq!(find_latest(&b, 16), Some(target));
+            prop_assert_eq!(find_latest(S16, &b), Some(target));
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..100), stride in 0usize..64) {
-            let latest = find_latest(&data, stride);
-            let oldest = find_oldest(&data, stride);
-            let _ = next_seq(&data, stride);
+            let latest = find_latest(Slots::new(Dialect::RfcV1, stride, stride), &data);
+            let oldest = find_oldest(Slots::new(Dialect::RfcV1, stride, stride), &data);
+            let _ = next_seq(Slots::new(Dialect::RfcV1, stride, stride), &data);
             prop_assert!(latest.is_none_or(|l| l < 2));
             prop_assert!(oldest < 2);
         }

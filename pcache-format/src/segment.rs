@@ -252,6 +252,7 @@ impl MetaRecord for MetaSegmentInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Dialect;
     use crate::error::ErrorKind;
     use crate::meta::{decode_copy, encode_copy, read_latest};
 
@@ -259,8 +260,8 @@ mod tests {
     fn data_info_round_trip() {
         let info = SegmentInfo::data(7, Some(9));
         let mut copy = [0u8; SEG_INFO_SIZE];
-        encode_copy(&info, 3, &mut copy).unwrap();
-        let back: SegmentInfo = decode_copy(&copy).unwrap();
+        encode_copy(Dialect::RfcV1, &info, 3, &mut copy).unwrap();
+        let back: SegmentInfo = decode_copy(Dialect::RfcV1, &copy).unwrap();
         assert_eq!(back.header.seq, 3);
         assert_eq!(back.next(), Some(9));
         assert_eq!(back.seg_id.get(), 7);
@@ -287,12 +288,12 @@ mod tests {
     #[test]
     fn meta_info_of_a_zeroed_segment_was_never_written() {
         // A zeroed slot pair passes the CRC (seed 0) but was never written.
-        let err = read_latest::<MetaSegmentInfo>(&[0u8; 2 * SEG_INFO_SIZE]).unwrap_err();
+        let err = read_latest::<MetaSegmentInfo>(Dialect::RfcV1, &[0u8; 2 * SEG_INFO_SIZE]).unwrap_err();
         assert_eq!(err.kind, ErrorKind::NeverWritten);
         assert_eq!(err.record, Record::MetaSegmentInfo);
         let mut pair = [0u8; 2 * SEG_INFO_SIZE];
-        encode_copy(&MetaSegmentInfo::default(), 1, &mut pair[..SEG_INFO_SIZE]).unwrap();
-        let latest = read_latest::<MetaSegmentInfo>(&pair).unwrap();
+        encode_copy(Dialect::RfcV1, &MetaSegmentInfo::default(), 1, &mut pair[..SEG_INFO_SIZE]).unwrap();
+        let latest = read_latest::<MetaSegmentInfo>(Dialect::RfcV1, &pair).unwrap();
         assert_eq!((latest.copy, latest.record.meta_num.get()), (0, 2047));
     }
 }

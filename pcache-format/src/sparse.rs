@@ -10,11 +10,10 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use crate::backing::{BackingDevInfo, CacheFlags, CacheInfo};
-use crate::consts::{
-    CACHE_GC_PERCENT_DEFAULT, CACHE_SEG_DATA_SIZE, DIRTY_TAIL_OFF, KEY_TAIL_OFF, KSET_HEADER_SIZE, KSET_KEYS_MAX,
-    SB_OFF,
-};
+use crate::consts::{CACHE_GC_PERCENT_DEFAULT, CACHE_SEG_DATA_SIZE, KSET_HEADER_SIZE, KSET_KEYS_MAX, SB_OFF};
 use crate::ctrl::{CachePos, CacheSegGen};
+use crate::dialect::Dialect;
+use crate::dm::{DM_GC_PERCENT_DEFAULT, DmCacheInfo, DmSegmentInfo, DmSuperblock};
 use crate::error::{Error, Record};
 use crate::kset::{Key, KeyFlags, TERMINATOR, encode_kset, encode_last, kset_size};
 use crate::layout::Layout;
@@ -112,15 +111,39 @@ pub struct ImageBuilder {
 }
 
 impl ImageBuilder {
-    /// A freshly formatted device of `size` bytes: the superblock, and
-    /// segment 0 holding its info (seq 1 in copy 0) and an empty table.
+    /// A freshly formatted RFC v1 device of `size` bytes: the superblock,
+    /// and segment 0 holding its info (seq 1 in copy 0) and an empty table.
     pub fn format(size: u64) -> Result<Self, Error> {
-        let layout = Layout::plan(size)?.layout;
-        let mut b = Self { img: SparseImage::new(size), layout, used: alloc::vec![false; layout.seg_num().into()] };
+        let layout = Layout::plan(Dialect::RfcV1, size)?.layout;
+        let mut b = Self { img: SparseImage::new(size), layout, used: alloc::vec![false; layout.seg_num() as usize] };
         b.used[0] = true;
         b.put_copy(layout.seg_info_offset(0)?, &MetaSegmentInfo::default(), 1)?;
-        b.img.write_at(SB_OFF, &Superblock::encode_area(layout.seg_num())).map_err(oob)?;
+        b.img.write_at(SB_OFF, &Superblock::encode_area(layout.seg_num() as u16)).map_err(oob)?;
         Ok(b)
+    }
+
+    /// A dm-pcache device of `size` bytes as the kernel leaves it when it
+    /// first loads it: its superblock and a cache of every segment (the
+    /// chain 0, 1, 2, ..., generations 0, both tails at the log's start,
+    /// cache info with INIT_DONE and the default gc percent). The returned
+    /// writer appends to that cache.
+    pub fn format_dm(size: u64, data_crc: bool) -> Result<(Self, CacheWriter), Error> {
+        let layout = Layout::plan(Dialect::DmPcache, size)?.layout;
+        let n_segs = layout.seg_num();
+        let mut b = Self { img: SparseImage::new(size), layout, used: alloc::vec![true; n_segs as usize] };
+        b.img.write_at(SB_OFF, &DmSuperblock::encode_area(n_segs)).map_err(oob)?;
+        let chain: Vec<u32> = (0..n_segs).collect();
+        for (i, &seg) in chain.iter().enumerate() {
+            let next = chain.get(i + 1).copied();
+            b.put_both(layout.seg_info_offset(seg)?, &DmSegmentInfo::data(next))?;
+            b.put_both(layout.ctrl_offset(seg)?, &CacheSegGen::new(0))?;
+        }
+        let (key_tail, dirty_tail) = layout.tail_offsets(0)?;
+        b.put_both(key_tail, &CachePos::new(0, 0))?;
+        b.put_both(dirty_tail, &CachePos::new(0, 0))?;
+        b.put_both(layout.cache_info_offset()?, &DmCacheInfo::new(n_segs, DM_GC_PERCENT_DEFAULT, data_crc))?;
+        let w = CacheWriter { chain, data_crc, key_head: (0, 0), log_segs: 1, data_head: (1, 0), pending: Vec::new() };
+        Ok((b, w))
     }
 
     /// The layout.
@@ -145,7 +168,7 @@ impl ImageBuilder {
 
     fn put_copy<R: MetaRecord>(&mut self, off: u64, record: &R, seq: u8) -> Result<(), Error> {
         let mut buf = alloc::vec![0u8; R::COPY_SIZE];
-        encode_copy(record, seq, &mut buf)?;
+        encode_copy(self.layout.dialect(), record, seq, &mut buf)?;
         self.img.write_at(off, &buf).map_err(oob)
     }
 
@@ -188,9 +211,9 @@ impl ImageBuilder {
             self.put_both(self.layout.seg_info_offset(seg)?, &info)?;
             self.put_both(self.layout.ctrl_offset(seg)?, &CacheSegGen::new(0))?;
         }
-        let ctrl = self.layout.ctrl_offset(chain[0])?;
-        self.put_both(ctrl + KEY_TAIL_OFF as u64, &CachePos::new(0, 0))?;
-        self.put_both(ctrl + DIRTY_TAIL_OFF as u64, &CachePos::new(0, 0))?;
+        let (key_tail, dirty_tail) = self.layout.tail_offsets(chain[0])?;
+        self.put_both(key_tail, &CachePos::new(0, 0))?;
+        self.put_both(dirty_tail, &CachePos::new(0, 0))?;
         self.img.write_at(self.layout.data_offset(chain[0])?, &TERMINATOR).map_err(oob)?;
         let flags = if data_crc { CacheFlags::DATA_CRC } else { CacheFlags::empty() };
         let ci = CacheInfo::new(chain[0], n_segs, CACHE_GC_PERCENT_DEFAULT, flags);
@@ -241,7 +264,7 @@ impl CacheWriter {
         let flags = if clean { KeyFlags::CLEAN } else { KeyFlags::empty() };
         let mut key = Key::new(off, len, flags, seg, seg_off, 0);
         if self.data_crc {
-            key.data_crc = crate::crc::crc32(data).into();
+            key.data_crc = b.layout.dialect().crc(data).into();
         }
         key.check()?;
         self.pending.push(key);
@@ -269,11 +292,16 @@ impl CacheWriter {
             let (seg, off) = self.key_head;
             let dev = self.chain[next as usize];
             b.img.write_at(b.layout.data_offset(dev)?, &TERMINATOR).map_err(oob)?;
-            b.img.write_at(b.layout.data_range(self.chain[seg as usize], off, 24)?, &encode_last(next)).map_err(oob)?;
+            b.img
+                .write_at(
+                    b.layout.data_range(self.chain[seg as usize], off, 24)?,
+                    &encode_last(b.layout.dialect(), next),
+                )
+                .map_err(oob)?;
             self.key_head = (next, 0);
         }
         let mut buf = alloc::vec![0u8; size as usize];
-        encode_kset(&self.pending, &mut buf)?;
+        encode_kset(b.layout.dialect(), &self.pending, &mut buf)?;
         let (seg, off) = self.key_head;
         let dev = self.chain[seg as usize];
         b.img.write_at(b.layout.data_range(dev, off, size)?, &buf).map_err(oob)?;

@@ -158,13 +158,13 @@ fn an_orphan_without_dirty_data_is_only_a_note() {
     let ctrl = b.layout().ctrl_offset(1).unwrap();
     let end = CachePos::new(0, (kset_size(3) + kset_size(1)) as u32);
     let mut pair = [0u8; 32];
-    encode_copy(&end, 3, &mut pair[..16]).unwrap();
-    encode_copy(&end, 4, &mut pair[16..]).unwrap();
+    encode_copy(Dialect::RfcV1, &end, 3, &mut pair[..16]).unwrap();
+    encode_copy(Dialect::RfcV1, &end, 4, &mut pair[16..]).unwrap();
     b.image_mut().write_at(ctrl + DIRTY_TAIL_OFF as u64, &pair).unwrap();
     let entry = b.layout().meta_entry_offset(0).unwrap();
     let mut free = vec![0u8; 8192];
-    encode_copy(&BackingDevInfo::free(0), 3, &mut free[..4096]).unwrap();
-    encode_copy(&BackingDevInfo::free(0), 4, &mut free[4096..]).unwrap();
+    encode_copy(Dialect::RfcV1, &BackingDevInfo::free(0), 3, &mut free[..4096]).unwrap();
+    encode_copy(Dialect::RfcV1, &BackingDevInfo::free(0), 4, &mut free[4096..]).unwrap();
     b.image_mut().write_at(entry, &free).unwrap();
     let r = scan(b.image(), ScanOptions::default());
     assert_eq!(problems(&r), Vec::<String>::new());
@@ -200,7 +200,7 @@ fn torn_newest_kset_is_a_note_but_a_lost_dirty_tail_is_a_problem() {
     // Now the dirty tail points past the torn kset.
     let ctrl = b.layout().ctrl_offset(c.chain()[0]).unwrap();
     let mut copy = [0u8; 16];
-    encode_copy(&CachePos::new(0, (kset_size(3) + kset_size(1)) as u32), 2, &mut copy).unwrap();
+    encode_copy(Dialect::RfcV1, &CachePos::new(0, (kset_size(3) + kset_size(1)) as u32), 2, &mut copy).unwrap();
     b.image_mut().write_at(ctrl + DIRTY_TAIL_OFF as u64 + 16, &copy).unwrap();
     let r = scan(b.image(), ScanOptions::default());
     let p = problems(&r);
@@ -233,7 +233,7 @@ fn shared_segment_and_shared_path_are_problems() {
     // Re-link the second cache's first segment to the first cache's segment 3.
     let first2 = c2.chain()[0];
     let mut copy = [0u8; 4096];
-    encode_copy(&SegmentInfo::data(first2, Some(3)), 2, &mut copy).unwrap();
+    encode_copy(Dialect::RfcV1, &SegmentInfo::data(first2, Some(3)), 2, &mut copy).unwrap();
     let at = b.layout().seg_info_offset(first2).unwrap() + 4096;
     b.image_mut().write_at(at, &copy).unwrap();
     let r = scan(b.image(), ScanOptions::default());
@@ -256,7 +256,7 @@ fn key_outside_the_cache_is_a_problem() {
     // Rewrite the first kset with a key naming cache segment 8 of 8.
     let key = Key::new(0, 4096, KeyFlags::empty(), 8, 0, 0);
     let mut buf = [0u8; 64];
-    encode_kset(&[key], &mut buf).unwrap();
+    encode_kset(Dialect::RfcV1, &[key], &mut buf).unwrap();
     let log = b.layout().data_offset(c.chain()[0]).unwrap();
     b.image_mut().write_at(log, &buf).unwrap();
     b.image_mut().write_at(log + 64, &TERMINATOR).unwrap();
@@ -269,7 +269,7 @@ fn key_outside_the_cache_is_a_problem() {
 fn log_that_loops_is_a_problem() {
     let (mut b, c) = cached_image();
     let log = b.layout().data_offset(c.chain()[0]).unwrap();
-    b.image_mut().write_at(log, &encode_last(0)).unwrap();
+    b.image_mut().write_at(log, &encode_last(Dialect::RfcV1, 0)).unwrap();
     let p = problems(&scan(b.image(), ScanOptions::default()));
     assert!(p.iter().any(|p| p.contains("leads back to segment 0")), "{p:?}");
 }
@@ -327,8 +327,8 @@ fn an_orphan_chain_starts_where_nothing_links_to_it() {
     for (i, &seg) in order.iter().enumerate() {
         let mut pair = vec![0u8; 8192];
         let info = SegmentInfo::data(seg, order.get(i + 1).copied());
-        encode_copy(&info, 3, &mut pair[..4096]).unwrap();
-        encode_copy(&info, 4, &mut pair[4096..]).unwrap();
+        encode_copy(Dialect::RfcV1, &info, 3, &mut pair[..4096]).unwrap();
+        encode_copy(Dialect::RfcV1, &info, 4, &mut pair[4096..]).unwrap();
         b.image_mut().write_at(layout.seg_info_offset(seg).unwrap(), &pair).unwrap();
     }
     // The tails move to the new first segment; segment 1 keeps its old ones.

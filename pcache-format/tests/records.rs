@@ -5,19 +5,21 @@ use proptest::prelude::*;
 use zerocopy::FromBytes;
 
 fn round_trip<R: MetaRecord + PartialEq + std::fmt::Debug>(record: R, seq: u8) -> Result<(), TestCaseError> {
-    let mut copy = vec![0u8; R::COPY_SIZE];
-    encode_copy(&record, seq, &mut copy).unwrap();
-    let back: R = decode_copy(&copy).unwrap();
-    prop_assert_eq!(back.header().seq, seq);
-    let mut expected = record;
-    expected.header_mut().seq = seq;
-    expected.header_mut().crc = back.header().crc;
-    prop_assert_eq!(back, expected);
-    // Both copies: the one with the later sequence is selected.
-    let mut pair = vec![0u8; 2 * R::COPY_SIZE];
-    encode_copy(&record, seq, &mut pair[..R::COPY_SIZE]).unwrap();
-    encode_copy(&record, seq.wrapping_add(1), &mut pair[R::COPY_SIZE..]).unwrap();
-    prop_assert_eq!(read_latest::<R>(&pair).unwrap().copy, 1);
+    for d in Dialect::ALL {
+        let mut copy = vec![0u8; R::COPY_SIZE];
+        encode_copy(d, &record, seq, &mut copy).unwrap();
+        let back: R = decode_copy(d, &copy).unwrap();
+        prop_assert_eq!(back.header().seq, seq);
+        let mut expected = record;
+        expected.header_mut().seq = seq;
+        expected.header_mut().crc = back.header().crc;
+        prop_assert_eq!(back, expected);
+        // Both copies: the one with the later sequence is selected.
+        let mut pair = vec![0u8; 2 * R::COPY_SIZE];
+        encode_copy(d, &record, seq, &mut pair[..R::COPY_SIZE]).unwrap();
+        encode_copy(d, &record, seq.wrapping_add(1), &mut pair[R::COPY_SIZE..]).unwrap();
+        prop_assert_eq!(read_latest::<R>(d, &pair).unwrap().copy, 1);
+    }
     Ok(())
 }
 
@@ -62,22 +64,22 @@ proptest! {
         let s = SMALL_RECORD_SIZE;
         for copy in 0..2 {
             let q = seq.wrapping_add(copy as u8);
-            encode_copy(&CacheSegGen::new(g), q, &mut page[copy * s..(copy + 1) * s]).unwrap();
+            encode_copy(Dialect::RfcV1, &CacheSegGen::new(g), q, &mut page[copy * s..(copy + 1) * s]).unwrap();
             let at = KEY_TAIL_OFF + copy * s;
-            encode_copy(&CachePos::new(kt.0, kt.1), q, &mut page[at..at + s]).unwrap();
+            encode_copy(Dialect::RfcV1, &CachePos::new(kt.0, kt.1), q, &mut page[at..at + s]).unwrap();
             let at = DIRTY_TAIL_OFF + copy * s;
-            encode_copy(&CachePos::new(dt.0, dt.1), q, &mut page[at..at + s]).unwrap();
+            encode_copy(Dialect::RfcV1, &CachePos::new(dt.0, dt.1), q, &mut page[at..at + s]).unwrap();
         }
         let ctrl = CacheCtrl::read_from_bytes(&page[..]).unwrap();
         prop_assert_eq!(ctrl.seg_ctrl.gen_[1].gen_.get(), g);
         prop_assert!(ctrl.seg_ctrl.res.iter().all(|r| r.get() == 0));
         prop_assert_eq!(ctrl.key_tail_pos[0].cache_seg_id.get(), kt.0);
         prop_assert_eq!(ctrl.dirty_tail_pos[1].seg_off.get(), dt.1);
-        let gen_ = read_latest::<CacheSegGen>(&page[..2 * s]).unwrap();
+        let gen_ = read_latest::<CacheSegGen>(Dialect::RfcV1, &page[..2 * s]).unwrap();
         prop_assert_eq!((gen_.copy, gen_.record.gen_.get()), (1, g));
-        let k = read_latest::<CachePos>(&page[KEY_TAIL_OFF..KEY_TAIL_OFF + 2 * s]).unwrap().record;
+        let k = read_latest::<CachePos>(Dialect::RfcV1, &page[KEY_TAIL_OFF..KEY_TAIL_OFF + 2 * s]).unwrap().record;
         prop_assert_eq!((k.cache_seg_id.get(), k.seg_off.get()), kt);
-        let d = read_latest::<CachePos>(&page[DIRTY_TAIL_OFF..DIRTY_TAIL_OFF + 2 * s]).unwrap().record;
+        let d = read_latest::<CachePos>(Dialect::RfcV1, &page[DIRTY_TAIL_OFF..DIRTY_TAIL_OFF + 2 * s]).unwrap().record;
         prop_assert_eq!((d.cache_seg_id.get(), d.seg_off.get()), dt);
     }
 
@@ -118,27 +120,27 @@ proptest! {
             k
         }).collect();
         let mut buf = vec![0u8; KSET_ONMEDIA_SIZE_MAX + 7];
-        let size = encode_kset(&keys, &mut buf).unwrap();
+        let size = encode_kset(Dialect::RfcV1, &keys, &mut buf).unwrap();
         prop_assert_eq!(size, kset_size(keys.len()));
-        prop_assert_eq!(decode_kset(&buf).unwrap(), KsetRecord::Keys { keys: &keys });
+        prop_assert_eq!(decode_kset(Dialect::RfcV1, &buf).unwrap(), KsetRecord::Keys { keys: &keys });
     }
 
     #[test]
     fn last_kset(next: u32) {
-        let last = encode_last(next);
-        prop_assert_eq!(decode_kset(&last).unwrap(), KsetRecord::Last { next_cache_seg: next });
+        let last = encode_last(Dialect::RfcV1, next);
+        prop_assert_eq!(decode_kset(Dialect::RfcV1, &last).unwrap(), KsetRecord::Last { next_cache_seg: next });
     }
 
     /// No decoder panics, whatever the bytes.
     #[test]
     fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..6000)) {
         let _ = Superblock::decode(&bytes);
-        let _ = decode_kset(&bytes);
-        let _ = decode_copy::<SegmentInfo>(&bytes);
-        let _ = decode_copy::<BackingDevInfo>(&bytes);
-        let _ = read_latest::<MetaSegmentInfo>(&bytes);
-        let _ = read_latest::<CachePos>(&bytes);
-        let _ = read_latest::<CacheSegGen>(&bytes);
+        let _ = decode_kset(Dialect::RfcV1, &bytes);
+        let _ = decode_copy::<SegmentInfo>(Dialect::RfcV1, &bytes);
+        let _ = decode_copy::<BackingDevInfo>(Dialect::RfcV1, &bytes);
+        let _ = read_latest::<MetaSegmentInfo>(Dialect::RfcV1, &bytes);
+        let _ = read_latest::<CachePos>(Dialect::RfcV1, &bytes);
+        let _ = read_latest::<CacheSegGen>(Dialect::RfcV1, &bytes);
         if let Ok((key, _)) = Key::read_from_prefix(&bytes) {
             let _ = key.check();
             let _ = key.check_in(u32::MAX, u64::MAX);
@@ -150,35 +152,35 @@ proptest! {
     fn kset_one_byte_flipped(at in 16usize..64, bit in 0u8..8) {
         let key = Key::new(4096, 4096, KeyFlags::empty(), 1, 0, 0);
         let mut buf = [0u8; 64];
-        encode_kset(&[key], &mut buf).unwrap();
+        encode_kset(Dialect::RfcV1, &[key], &mut buf).unwrap();
         buf[at] ^= 1 << bit;
-        prop_assert!(decode_kset(&buf).is_err());
+        prop_assert!(decode_kset(Dialect::RfcV1, &buf).is_err());
     }
 }
 
 #[test]
 fn both_copies_bad() {
     let mut pair = vec![0u8; 2 * SEG_INFO_SIZE];
-    encode_copy(&SegmentInfo::data(3, None), 1, &mut pair[..SEG_INFO_SIZE]).unwrap();
-    encode_copy(&SegmentInfo::data(3, None), 2, &mut pair[SEG_INFO_SIZE..]).unwrap();
+    encode_copy(Dialect::RfcV1, &SegmentInfo::data(3, None), 1, &mut pair[..SEG_INFO_SIZE]).unwrap();
+    encode_copy(Dialect::RfcV1, &SegmentInfo::data(3, None), 2, &mut pair[SEG_INFO_SIZE..]).unwrap();
     pair[100] ^= 1;
     pair[SEG_INFO_SIZE + 100] ^= 1;
-    let err = read_latest::<SegmentInfo>(&pair).unwrap_err();
+    let err = read_latest::<SegmentInfo>(Dialect::RfcV1, &pair).unwrap_err();
     assert!(matches!(err.kind, ErrorKind::NoValidCopy { .. }), "{err}");
     assert_eq!(err.record, Record::SegmentInfo);
     assert!(err.to_string().starts_with("segment info: no valid copy"));
     // One byte short of the second copy: it counts as bad.
-    let err = read_latest::<SegmentInfo>(&pair[..2 * SEG_INFO_SIZE - 1]).unwrap_err();
+    let err = read_latest::<SegmentInfo>(Dialect::RfcV1, &pair[..2 * SEG_INFO_SIZE - 1]).unwrap_err();
     assert!(matches!(err.kind, ErrorKind::Truncated { .. }));
 }
 
 #[test]
 fn one_copy_bad_falls_back_to_the_other() {
     let mut pair = vec![0u8; 2 * SEG_INFO_SIZE];
-    encode_copy(&SegmentInfo::data(3, Some(4)), 7, &mut pair[..SEG_INFO_SIZE]).unwrap();
-    encode_copy(&SegmentInfo::data(3, None), 8, &mut pair[SEG_INFO_SIZE..]).unwrap();
-    assert_eq!(read_latest::<SegmentInfo>(&pair).unwrap().record.next(), None);
+    encode_copy(Dialect::RfcV1, &SegmentInfo::data(3, Some(4)), 7, &mut pair[..SEG_INFO_SIZE]).unwrap();
+    encode_copy(Dialect::RfcV1, &SegmentInfo::data(3, None), 8, &mut pair[SEG_INFO_SIZE..]).unwrap();
+    assert_eq!(read_latest::<SegmentInfo>(Dialect::RfcV1, &pair).unwrap().record.next(), None);
     pair[SEG_INFO_SIZE + 4000] ^= 0x80; // a bit in the zero tail of copy 1
-    let latest = read_latest::<SegmentInfo>(&pair).unwrap();
+    let latest = read_latest::<SegmentInfo>(Dialect::RfcV1, &pair).unwrap();
     assert_eq!((latest.copy, latest.record.next()), (0, Some(4)));
 }
