@@ -1,12 +1,14 @@
 //! Formatting a device (spec §2.7 step 3), with persist points that leave
 //! it either formatted or recognisably not formatted at every crash.
 
+use pcache_format::dm::{DM_CACHE_INFO_OFF, DM_GC_PERCENT_DEFAULT, DmCacheInfo, DmSegmentInfo, DmSuperblock};
 use pcache_format::{
-    CACHE_DEV_INFO_OFF, FormatPlan, Layout, MAGIC, MetaSegmentInfo, SB_OFF, SB_SIZE, SEG_INFO_SIZE, SEG_SIZE,
-    SEGMENTS_OFF, Superblock, encode_copy,
+    CACHE_DEV_INFO_OFF, CachePos, CacheSegGen, Dialect, FormatPlan, Layout, MetaSegmentInfo, SB_OFF, SB_SIZE,
+    SEG_INFO_SIZE, SEG_SIZE, SEGMENTS_OFF, Superblock, TERMINATOR, encode_copy,
 };
 
 use crate::pmem::{Pmem, PmemError};
+use crate::records::write_record_both;
 
 /// Why a device could not be formatted.
 #[derive(Debug, thiserror::Error)]
@@ -23,11 +25,14 @@ pub enum FormatError {
     #[error("the device already holds a pcache superblock ({seg_num} segments); formatting destroys every cache on it")]
     AlreadyFormatted {
         /// Segments of the existing format, as stored.
-        seg_num: u16,
+        seg_num: u32,
     },
     /// The device failed.
     #[error(transparent)]
     Pmem(#[from] PmemError),
+    /// A record did not fit where the layout puts it (a bug, never media).
+    #[error(transparent)]
+    Layout(#[from] pcache_format::Error),
 }
 
 /// What `format` did.
@@ -40,15 +45,18 @@ pub struct Formatted {
 }
 
 /// Reads the superblock area and returns the stored `seg_num` if it holds
-/// the pcache magic (valid CRC or not).
-pub fn existing_format<P: Pmem + ?Sized>(pmem: &P) -> Result<Option<u16>, PmemError> {
+/// the pcache magic (valid CRC or not), in either dialect.
+pub fn existing_format<P: Pmem + ?Sized>(pmem: &P) -> Result<Option<u32>, PmemError> {
     if pmem.size() < SB_OFF + SB_SIZE as u64 {
         return Ok(None);
     }
     let mut area = [0u8; SB_SIZE];
     pmem.read(SB_OFF, &mut area)?;
-    let sb = Superblock::read(&area).ok();
-    Ok(sb.filter(|sb| sb.magic.get() == MAGIC).map(|sb| sb.seg_num.get()))
+    Ok(match Dialect::guess(&area) {
+        None => None,
+        Some(Dialect::RfcV1) => Superblock::read(&area).ok().map(|sb| u32::from(sb.seg_num.get())),
+        Some(Dialect::DmPcache) => DmSuperblock::read(&area).ok().map(|sb| sb.seg_num.get()),
+    })
 }
 
 /// Formats `pmem` with the RFC v1 layout: zeroes the reserved area and
@@ -61,7 +69,7 @@ pub fn existing_format<P: Pmem + ?Sized>(pmem: &P) -> Result<Option<u16>, PmemEr
 /// midway leaves an unformatted device, never a half-formatted one that
 /// looks valid.
 pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, FormatError> {
-    let plan = Layout::plan(pmem.size())
+    let plan = Layout::plan(Dialect::RfcV1, pmem.size())
         .map_err(|_| FormatError::TooSmall { size: pmem.size(), min: pcache_format::CACHE_DEV_SIZE_MIN })?;
     let existing = existing_format(pmem)?;
     if let (Some(seg_num), false) = (existing, force) {
@@ -76,15 +84,53 @@ pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, Form
     // damaged page cannot make the device unreadable.
     let mut copies = [0u8; 2 * SEG_INFO_SIZE];
     for (i, copy) in copies.chunks_exact_mut(SEG_INFO_SIZE).enumerate() {
-        encode_copy(&MetaSegmentInfo::default(), i as u8 + 1, copy).map_err(|_| PmemError::OutOfBounds {
-            off: SEGMENTS_OFF,
-            len: SEG_INFO_SIZE as u64,
-            size: pmem.size(),
-        })?;
+        encode_copy(Dialect::RfcV1, &MetaSegmentInfo::default(), i as u8 + 1, copy)
+            .map_err(|_| PmemError::OutOfBounds { off: SEGMENTS_OFF, len: SEG_INFO_SIZE as u64, size: pmem.size() })?;
     }
     pmem.copy_nodrain(SEGMENTS_OFF, &copies)?;
     pmem.fence()?;
-    pmem.copy_persist(SB_OFF, &Superblock::encode_area(plan.layout.seg_num()))?;
+    pmem.copy_persist(SB_OFF, &Superblock::encode_area(plan.layout.seg_num() as u16))?;
+    Ok(Formatted { plan, overwrote: existing.is_some() })
+}
+
+/// Formats `pmem` as the Linux kernel's dm-pcache leaves a device it first
+/// loads: one cache owning every segment (the chain 0, 1, 2, ...), each
+/// segment's info and generation 0, both tails at the log's start with an
+/// empty log there, then the cache info (INIT_DONE, write-back, the default
+/// gc percent, `data_crc` as given), and the superblock last. The kernel
+/// loads it as its own cache (`dmsetup create` with the same `data_crc`),
+/// and so does `pcache`.
+///
+/// The same refusals and crash rule as [`format`]: the old superblock is
+/// invalidated first, and until the new one is written the device is
+/// recognisably unformatted.
+pub fn format_dm<P: Pmem + ?Sized>(pmem: &P, data_crc: bool, force: bool) -> Result<Formatted, FormatError> {
+    let d = Dialect::DmPcache;
+    let plan = Layout::plan(d, pmem.size())
+        .map_err(|_| FormatError::TooSmall { size: pmem.size(), min: pcache_format::CACHE_DEV_SIZE_MIN })?;
+    let existing = existing_format(pmem)?;
+    if let (Some(seg_num), false) = (existing, force) {
+        return Err(FormatError::AlreadyFormatted { seg_num });
+    }
+    if existing.is_some() {
+        pmem.zero_persist(SB_OFF, SB_SIZE as u64)?;
+    }
+    let layout = plan.layout;
+    // The cache info and the tails, as the kernel zeroes them.
+    pmem.zero_persist(DM_CACHE_INFO_OFF, d.segments_off() - DM_CACHE_INFO_OFF)?;
+    let n_segs = layout.seg_num();
+    for seg in 0..n_segs {
+        let next = (seg + 1 < n_segs).then_some(seg + 1);
+        write_record_both(pmem, d, layout.seg_info_offset(seg)?, &DmSegmentInfo::data(next))?;
+        write_record_both(pmem, d, layout.ctrl_offset(seg)?, &CacheSegGen::new(0))?;
+    }
+    pmem.copy_persist(layout.data_offset(0)?, &TERMINATOR)?;
+    let (key_tail, dirty_tail) = layout.tail_offsets(0)?;
+    write_record_both(pmem, d, key_tail, &CachePos::new(0, 0))?;
+    write_record_both(pmem, d, dirty_tail, &CachePos::new(0, 0))?;
+    let info = DmCacheInfo::new(n_segs, DM_GC_PERCENT_DEFAULT, data_crc);
+    write_record_both(pmem, d, layout.cache_info_offset()?, &info)?;
+    pmem.copy_persist(SB_OFF, &DmSuperblock::encode_area(n_segs))?;
     Ok(Formatted { plan, overwrote: existing.is_some() })
 }
 

@@ -15,6 +15,7 @@ pub struct ReadmeDoctests;
 pub mod backing;
 pub mod cache;
 pub mod dax;
+pub mod dm_rescue;
 pub mod flush;
 pub mod format;
 pub mod mutation;

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use pcache_format::image::{Orphan, entry_torn_harmlessly, find_orphans};
 use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock, table_ids};
 use pcache_format::{
-    BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, DIRTY_TAIL_OFF, ErrorKind, KEY_TAIL_OFF, Layout,
-    META_ENTRIES, SegmentInfo, TERMINATOR,
+    BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, Dialect, ErrorKind, Layout, META_ENTRIES,
+    SegmentInfo, TERMINATOR,
 };
 
 use super::ctx::lock;
@@ -88,9 +88,12 @@ impl<P: Pmem> CacheDev<P> {
     /// it may be the damaged entry's — are never allocated.
     pub fn open(pmem: P) -> Result<Arc<Self>, EngineError> {
         let media = AsMedia(&pmem);
-        let (_, layout) = read_superblock(&media)?;
+        let layout = read_superblock(&media)?;
+        if layout.dialect() != Dialect::RfcV1 {
+            return Err(EngineError::Dialect(String::from("the device")));
+        }
         read_meta_segment_info(&media, &layout)?.latest?;
-        let mut used = vec![false; usize::from(layout.seg_num())];
+        let mut used = vec![false; layout.seg_num() as usize];
         used[0] = true;
         let mut table = vec![None; META_ENTRIES as usize];
         let mut unreadable = Vec::new();
@@ -303,11 +306,11 @@ impl<P: Pmem> CacheDev<P> {
         &self,
         id: u32,
         info: &BackingDevInfo,
-        write: fn(&P, u64, &BackingDevInfo) -> Result<(), PmemError>,
+        write: fn(&P, Dialect, u64, &BackingDevInfo) -> Result<(), PmemError>,
     ) -> Result<(), EngineError> {
         let mut table = lock(&self.table);
         let off = self.layout.meta_entry_offset(id)?;
-        write(&self.pmem, off, info)?;
+        write(&self.pmem, self.layout.dialect(), off, info)?;
         table[id as usize] = info.is_running().then(|| Entry::Running(Box::new(*info)));
         Ok(())
     }
@@ -383,16 +386,17 @@ impl<P: Pmem> CacheDev<P> {
     /// an empty log.
     fn init_cache(&self, segs: &[u32]) -> Result<(), EngineError> {
         let (pmem, layout) = (&self.pmem, &self.layout);
+        let d = layout.dialect();
         for (i, &seg) in segs.iter().enumerate() {
             let info = SegmentInfo::data(seg, segs.get(i + 1).copied());
-            write_record_both(pmem, layout.seg_info_offset(seg)?, &info)?;
-            write_record_both(pmem, layout.ctrl_offset(seg)?, &CacheSegGen::new(0))?;
+            write_record_both(pmem, d, layout.seg_info_offset(seg)?, &info)?;
+            write_record_both(pmem, d, layout.ctrl_offset(seg)?, &CacheSegGen::new(0))?;
         }
-        let ctrl = layout.ctrl_offset(segs[0])?;
+        let (key_tail, dirty_tail) = layout.tail_offsets(segs[0])?;
         pmem.copy_persist(layout.data_offset(segs[0])?, &TERMINATOR)?;
         let start = CachePos::new(0, 0);
-        write_record_both(pmem, ctrl + DIRTY_TAIL_OFF as u64, &start)?;
-        write_record_both(pmem, ctrl + KEY_TAIL_OFF as u64, &start)?;
+        write_record_both(pmem, d, dirty_tail, &start)?;
+        write_record_both(pmem, d, key_tail, &start)?;
         Ok(())
     }
 

@@ -35,6 +35,12 @@ pub enum EngineError {
         /// Device size.
         size: u64,
     },
+    /// The device speaks a dialect this operation does not run.
+    #[error(
+        "{0} holds a Linux dm-pcache cache, which `pcache attach` does not run yet; `pcache inspect`, \
+         `pcache check` and `pcache detach --backing` read and rescue it, and the kernel's dm-pcache target runs it"
+    )]
+    Dialect(String),
     /// No free cache segment.
     #[error("the cache is full: no free segment")]
     CacheFull,

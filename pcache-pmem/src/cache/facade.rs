@@ -188,7 +188,7 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             ctx,
             space,
             log,
-            io: Io::new(backing, ci.data_crc(), opts.cache_reads, index),
+            io: Io::new(backing, ci.data_crc().then_some(dev.layout().dialect()), opts.cache_reads, index),
             writeback: Writeback::new(opts.writeback_rate),
         }
     }

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use pcache_format::{CACHE_SUBTREE_SIZE, Layout};
+use pcache_format::{CACHE_SUBTREE_SIZE, Dialect, Layout};
 
 use super::ctx::Ctx;
 use super::error::EngineError;
@@ -44,7 +44,8 @@ impl<P> Copy for Roles<'_, P> {}
 pub(super) struct Io<B> {
     backing: B,
     dev_size: u64,
-    data_crc: bool,
+    /// Whether keys carry a data CRC, and the dialect computing it.
+    data_crc: Option<Dialect>,
     cache_reads: bool,
     index: Index,
     fills: Fills,
@@ -66,7 +67,7 @@ struct OwnFill {
 }
 
 impl<B: BackingDev> Io<B> {
-    pub(super) fn new(backing: B, data_crc: bool, cache_reads: bool, index: Index) -> Self {
+    pub(super) fn new(backing: B, data_crc: Option<Dialect>, cache_reads: bool, index: Index) -> Self {
         let dev_size = backing.size();
         Self { backing, dev_size, data_crc, cache_reads, index, fills: Fills::default() }
     }
@@ -80,7 +81,7 @@ impl<B: BackingDev> Io<B> {
     }
 
     pub(super) fn data_crc(&self) -> bool {
-        self.data_crc
+        self.data_crc.is_some()
     }
 
     pub(super) fn index(&self) -> &Index {
@@ -155,7 +156,7 @@ impl<B: BackingDev> Io<B> {
 
     /// The key of `data` stored in `ext`.
     fn new_key(&self, ext: Extent, data: &[u8], state: KeyState) -> IKey {
-        let crc = if self.data_crc { pcache_format::crc::crc32(data) } else { 0 };
+        let crc = self.data_crc.map_or(0, |d| d.crc(data));
         let len = data.len() as u32;
         IKey { seg_gen: ext.gen_, len, cache_seg: ext.seg, seg_off: ext.off, crc, orig_delta: 0, orig_len: len, state }
     }
@@ -253,7 +254,16 @@ impl<B: BackingDev> Io<B> {
         out: &mut [u8],
         space: &Space<P>,
     ) -> Result<bool, EngineError> {
-        let read = read_extent(space.pmem(), space.layout(), space.dev_segs(), self.data_crc, key_off, key, skip, out);
+        let read = read_extent(
+            space.pmem(),
+            space.layout(),
+            space.dev_segs(),
+            self.data_crc.is_some(),
+            key_off,
+            key,
+            skip,
+            out,
+        );
         fence(Ordering::Acquire);
         if space.is_stale(key) {
             return Ok(false);
@@ -445,7 +455,7 @@ pub(super) fn read_extent<P: Pmem + ?Sized>(
     }
     let mut whole = vec![0u8; k.orig_len as usize];
     pmem.read(addr(k.seg_off - k.orig_delta, k.orig_len)?, &mut whole)?;
-    let computed = pcache_format::crc::crc32(&whole);
+    let computed = layout.dialect().crc(&whole);
     if computed != k.crc {
         return Err(EngineError::DataCrc {
             off: key_off - u64::from(k.orig_delta),

@@ -107,11 +107,12 @@ impl Log {
 
     /// Persists tail `which` at `pos` (one copy, the older).
     pub(super) fn persist_tail<P: Pmem>(&self, space: &Space<P>, which: Tail, pos: LogPos) -> Result<(), EngineError> {
-        let off = match which {
-            Tail::Key => pcache_format::KEY_TAIL_OFF,
-            Tail::Dirty => pcache_format::DIRTY_TAIL_OFF,
+        let (key, dirty) = space.tail_addrs()?;
+        let at = match which {
+            Tail::Key => key,
+            Tail::Dirty => dirty,
         };
-        write_record(space.pmem(), space.tails_addr()? + off as u64, &CachePos::new(pos.seg, pos.off))?;
+        write_record(space.pmem(), space.layout().dialect(), at, &CachePos::new(pos.seg, pos.off))?;
         Ok(())
     }
 
@@ -148,7 +149,7 @@ impl Log {
         }
         let size = kset_size(kset.keys.len());
         let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
-        encode_kset(&kset.keys, &mut buf)?;
+        encode_kset(space.layout().dialect(), &kset.keys, &mut buf)?;
         let pmem = space.pmem();
         let mut head = lock(&self.key_head);
         let room = (CACHE_SEG_DATA_SIZE - head.off) as usize;
@@ -182,7 +183,10 @@ impl Log {
         let chain = || -> Result<(), EngineError> {
             let pmem = space.pmem();
             pmem.copy_persist(space.data_addr(next, 0, KSET_HEADER_SIZE as u32)?, &TERMINATOR)?;
-            pmem.copy_persist(space.data_addr(head.seg, head.off, KSET_HEADER_SIZE as u32)?, &encode_last(next))?;
+            pmem.copy_persist(
+                space.data_addr(head.seg, head.off, KSET_HEADER_SIZE as u32)?,
+                &encode_last(space.layout().dialect(), next),
+            )?;
             Ok(())
         };
         if let Err(e) = chain() {

@@ -131,8 +131,8 @@ impl<P: Pmem> Space<P> {
 
     /// Device offset of the control page of the cache's first segment,
     /// where its tails live.
-    pub(super) fn tails_addr(&self) -> Result<u64, EngineError> {
-        Ok(self.layout().ctrl_offset(self.dev_segs[0])?)
+    pub(super) fn tail_addrs(&self) -> Result<(u64, u64), EngineError> {
+        Ok(self.layout().tail_offsets(self.dev_segs[0])?)
     }
 
     /// The current generation of cache segment `seg`.
@@ -251,7 +251,7 @@ impl<P: Pmem> Space<P> {
     pub(super) fn invalidate(&self, seg: u32, ctx: &Ctx) -> Result<(), EngineError> {
         let g = self.gens[seg as usize].load(Ordering::Acquire) + 1;
         let ctrl = self.layout().ctrl_offset(self.dev_segs[seg as usize])?;
-        write_record(self.pmem(), ctrl, &CacheSegGen::new(g))?;
+        write_record(self.pmem(), self.layout().dialect(), ctrl, &CacheSegGen::new(g))?;
         self.gens[seg as usize].store(g, Ordering::Release);
         self.free_segment(seg);
         ctx.stats.segments_freed.fetch_add(1, Ordering::Relaxed);
