@@ -2,8 +2,9 @@
 
 use std::path::Path;
 
-use pcache_format::image::{BackingReport, Issue, ScanOptions, Severity};
+use pcache_format::image::{BackingReport, DM_CACHE_ID, Issue, ScanOptions, Severity};
 use pcache_pmem::{BackingId, stored_path};
+use serde_json::json;
 
 use crate::inspect::open_and_scan;
 
@@ -15,6 +16,7 @@ fn host_findings(backings: &[BackingReport]) -> Vec<(Severity, String)> {
     let mut out = Vec::new();
     let ids: Vec<(u32, &Path, Option<BackingId>)> = backings
         .iter()
+        .filter(|b| b.id != DM_CACHE_ID)
         .map(|b| {
             let p = stored_path(&b.info);
             (b.id, p, BackingId::of_path(p))
@@ -48,34 +50,55 @@ fn host_findings(backings: &[BackingReport]) -> Vec<(Severity, String)> {
     out
 }
 
-pub fn run(device: &Path, verify_data: bool) -> u8 {
-    let Ok((_map, report)) = open_and_scan("check", device, ScanOptions { walk_logs: true, verify_data }) else {
+pub fn run(device: &Path, verify_data: bool, json: bool, offset: Option<u64>) -> u8 {
+    let opts = ScanOptions { walk_logs: true, verify_data };
+    let Ok((_map, at, report)) = open_and_scan("check", device, opts, offset) else {
         return 2;
     };
-    for f in &report.findings {
-        let tag = if f.severity == Severity::Problem { "problem" } else { "note" };
-        println!("{}: {tag}: {f}", device.display());
-    }
-    let host = host_findings(&report.backings);
-    for (severity, msg) in &host {
-        let tag = if *severity == Severity::Problem { "problem" } else { "note" };
-        println!("{}: {tag}: {msg}", device.display());
-    }
-    let host_problems = host.iter().filter(|(s, _)| *s == Severity::Problem).count();
-    let problems = report.problems() + host_problems;
-    let notes = report.findings.len() + host.len() - problems;
+    let mut found: Vec<(Severity, String)> = report.findings.iter().map(|f| (f.severity, f.to_string())).collect();
+    found.extend(host_findings(&report.backings));
+    let problems: Vec<&str> = found.iter().filter(|(s, _)| *s == Severity::Problem).map(|(_, m)| m.as_str()).collect();
+    let notes: Vec<&str> = found.iter().filter(|(s, _)| *s == Severity::Note).map(|(_, m)| m.as_str()).collect();
     let keys: u64 = report.backings.iter().filter_map(|b| b.log.as_ref()).map(|l| l.keys).sum();
-    println!(
-        "{}: {} backing(s), {keys} key(s) checked: {problems} problem(s), {notes} note(s)",
-        device.display(),
-        report.backings.len()
-    );
     let unreadable = report.findings.iter().any(|f| matches!(f.issue, Issue::Media(_)));
-    if unreadable {
+    let code = if unreadable {
         2
-    } else if problems > 0 {
+    } else if !problems.is_empty() {
         1
     } else {
         0
+    };
+    let dialect = report.superblock.dialect.map(|d| d.name());
+    if json {
+        let v = json!({
+            "device": device.display().to_string(),
+            "offset": at.base,
+            "dialect": dialect,
+            "caches": report.backings.len(),
+            "keys": keys,
+            "problems": problems,
+            "notes": notes,
+            "exit": code,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return code;
     }
+    if let Some(how) = &at.how {
+        println!("{}: offset {}: {how}", device.display(), at.base);
+    }
+    for (severity, msg) in &found {
+        let tag = if *severity == Severity::Problem { "problem" } else { "note" };
+        println!("{}: {tag}: {msg}", device.display());
+    }
+    let what = match dialect {
+        Some("dm-pcache") => format!("dm-pcache, {} cache(s)", report.backings.len()),
+        _ => format!("{} backing(s)", report.backings.len()),
+    };
+    println!(
+        "{}: {what}, {keys} key(s) checked: {} problem(s), {} note(s)",
+        device.display(),
+        problems.len(),
+        notes.len()
+    );
+    code
 }

@@ -4,11 +4,102 @@ use std::path::Path;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use pcache_format::SEG_SIZE;
+use pcache_format::{Dialect, SEG_SIZE};
 use pcache_pmem::cache::detach::{SalvageReport, detach_salvage};
-use pcache_pmem::{CacheDev, DaxMapping, EngineError, PmemError, detach};
+use pcache_pmem::dm_rescue::dm_writeback;
+use pcache_pmem::{CacheDev, DaxMapping, DaxOptions, EngineError, Pmem, PmemError, detach};
 
 use crate::units::human;
+
+/// Whether `device` holds a dm-pcache superblock (a damaged one too): then
+/// `detach` is the dm-pcache rescue.
+pub fn is_dm_pcache(device: &Path) -> bool {
+    let Ok(map) = DaxMapping::open(device, &DaxOptions { read_only: true, ..DaxOptions::default() }) else {
+        return false;
+    };
+    let mut area = [0u8; pcache_format::SB_SIZE];
+    map.read(pcache_format::SB_OFF, &mut area).is_ok() && Dialect::guess(&area) == Some(Dialect::DmPcache)
+}
+
+/// `pcache detach --backing BACKING` of a dm-pcache device: every dirty key
+/// written back in log order, the backing device synced, then the dirty
+/// tail moved to the end of the log.
+pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool) -> u8 {
+    let fail = |msg: String| {
+        eprintln!("pcache detach: {msg}");
+        1
+    };
+    if salvage {
+        return fail(format!(
+            "{}: --salvage is for rfc-v1 caches; a dm-pcache cache `pcache check` finds damaged is refused \
+             whole, as the kernel refuses it",
+            device.display()
+        ));
+    }
+    let map = match DaxMapping::open(device, &DaxOptions::default()) {
+        Ok(m) => m,
+        Err(e) => return fail(e.to_string()),
+    };
+    let file = match crate::open::backing(device, backing) {
+        Ok(f) => f,
+        Err(e) => return fail(format!("{e} (the cache is written back to it, so it must be there)")),
+    };
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("writing back {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t = Instant::now();
+    let done = dm_writeback(&map, &file, dry_run, |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    });
+    bar.finish_and_clear();
+    let r = match done {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{}: {e}", device.display())),
+    };
+    let (dt, end) = (r.dirty_tail, r.log_end);
+    if dry_run {
+        for e in &r.extents {
+            println!("would write {} bytes at backing offset {} (pmem offset {:#x})", e.len, e.off, e.pmem_off);
+        }
+        println!(
+            "{}: {} dirty key(s), {} to write back to {}, from dirty tail {}:{} to the log's end {}:{}; nothing written",
+            device.display(),
+            r.extents.len(),
+            human(r.bytes),
+            backing.display(),
+            dt.0,
+            dt.1,
+            end.0,
+            end.1
+        );
+        return 0;
+    }
+    if !r.written {
+        println!(
+            "{}: the cache is clean (dirty tail {}:{} is the log's end); nothing to write",
+            device.display(),
+            dt.0,
+            dt.1
+        );
+        return 0;
+    }
+    println!(
+        "{}: {} dirty key(s), {} written back to {} in {:.1?}; dirty tail {}:{} -> {}:{}: the cache is clean and \
+         kept (the dm-pcache module loads it with its data still cached)",
+        device.display(),
+        r.extents.len(),
+        human(r.bytes),
+        backing.display(),
+        t.elapsed(),
+        dt.0,
+        dt.1,
+        end.0,
+        end.1
+    );
+    0
+}
 
 /// Exit status of `detach --salvage` when it detached but could not write
 /// everything back: the lost extents and damaged ksets are listed.

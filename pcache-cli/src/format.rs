@@ -5,8 +5,8 @@ use std::io::{self, ErrorKind};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use pcache_format::{CACHE_DEV_SIZE_MIN, Layout, SB_OFF, SB_SIZE, SEG_NUM_MAX, SEG_SIZE, SEGMENTS_OFF};
-use pcache_pmem::format::{FormatError, Formatted, allocate, existing_format, format, free_space};
+use pcache_format::{CACHE_DEV_SIZE_MIN, Dialect, Layout, SB_OFF, SB_SIZE, SEG_SIZE};
+use pcache_pmem::format::{FormatError, Formatted, allocate, existing_format, format, format_dm, free_space};
 use pcache_pmem::{DaxMapping, DaxOptions, Pmem};
 
 use crate::signatures::{self, Kind, Signature};
@@ -110,7 +110,23 @@ fn allocate_existing(device: &Path, size: u64) -> Result<(), String> {
     allocate(&file, size).map_err(|e| allocate_error(device, size, &e))
 }
 
-pub fn run(device: &Path, size: Option<u64>, force: bool, sparse: bool) -> u8 {
+/// Which format to write: the dialect, and for dm-pcache whether its cache
+/// keeps data CRCs (the kernel's `data_crc` table argument, fixed at the
+/// cache's first start).
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub dialect: Dialect,
+    pub data_crc: bool,
+}
+
+pub fn run(device: &Path, size: Option<u64>, force: bool, sparse: bool, kind: Target) -> u8 {
+    if kind.data_crc && kind.dialect != Dialect::DmPcache {
+        eprintln!(
+            "pcache format: --data-crc is for --dialect dm-pcache, whose one cache is made by the format; an \
+             rfc-v1 cache keeps data CRCs when `pcache attach --data-crc` creates it"
+        );
+        return 1;
+    }
     let created = if let Some(size) = size {
         match prepare(device, size, sparse) {
             Ok(created) => created,
@@ -125,7 +141,7 @@ pub fn run(device: &Path, size: Option<u64>, force: bool, sparse: bool) -> u8 {
     } else {
         false
     };
-    let code = format_device(device, force, sparse, created);
+    let code = format_device(device, force, sparse, created, kind);
     if code != 0 && created {
         // Whatever went wrong, a file this run created is not left behind.
         let _ = std::fs::remove_file(device);
@@ -133,7 +149,7 @@ pub fn run(device: &Path, size: Option<u64>, force: bool, sparse: bool) -> u8 {
     code
 }
 
-fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 {
+fn format_device(device: &Path, force: bool, sparse: bool, created: bool, kind: Target) -> u8 {
     let map = match DaxMapping::open(device, &DaxOptions::default()) {
         Ok(m) => m,
         Err(e) => {
@@ -158,7 +174,7 @@ fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 
         eprintln!("pcache format: {msg}");
         return 1;
     }
-    match write_format(&map, force, created) {
+    match write_format(&map, force, created, kind) {
         Ok(done) => {
             report(device, &map, &done, found.as_ref(), sparse && is_file);
             0
@@ -175,7 +191,7 @@ fn format_device(device: &Path, force: bool, sparse: bool, created: bool) -> u8 
 /// --force), or what signature it holds, if any.
 fn refusal(map: &DaxMapping, force: bool, created: bool) -> Result<Option<Signature>, String> {
     let size = map.size();
-    if Layout::plan(size).is_err() {
+    if Layout::plan(Dialect::RfcV1, size).is_err() {
         return Err(FormatError::TooSmall { size, min: CACHE_DEV_SIZE_MIN }.to_string());
     }
     let found = if created {
@@ -197,7 +213,7 @@ fn refusal(map: &DaxMapping, force: bool, created: bool) -> Result<Option<Signat
 }
 
 /// Wipes what the device was, then writes the format.
-fn write_format(map: &DaxMapping, force: bool, created: bool) -> Result<Formatted, String> {
+fn write_format(map: &DaxMapping, force: bool, created: bool, kind: Target) -> Result<Formatted, String> {
     // The first 4 KiB is never used by pcache, but it is where partition
     // tables, LVM labels and the superblocks of ext*, XFS, FAT, NTFS and LUKS
     // live: zeroed so that nothing still recognises the device as what it
@@ -209,7 +225,11 @@ fn write_format(map: &DaxMapping, force: bool, created: bool) -> Result<Formatte
     if !created {
         map.zero_persist(0, SB_OFF + SB_SIZE as u64).map_err(|e| e.to_string())?;
     }
-    format(map, force).map_err(|e| match e {
+    let done = match kind.dialect {
+        Dialect::RfcV1 => format(map, force),
+        Dialect::DmPcache => format_dm(map, kind.data_crc, force),
+    };
+    done.map_err(|e| match e {
         e @ FormatError::AlreadyFormatted { .. } => format!("{e}; add --force to format it anyway"),
         e => e.to_string(),
     })
@@ -219,21 +239,32 @@ fn write_format(map: &DaxMapping, force: bool, created: bool) -> Result<Formatte
 fn report(device: &Path, map: &DaxMapping, done: &Formatted, found: Option<&Signature>, sparse_file: bool) {
     let layout = done.plan.layout;
     let segs = layout.seg_num();
-    println!("formatted {}", device.display());
+    let d = layout.dialect();
+    println!("formatted {} ({d})", device.display());
     println!("  size      {} ({} bytes)", human(layout.device_size()), layout.device_size());
     println!("  mapping   {} (flush: {})", map.mode(), map.flush_text());
-    println!(
-        "  segments  {segs} of {} MiB from offset {SEGMENTS_OFF:#x}: segment 0 holds the backing table, \
-         {} for caches ({})",
-        SEG_SIZE >> 20,
-        segs - 1,
-        human(u64::from(segs - 1) * SEG_SIZE)
-    );
+    let start = d.segments_off();
+    match d {
+        Dialect::RfcV1 => println!(
+            "  segments  {segs} of {} MiB from offset {start:#x}: segment 0 holds the backing table, \
+             {} for caches ({})",
+            SEG_SIZE >> 20,
+            segs - 1,
+            human(u64::from(segs - 1) * SEG_SIZE)
+        ),
+        Dialect::DmPcache => println!(
+            "  segments  {segs} of {} MiB from offset {start:#x}, all of them one cache ({}); load it with \
+             dmsetup's pcache target, or run it with `pcache detach`/`inspect`",
+            SEG_SIZE >> 20,
+            human(u64::from(segs) * SEG_SIZE)
+        ),
+    }
     if done.plan.capped() {
         println!(
-            "  note      the device could hold {} segments, but the format counts at most {SEG_NUM_MAX}: \
+            "  note      the device could hold {} segments, but the format counts at most {}: \
              the last {} are left unused",
             done.plan.segments_possible,
+            d.seg_num_max(),
             human(done.plan.unused_bytes())
         );
     }

@@ -3,8 +3,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use pcache_format::image::{BackingReport, KeyState, Location, Report, ScanOptions, Severity, scan, scan_with};
-use pcache_format::{CopyInfo, Key, SEG_SIZE};
+use pcache_format::dm::DmCacheInfo;
+use pcache_format::image::{
+    BackingReport, DM_CACHE_ID, KeyState, Location, Report, ScanOptions, Severity, scan, scan_with,
+};
+use pcache_format::media::{Pair, ReadMedia, Window};
+use pcache_format::{CopyInfo, Dialect, Key, SB_OFF, SB_SIZE, SEG_SIZE, pfn};
 use pcache_pmem::{AsMedia, DaxMapping, DaxOptions};
 use serde_json::{Value, json};
 
@@ -17,11 +21,62 @@ fn open(cmd: &str, device: &Path) -> Result<DaxMapping, u8> {
     })
 }
 
-/// Opens `device` read-only (under a shared lock) and scans it.
-pub fn open_and_scan(cmd: &str, device: &Path, opts: ScanOptions) -> Result<(DaxMapping, Report), u8> {
+/// Where the pmem device starts in what was opened, and why there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// Byte of the opened file or device where the pmem device starts.
+    pub base: u64,
+    /// Why not at 0: `--offset`, or the namespace's info block.
+    pub how: Option<String>,
+}
+
+/// Finds where the pmem device starts in `map`: at `offset` when given;
+/// else at 0 when a pcache superblock (of either dialect, damaged or not)
+/// is there; else, when an NVDIMM namespace info block is (a QEMU NVDIMM
+/// file, a namespace dump), at the `dataoff` it names.
+pub fn locate<M: ReadMedia>(media: &M, offset: Option<u64>) -> Result<Located, String> {
+    let size = media.size();
+    if let Some(off) = offset {
+        if off >= size {
+            return Err(format!("--offset {off} is past the end of the {size}-byte device"));
+        }
+        return Ok(Located { base: off, how: Some(format!("--offset {off}")) });
+    }
+    let mut area = [0u8; SB_SIZE];
+    if size < SB_OFF + SB_SIZE as u64 || media.read_at(SB_OFF, &mut area).is_err() {
+        return Ok(Located { base: 0, how: None });
+    }
+    if Dialect::guess(&area).is_some() {
+        return Ok(Located { base: 0, how: None });
+    }
+    match pfn::decode(&area, size) {
+        Some(info) => {
+            let mode = if info.devdax { "devdax" } else { "fsdax" };
+            let how = format!(
+                "an NVDIMM namespace ({mode}): its info block at byte 4096 puts the pmem device at byte {}",
+                info.dataoff
+            );
+            Ok(Located { base: info.dataoff, how: Some(how) })
+        }
+        None => Ok(Located { base: 0, how: None }),
+    }
+}
+
+/// Opens `device` read-only (under a shared lock), finds the pmem device in
+/// it ([`locate`]) and scans it.
+pub fn open_and_scan(
+    cmd: &str,
+    device: &Path,
+    opts: ScanOptions,
+    offset: Option<u64>,
+) -> Result<(DaxMapping, Located, Report), u8> {
     let map = open(cmd, device)?;
-    let report = scan(&AsMedia(&map), opts);
-    Ok((map, report))
+    let at = locate(&AsMedia(&map), offset).map_err(|e| {
+        eprintln!("pcache {cmd}: {}: {e}", device.display());
+        2
+    })?;
+    let report = scan(&Window::new(AsMedia(&map), at.base), opts);
+    Ok((map, at, report))
 }
 
 /// The live keys of a cache, after later keys have overwritten earlier
@@ -106,22 +161,30 @@ impl LiveKeys {
     }
 }
 
-pub fn run(device: &Path, json: bool) -> u8 {
+pub fn run(device: &Path, json: bool, offset: Option<u64>) -> u8 {
     let Ok(map) = open("inspect", device) else { return 2 };
+    let at = match locate(&AsMedia(&map), offset) {
+        Ok(at) => at,
+        Err(e) => {
+            eprintln!("pcache inspect: {}: {e}", device.display());
+            return 2;
+        }
+    };
     // One walk of each log: the scan hands each key it accepts on to the
     // live-key count.
     let mut live: BTreeMap<u32, LiveKeys> = BTreeMap::new();
     let opts = ScanOptions { walk_logs: true, verify_data: false };
-    let report = scan_with(&AsMedia(&map), opts, &mut |id, key, state| live.entry(id).or_default().add(key, state));
+    let media = Window::new(AsMedia(&map), at.base);
+    let report = scan_with(&media, opts, &mut |id, key, state| live.entry(id).or_default().add(key, state));
     let sums: Summaries = if report.layout.is_none() {
         Vec::new()
     } else {
         report.backings.iter().map(|b| live.remove(&b.id).unwrap_or_default().summary(&report, b)).collect()
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&to_json(device, &map, &report, &sums)).unwrap_or_default());
+        println!("{}", serde_json::to_string_pretty(&to_json(device, &map, &at, &report, &sums)).unwrap_or_default());
     } else {
-        print_text(device, &map, &report, &sums);
+        print_text(device, &map, &at, &report, &sums);
     }
     if report.superblock_ok() { 0 } else { 1 }
 }
@@ -164,12 +227,14 @@ fn backing_json(b: &BackingReport, sum: Option<&Result<Summary, String>>) -> Val
             "end": { "seg": l.end.0, "off": l.end.1 }, "dirty_tail_reached": l.dirty_tail_reached,
         })
     });
+    let dm = b.id == DM_CACHE_ID;
     json!({
-        "id": b.id,
+        // dm-pcache's one cache has no entry, id or stored path.
+        "id": (!dm).then_some(b.id),
         // The on-media state is RUNNING (the RFC's name): the entry is in
         // use, whether or not anything runs its cache now.
         "state": "in_use",
-        "path": String::from_utf8_lossy(b.info.path()),
+        "path": (!dm).then(|| String::from_utf8_lossy(b.info.path())),
         "dev_size": b.info.dev_size.get() * 512,
         "copy": b.copy,
         "copies": b.copies.iter().map(copy_json).collect::<Vec<_>>(),
@@ -193,21 +258,54 @@ fn findings_json(r: &Report, severity: Severity) -> Vec<String> {
     r.findings.iter().filter(|f| f.severity == severity).map(|f| f.to_string()).collect()
 }
 
-fn to_json(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) -> Value {
+fn superblock_json(r: &Report) -> Value {
     let sb = &r.superblock;
-    let superblock = sb.raw.map(|raw| {
+    let common = |magic: u64, crc: u32| {
         json!({
-            "magic": format!("{:#018x}", raw.magic.get()),
-            "version": raw.version.get(),
-            "flags": raw.flags.get(),
-            "seg_num": raw.seg_num.get(),
-            "crc": format!("{:#010x}", raw.crc.get()),
+            "dialect": sb.dialect.map(Dialect::name),
+            "magic": format!("{magic:#018x}"),
+            "crc": format!("{crc:#010x}"),
             "crc_computed": format!("{:#010x}", sb.computed_crc),
             "crc_ok": sb.crc_ok(),
             "ok": sb.error.is_none(),
             "error": sb.error.map(|e| e.to_string()),
         })
-    });
+    };
+    let (mut v, extra) = match (sb.raw_dm, sb.raw) {
+        (Some(dm), _) => {
+            (common(dm.magic.get(), dm.crc.get()), json!({ "flags": dm.flags.get(), "seg_num": dm.seg_num.get() }))
+        }
+        (None, Some(raw)) => (
+            common(raw.magic.get(), raw.crc.get()),
+            json!({ "version": raw.version.get(), "flags": raw.flags.get(), "seg_num": raw.seg_num.get() }),
+        ),
+        (None, None) => return Value::Null,
+    };
+    if let (Some(obj), Value::Object(extra)) = (v.as_object_mut(), extra) {
+        obj.extend(extra);
+    }
+    v
+}
+
+/// dm-pcache's cache info: both copies and the fields of the current one.
+fn cache_info_json(pair: &Pair<DmCacheInfo>) -> Value {
+    let latest = pair.latest.as_ref().ok();
+    json!({
+        "copies": pair.copies.iter().map(copy_json).collect::<Vec<_>>(),
+        "current": latest.map(|l| l.copy),
+        "flags": latest.map(|l| format!("{:#x}", l.record.flags.get())),
+        "seg_id": latest.map(|l| l.record.seg_id.get()),
+        "n_segs": latest.map(|l| l.record.n_segs.get()),
+        "data_crc": latest.map(|l| l.record.data_crc()),
+        "init_done": latest.map(|l| l.record.init_done()),
+        "cache_mode": latest.and_then(|l| l.record.mode()).map(|m| m.name()),
+        "gc_percent": latest.map(|l| l.record.gc_percent()),
+        "error": pair.latest.as_ref().err().map(|e| e.to_string()),
+    })
+}
+
+fn to_json(device: &Path, map: &DaxMapping, at: &Located, r: &Report, sums: &Summaries) -> Value {
+    let superblock = superblock_json(r);
     let meta = r.meta.as_ref().map(|m| {
         json!({
             "copies": m.copies.iter().map(copy_json).collect::<Vec<_>>(),
@@ -219,8 +317,11 @@ fn to_json(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) -> Val
         "device": device.display().to_string(),
         "size": r.device_size,
         "mapping": map.mode().to_string(),
+        "offset": at.base,
+        "offset_from": at.how,
         "superblock": superblock,
         "meta": meta,
+        "cache_info": r.cache_info.as_ref().map(cache_info_json),
         "backings": r.backings.iter().enumerate().map(|(i, b)| backing_json(b, sums.get(i))).collect::<Vec<_>>(),
         "orphans": r.orphans.iter().map(orphan_json).collect::<Vec<_>>(),
         "problems": findings_json(r, Severity::Problem),
@@ -260,11 +361,111 @@ fn copies_text(copies: &[CopyInfo; 2], current: Option<u8>) -> String {
     format!("{}, {}", one(0), one(1))
 }
 
-fn print_text(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) {
+fn print_text(device: &Path, map: &DaxMapping, at: &Located, r: &Report, sums: &Summaries) {
     println!("device      {}", device.display());
+    if let Some(how) = &at.how {
+        println!("offset      {} ({how})", at.base);
+    }
     println!("size        {} ({} bytes)", human(r.device_size), r.device_size);
     println!("mapping     {}", map.mode());
+    if let Some(d) = r.superblock.dialect {
+        println!("dialect     {d}");
+    }
     println!();
+    let sb = &r.superblock;
+    if sb.raw_dm.is_some() {
+        print_dm_superblock(r);
+    } else {
+        print_rfc_superblock(r);
+    }
+    if let Some(meta) = &r.meta {
+        println!();
+        let current = meta.latest.as_ref().ok().map(|l| l.copy);
+        println!("meta segment  {}", copies_text(&meta.copies, current));
+        if let Err(e) = &meta.latest {
+            println!("  UNUSABLE: {e}");
+        }
+    }
+    if let Some(ci) = &r.cache_info {
+        print_cache_info(ci);
+    } else if r.layout.is_some() {
+        println!("backings      {} in use of {}", r.backings.len(), pcache_format::META_ENTRIES);
+    }
+    print_caches(r, sums);
+    print_findings(r);
+}
+
+fn print_dm_superblock(r: &Report) {
+    let sb = &r.superblock;
+    let Some(raw) = sb.raw_dm else { return };
+    match sb.error {
+        None => println!("superblock  ok"),
+        Some(e) => println!("superblock  UNUSABLE: {e}"),
+    }
+    println!("  magic     {:#018x}", raw.magic.get());
+    println!("  flags     {:#010x}", raw.flags.get());
+    let segs = raw.seg_num.get();
+    println!("  seg_num   {segs} ({} in one cache)", human(u64::from(segs) * SEG_SIZE));
+    let crc_state =
+        if sb.crc_ok() { "ok".to_string() } else { format!("MISMATCH, computed {:#010x}", sb.computed_crc) };
+    println!("  crc       {:#010x} ({crc_state})", raw.crc.get());
+}
+
+fn print_cache_info(pair: &Pair<DmCacheInfo>) {
+    println!();
+    let current = pair.latest.as_ref().ok().map(|l| l.copy);
+    println!("cache info  {}", copies_text(&pair.copies, current));
+    match &pair.latest {
+        Ok(l) => {
+            let ci = &l.record;
+            let mode = ci.mode().map_or("unknown", |m| m.name());
+            println!(
+                "  flags     {:#x}: {mode}, gc {} %, data crc {}, {}",
+                ci.flags.get(),
+                ci.gc_percent(),
+                if ci.data_crc() { "on" } else { "off" },
+                if ci.init_done() { "INIT_DONE" } else { "INIT_DONE not set (the kernel would start it anew)" }
+            );
+        }
+        Err(e) => println!("  UNUSABLE: {e}"),
+    }
+}
+
+fn print_caches(r: &Report, sums: &Summaries) {
+    for (i, b) in r.backings.iter().enumerate() {
+        print_backing(b, sums.get(i));
+    }
+    for o in &r.orphans {
+        println!();
+        println!(
+            "lost cache  {} segment(s) from segment {}, owned by no backing entry{}",
+            o.segs.len(),
+            o.head,
+            if o.holds_dirty_data() { "" } else { " (no dirty data: its segments are free)" }
+        );
+        println!(
+            "  key log   {} kset(s), {} dirty key(s), keys up to backing offset {}",
+            o.log.ksets, o.log.dirty_keys, o.log.key_end
+        );
+    }
+}
+
+fn print_findings(r: &Report) {
+    let problems = r.problems();
+    let notes = r.findings.len() - problems;
+    println!();
+    if r.findings.is_empty() {
+        println!("no problems found");
+    } else {
+        println!("{problems} problem(s), {notes} note(s):");
+        for f in &r.findings {
+            let tag = if f.severity == Severity::Problem { "problem" } else { "note" };
+            println!("  {tag}: {f}");
+        }
+    }
+}
+
+fn print_rfc_superblock(r: &Report) {
     let sb = &r.superblock;
     match (sb.raw, sb.error) {
         (None, Some(e)) => println!("superblock  unusable: {e}"),
@@ -290,52 +491,17 @@ fn print_text(device: &Path, map: &DaxMapping, r: &Report, sums: &Summaries) {
             println!("  crc       {:#010x} ({crc_state})", raw.crc.get());
         }
     }
-    if let Some(meta) = &r.meta {
-        println!();
-        let current = meta.latest.as_ref().ok().map(|l| l.copy);
-        println!("meta segment  {}", copies_text(&meta.copies, current));
-        if let Err(e) = &meta.latest {
-            println!("  UNUSABLE: {e}");
-        }
-    }
-    if r.layout.is_some() {
-        println!("backings      {} in use of {}", r.backings.len(), pcache_format::META_ENTRIES);
-    }
-    for (i, b) in r.backings.iter().enumerate() {
-        print_backing(b, sums.get(i));
-    }
-    for o in &r.orphans {
-        println!();
-        println!(
-            "lost cache  {} segment(s) from segment {}, owned by no backing entry{}",
-            o.segs.len(),
-            o.head,
-            if o.holds_dirty_data() { "" } else { " (no dirty data: its segments are free)" }
-        );
-        println!(
-            "  key log   {} kset(s), {} dirty key(s), keys up to backing offset {}",
-            o.log.ksets, o.log.dirty_keys, o.log.key_end
-        );
-    }
-    let problems = r.problems();
-    let notes = r.findings.len() - problems;
-    println!();
-    if r.findings.is_empty() {
-        println!("no problems found");
-    } else {
-        println!("{problems} problem(s), {notes} note(s):");
-        for f in &r.findings {
-            let tag = if f.severity == Severity::Problem { "problem" } else { "note" };
-            println!("  {tag}: {f}");
-        }
-    }
 }
 
 fn print_backing(b: &BackingReport, sum: Option<&Result<Summary, String>>) {
     let ci = &b.info.cache_info;
     println!();
-    println!("backing {}  {}  in use", b.id, String::from_utf8_lossy(b.info.path()));
-    println!("  entry       {}", copies_text(&b.copies, Some(b.copy)));
+    if b.id == DM_CACHE_ID {
+        println!("cache  (dm-pcache: one cache, owning the device; it stores no backing path)");
+    } else {
+        println!("backing {}  {}  in use", b.id, String::from_utf8_lossy(b.info.path()));
+        println!("  entry       {}", copies_text(&b.copies, Some(b.copy)));
+    }
     let sectors = b.info.dev_size.get();
     if sectors > 0 {
         println!("  size        {}", human(sectors * 512));

@@ -53,29 +53,55 @@ enum Command {
         /// its filesystem is full.
         #[arg(long)]
         sparse: bool,
+        /// The on-media dialect: rfc-v1 (several caches per device, made by
+        /// `pcache attach`), or dm-pcache (what Linux's dm-pcache target
+        /// writes when it first loads a device: one cache owning it all).
+        #[arg(long, default_value = "rfc-v1", value_parser = parse_dialect)]
+        dialect: pcache_format::Dialect,
+        /// dm-pcache only: the cache keeps a CRC of its data (the target's
+        /// `data_crc true`, which must then be given to dmsetup too).
+        #[arg(long)]
+        data_crc: bool,
     },
     /// Show what a device holds: superblock, backing table, caches, key logs.
     Inspect {
-        /// The device.
+        /// The device: pmem of either dialect (rfc-v1, or Linux dm-pcache),
+        /// or an NVDIMM namespace image holding one (found by its info
+        /// block).
         device: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// Where the pmem device starts in DEVICE, in bytes, for an image
+        /// whose start is not found by itself.
+        #[arg(long, value_parser = units::parse_size)]
+        offset: Option<u64>,
     },
     /// Verify every record of a device, read-only. Exit status: 0 clean,
     /// 1 problems found, 2 the device could not be read.
     Check {
-        /// The device.
+        /// The device (as for inspect).
         device: PathBuf,
         /// Skip verifying the data CRCs of cached data (faster).
         #[arg(long)]
         no_data: bool,
+        /// Print one JSON object (`problems`, `notes`, counts) instead of
+        /// lines; the exit status is the same.
+        #[arg(long)]
+        json: bool,
+        /// Where the pmem device starts in DEVICE, in bytes (as for inspect).
+        #[arg(long, value_parser = units::parse_size)]
+        offset: Option<u64>,
     },
     /// Cache backing devices on a pmem device and serve each as an NBD
     /// export, until SIGINT or SIGTERM (the cache stays warm).
     Attach(attach::AttachArgs),
     /// Write every dirty block of a backing device's cache back to it, then
-    /// give the cache up (offline: the device must not be attached).
+    /// give the cache up (offline: the device must not be attached). On a
+    /// Linux dm-pcache device (which stores no backing path: BACKING is
+    /// the disk the cache was created over), write every dirty key back and
+    /// mark the cache clean, keeping it: the kernel module then loads it
+    /// clean, its data still cached.
     Detach {
         /// The pmem device.
         device: PathBuf,
@@ -93,6 +119,9 @@ enum Command {
         /// need not exist.
         #[arg(long, conflicts_with = "salvage")]
         discard: bool,
+        /// dm-pcache: list what would be written back, write nothing.
+        #[arg(long, conflicts_with_all = ["salvage", "discard"])]
+        dry_run: bool,
     },
     /// Show, then with --yes carry out, repairs of the backing table: the
     /// second copy of entries that have one, a new entry for a cache whose
@@ -127,6 +156,11 @@ enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+}
+
+/// A dialect by its name.
+fn parse_dialect(s: &str) -> Result<pcache_format::Dialect, String> {
+    pcache_format::Dialect::from_name(s).ok_or_else(|| format!("'{s}' is no dialect: rfc-v1 or dm-pcache"))
 }
 
 /// Exit status of a command line that cannot be understood (sysexits'
@@ -188,11 +222,24 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .init();
     let code = match cli.command {
-        Command::Format { device, size, force, sparse } => format::run(&device, size, force, sparse),
-        Command::Inspect { device, json } => inspect::run(&device, json),
-        Command::Check { device, no_data } => check::run(&device, !no_data),
+        Command::Format { device, size, force, sparse, dialect, data_crc } => {
+            format::run(&device, size, force, sparse, format::Target { dialect, data_crc })
+        }
+        Command::Inspect { device, json, offset } => inspect::run(&device, json, offset),
+        Command::Check { device, no_data, json, offset } => check::run(&device, !no_data, json, offset),
         Command::Detach { device, backing, discard: true, .. } => detach::discard(&device, &backing),
-        Command::Detach { device, backing, salvage, .. } => detach::run(&device, &backing, salvage),
+        Command::Detach { device, backing, salvage, dry_run, .. } => {
+            if detach::is_dm_pcache(&device) {
+                detach::dm(&device, &backing, dry_run, salvage)
+            } else if dry_run {
+                eprintln!(
+                    "pcache detach: --dry-run is for dm-pcache caches; `pcache inspect` lists an rfc-v1 cache's dirty data"
+                );
+                EXIT_USAGE
+            } else {
+                detach::run(&device, &backing, salvage)
+            }
+        }
         Command::Attach(args) => attach::run(args),
         Command::Repair { device, backing, cache_segment, yes } => {
             repair::run(&device, backing.as_deref(), cache_segment, yes)
