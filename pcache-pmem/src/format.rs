@@ -105,9 +105,25 @@ pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, Form
 /// invalidated first, and until the new one is written the device is
 /// recognisably unformatted.
 pub fn format_dm<P: Pmem + ?Sized>(pmem: &P, data_crc: bool, force: bool) -> Result<Formatted, FormatError> {
+    format_dm_segments(pmem, data_crc, force, u32::MAX)
+}
+
+/// [`format_dm`] with at most `max_segs` segments (the superblock's
+/// `seg_num`, which the kernel accepts below what the device holds): a
+/// small cache on a device of the smallest size, for tests that must
+/// wrap it.
+pub fn format_dm_segments<P: Pmem + ?Sized>(
+    pmem: &P,
+    data_crc: bool,
+    force: bool,
+    max_segs: u32,
+) -> Result<Formatted, FormatError> {
     let d = Dialect::DmPcache;
-    let plan = Layout::plan(d, pmem.size())
+    let mut plan = Layout::plan(d, pmem.size())
         .map_err(|_| FormatError::TooSmall { size: pmem.size(), min: pcache_format::CACHE_DEV_SIZE_MIN })?;
+    if max_segs < plan.layout.seg_num() {
+        plan.layout = Layout::new(d, max_segs, pmem.size())?;
+    }
     let existing = existing_format(pmem)?;
     if let (Some(seg_num), false) = (existing, force) {
         return Err(FormatError::AlreadyFormatted { seg_num });

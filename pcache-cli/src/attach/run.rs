@@ -46,6 +46,12 @@ pub fn run(a: AttachArgs) -> u8 {
 fn attach(a: &AttachArgs) -> Result<u8, String> {
     let signals = Caught::catch()?;
     let pmem = PmemDevice::open(&a.device)?;
+    if pmem.dev.layout().dialect() == pcache_format::Dialect::DmPcache && a.backings.len() > 1 {
+        return Err(format!(
+            "{} is a Linux dm-pcache device, which holds one cache for one backing device: give one --backing",
+            a.device.display()
+        ));
+    }
     check_backings(&a.device, &a.backings)?;
     let files: Vec<FileBacking> =
         a.backings.iter().map(|path| FileBacking::open(path).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
@@ -76,8 +82,11 @@ impl PmemDevice {
     fn open(device: &Path) -> Result<Self, String> {
         let map = DaxMapping::open(device, &DaxOptions::default()).map_err(|e| e.to_string())?;
         check_allocated(device)?;
-        let mapping = format!("{} (flush: {})", map.mode(), map.flush_text());
+        let mut mapping = format!("{} (flush: {})", map.mode(), map.flush_text());
         let dev = CacheDev::open(map).map_err(|e| format!("{}: {e}", device.display()))?;
+        if dev.layout().dialect() == pcache_format::Dialect::DmPcache {
+            mapping.push_str(", a Linux dm-pcache cache (the module must not run it at the same time)");
+        }
         for (id, why) in dev.damaged() {
             warn!(entry = id, error = %why, "backing entry damaged; its id is not reused (see `pcache check`, `pcache repair`)");
         }

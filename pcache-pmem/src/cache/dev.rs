@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use pcache_format::image::{Orphan, entry_torn_harmlessly, find_orphans};
-use pcache_format::media::{ChainWalk, read_backing, read_meta_segment_info, read_superblock, table_ids};
+use pcache_format::media::{
+    ChainWalk, read_backing, read_dm_cache_info, read_meta_segment_info, read_superblock, table_ids,
+};
 use pcache_format::{
     BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, Dialect, ErrorKind, Layout, META_ENTRIES,
     SegmentInfo, TERMINATOR,
@@ -89,8 +91,8 @@ impl<P: Pmem> CacheDev<P> {
     pub fn open(pmem: P) -> Result<Arc<Self>, EngineError> {
         let media = AsMedia(&pmem);
         let layout = read_superblock(&media)?;
-        if layout.dialect() != Dialect::RfcV1 {
-            return Err(EngineError::Dialect(String::from("the device")));
+        if layout.dialect() == Dialect::DmPcache {
+            return Self::open_dm(pmem, layout);
         }
         read_meta_segment_info(&media, &layout)?.latest?;
         let mut used = vec![false; layout.seg_num() as usize];
@@ -159,6 +161,51 @@ impl<P: Pmem> CacheDev<P> {
             segs: Mutex::new(DevSegs { used, free }),
             table: Mutex::new(table),
             orphans: Mutex::new(orphans),
+            started: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// Opens a dm-pcache device: its one cache, from the cache info, seen as
+    /// backing entry 0 (with no stored path: the kernel keeps none) whose
+    /// chain holds every segment. Refused unless the kernel would load it as
+    /// it is: a valid cache info with INIT_DONE in write-back mode, and a
+    /// whole chain.
+    fn open_dm(pmem: P, layout: Layout) -> Result<Arc<Self>, EngineError> {
+        let media = AsMedia(&pmem);
+        let ci = read_dm_cache_info(&media, &layout)?.latest.map_err(|e| {
+            EngineError::Corrupt(format!(
+                "dm-pcache cache info: {e}; the kernel would start a new, empty cache here (`pcache check` says more)"
+            ))
+        })?;
+        let ci = ci.record;
+        if !ci.init_done() {
+            return Err(EngineError::Corrupt(
+                "the dm-pcache cache never finished its first start (INIT_DONE is not set): load it with the \
+                 kernel module once, or `pcache format --dialect dm-pcache --force`"
+                    .into(),
+            ));
+        }
+        let mut used = vec![false; layout.seg_num() as usize];
+        let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
+        while let Some(step) = walk.next(&media, &layout) {
+            let step = step?;
+            let slot = &mut used[step.dev_seg as usize];
+            if *slot {
+                return Err(EngineError::Corrupt(format!("segment {} is twice in the chain", step.dev_seg)));
+            }
+            *slot = true;
+        }
+        let flags = if ci.data_crc() { CacheFlags::DATA_CRC } else { CacheFlags::empty() };
+        let mut info = BackingDevInfo::free(0);
+        info.state = pcache_format::BackingState::Running as u8;
+        info.cache_info = CacheInfo::new(ci.seg_id.get(), ci.n_segs.get(), ci.gc_percent() as u16, flags);
+        let free = used.iter().filter(|u| !**u).count() as u32;
+        Ok(Arc::new(Self {
+            pmem,
+            layout,
+            segs: Mutex::new(DevSegs { used, free }),
+            table: Mutex::new(vec![Some(Entry::Running(Box::new(info)))]),
+            orphans: Mutex::new(Vec::new()),
             started: Mutex::new(HashSet::new()),
         }))
     }
@@ -256,6 +303,13 @@ impl<P: Pmem> CacheDev<P> {
         id: Option<BackingId>,
     ) -> Result<Result<(u32, BackingDevInfo), u32>, EngineError> {
         let table = lock(&self.table);
+        if self.layout.dialect() == Dialect::DmPcache {
+            // One cache, and no stored name to match: whatever backing
+            // device is given is the one (its size is checked against the
+            // keys when the cache loads).
+            let info = table.first().and_then(|e| e.as_ref()?.running().copied());
+            return info.map(|info| Ok(Ok((0, info)))).unwrap_or(Err(EngineError::TableFull));
+        }
         let bytes = path.as_os_str().as_bytes();
         let matches: Vec<(u32, BackingDevInfo)> = table
             .iter()
@@ -309,9 +363,33 @@ impl<P: Pmem> CacheDev<P> {
         write: fn(&P, Dialect, u64, &BackingDevInfo) -> Result<(), PmemError>,
     ) -> Result<(), EngineError> {
         let mut table = lock(&self.table);
+        if self.layout.dialect() == Dialect::DmPcache {
+            self.put_dm_cache_info(info)?;
+            table[0] = Some(Entry::Running(Box::new(*info)));
+            return Ok(());
+        }
         let off = self.layout.meta_entry_offset(id)?;
         write(&self.pmem, self.layout.dialect(), off, info)?;
         table[id as usize] = info.is_running().then(|| Entry::Running(Box::new(*info)));
+        Ok(())
+    }
+
+    /// dm-pcache: writes what of `info` its cache info keeps (the gc
+    /// percent; the rest stays as stored), one copy, the older one — and
+    /// nothing when both copies are valid and already say it. An entry
+    /// cannot be freed: the cache owns the device.
+    fn put_dm_cache_info(&self, info: &BackingDevInfo) -> Result<(), EngineError> {
+        if !info.is_running() {
+            return Err(EngineError::Dialect("a dm-pcache device (its cache cannot be given up)".into()));
+        }
+        let pair = read_dm_cache_info(&AsMedia(&self.pmem), &self.layout)?;
+        let stored = pair.latest?.record;
+        let gc = info.cache_info.gc_percent.get() as u8;
+        if pair.copies.iter().all(|c| c.valid()) && stored.gc_percent() == u32::from(gc) {
+            return Ok(());
+        }
+        let off = self.layout.cache_info_offset()?;
+        write_record(&self.pmem, Dialect::DmPcache, off, &stored.with_gc_percent(gc))?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use pcache_format::{BackingDevInfo, CACHE_GC_PERCENT_DEFAULT, CACHE_GC_PERCENT_MAX, CacheFlags, Layout};
+use pcache_format::{BackingDevInfo, CACHE_GC_PERCENT_DEFAULT, CACHE_GC_PERCENT_MAX, CacheFlags, Dialect, Layout};
 
 use super::ctx::{Ctx, lock};
 use super::dev::{CacheDev, NewEntry};
@@ -118,8 +118,12 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
         let dev_size = backing.size();
         let (info, new, notes) = match existing {
             Some(stored) => {
-                let pair = pcache_format::media::read_backing(&AsMedia(dev.pmem()), dev.layout(), id)?;
-                let both = pair.copies.iter().all(|c| c.valid());
+                let media = AsMedia(dev.pmem());
+                let both = match dev.layout().dialect() {
+                    Dialect::RfcV1 => pcache_format::media::read_backing(&media, dev.layout(), id)?.copies,
+                    Dialect::DmPcache => pcache_format::media::read_dm_cache_info(&media, dev.layout())?.copies,
+                };
+                let both = both.iter().all(|c| c.valid());
                 let r = start::reconcile(stored, both, opts, &path, dev_size)?;
                 if r.rewrite {
                     dev.write_entry(id, &r.info)?;
