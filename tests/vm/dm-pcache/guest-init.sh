@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # /init of the dm-pcache rig's guest (built into the initramfs by
 # tests/vm/dm-pcache/run.sh). Each step prints `PASS <step> [detail]` or
 # `FAIL <step>: <reason>` on the serial console. A failed step does not end
@@ -45,7 +46,8 @@ echo 1 >/proc/sys/kernel/sysrq
 export DM_DISABLE_UDEV=1
 
 PHASE=0
-for a in $(cat /proc/cmdline); do
+read -r cmdline </proc/cmdline
+for a in $cmdline; do
   case "$a" in dmpc.phase=*) PHASE=${a#dmpc.phase=} ;; esac
 done
 
@@ -70,7 +72,7 @@ pass() {
 fail() {
   echo "FAIL $STEP: $1"
   if [ -n "${2:-}" ] && [ -f "$2" ]; then
-    tail -n 12 "$2" | sed 's/^/    | /'
+    tail -n 8 "$2" | sed 's/^/    | /'
   fi
   : >"/tmp/failed.$STEP"
   exit 1
@@ -125,7 +127,10 @@ table() { # table BACKING: the pcache table line over BACKING
 create_pc() { # create_pc BACKING
   insmod_pcache
   table "$1" >$S/table
-  run 60 $DMSETUP create pc --table "$(cat $S/table)"
+  if ! timeout 60 $DMSETUP create pc --table "$(cat $S/table)" >/tmp/out 2>&1; then
+    dmesg | grep -i pcache | tail -5 >>/tmp/out
+    fail "dmsetup create pc --table '$(cat $S/table)' failed" /tmp/out
+  fi
   wait_for 10 have_blk /dev/mapper/pc || fail "no /dev/mapper/pc after dmsetup create"
 }
 insmod_pcache() {
@@ -154,8 +159,15 @@ fio_set() {
   else
     mode="--verify_only"
   fi
-  run 300 $FIO "--name=$1" "--filename=$2" --thread --ioengine=psync --direct=1 --rw=randwrite --bs=4k \
-    "--offset=$3" --size=8M --verify=crc32c "--randseed=$4" $mode
+  local rc=0
+  timeout 300 $FIO "--name=$1" "--filename=$2" --thread --ioengine=psync --direct=1 --rw=randwrite --bs=4k \
+    "--offset=$3" --size=8M --verify=crc32c "--randseed=$4" $mode >/tmp/out 2>&1 || rc=$?
+  [ "$rc" = 0 ] && return 0
+  grep -E '^(verify|fio):|err=' /tmp/out | head -4 >/tmp/fio.err
+  if [ "$5" = write ]; then
+    fail "fio set $1 could not write it on $2 (exit $rc)" /tmp/fio.err
+  fi
+  fail "fio set $1 does not verify on $2 (exit $rc; fio stops at the first bad block)" /tmp/fio.err
 }
 # region_sum DEVICE: sha256 of the 8 MiB at 16 MiB (P1 with P2 over it).
 region_sum() {
@@ -166,7 +178,7 @@ json() {
   grep -oE '"([^"\\]|\\.)*"|[-+0-9.eE]+|true|false|null|[][{}:,]' "$1" | awk -f $JSONFLAT
 }
 save_state() {
-  dmesg | grep -i -E 'pcache|dm[-_]' >$S/dmesg-phase$PHASE 2>/dev/null
+  dmesg | grep -i -E 'pcache|dm[-_]' >"$S/dmesg-phase$PHASE" 2>/dev/null
   (cd $S && tar -cf - .) >/tmp/state.tar
   if [ "$(stat -c %s /tmp/state.tar)" -gt 33554432 ]; then
     echo "note: the state ($(stat -c %s /tmp/state.tar) B) does not fit $STATE"
@@ -176,51 +188,55 @@ save_state() {
 }
 
 # attach_nbd: pcache attach in the background, the kernel's NBD client on
-# /dev/nbd0. The export is the backing's file name.
+# /dev/nbd0. The export is the backing's file name. Steps are subshells, so
+# attach is not their child for long: its pid and, once it ends, its exit
+# status are kept in files.
 attach_nbd() {
-  rm -f "$SOCK"
+  rm -f "$SOCK" /tmp/attach.rc /tmp/attach.pid
   : >/tmp/attach.log
-  $PCACHE attach $PMEM --backing $BACKING --listen "unix:$SOCK" >/tmp/attach.log 2>&1 &
-  echo $! >/tmp/attach.pid
-  listening() { grep -q '^listening on' /tmp/attach.log || [ ! -d "/proc/$(cat /tmp/attach.pid)" ]; }
+  (
+    sh -c 'echo $$ >/tmp/attach.pid; exec "$@"' sh \
+      $PCACHE attach $PMEM --backing $BACKING --listen "unix:$SOCK" >/tmp/attach.log 2>&1
+    echo $? >/tmp/attach.rc
+  ) &
   wait_for 120 listening
+  [ -f /tmp/attach.rc ] && fail "pcache attach $PMEM --backing $BACKING exited $(cat /tmp/attach.rc)" /tmp/attach.log
   grep -q '^listening on' /tmp/attach.log ||
-    fail "pcache attach $PMEM --backing $BACKING did not start listening within 120 s (or exited)" /tmp/attach.log
-  nbd_size() { [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" != 0 ]; }
+    fail "pcache attach $PMEM --backing $BACKING did not start listening within 120 s" /tmp/attach.log
   run 60 $NBD_CLIENT -unix "$SOCK" /dev/nbd0 -N vda
   wait_for 30 nbd_size || fail "/dev/nbd0 has no size after nbd-client connected"
   [ "$(cat /sys/block/nbd0/size)" = "$(blockdev --getsz $BACKING)" ] ||
     fail "/dev/nbd0 has $(cat /sys/block/nbd0/size) sectors, $BACKING $(blockdev --getsz $BACKING)"
 }
+listening() { grep -q '^listening on' /tmp/attach.log || [ -f /tmp/attach.rc ]; }
+nbd_size() { [ "$(cat /sys/block/nbd0/size 2>/dev/null || echo 0)" != 0 ]; }
+# attach_running: pcache attach was started and has not exited.
+attach_running() { [ -f /tmp/attach.pid ] && [ ! -f /tmp/attach.rc ]; }
 # stop_attach: disconnects /dev/nbd0, SIGTERMs pcache attach; it must exit 0.
 stop_attach() {
-  local pid rc=0
-  [ -f /tmp/attach.pid ] || return 0
+  local pid
   pid=$(cat /tmp/attach.pid)
   timeout 60 $NBD_CLIENT -d /dev/nbd0 >/tmp/out 2>&1 || echo "note: nbd-client -d /dev/nbd0 exited $?"
   kill -TERM "$pid" 2>/dev/null
-  gone() { [ ! -d "/proc/$pid" ] || grep -q '^[0-9]* ([^)]*) Z' "/proc/$pid/stat" 2>/dev/null; }
-  if ! wait_for 60 gone; then
+  if ! wait_for 60 test -f /tmp/attach.rc; then
     kill -KILL "$pid" 2>/dev/null
-    rm -f /tmp/attach.pid
+    wait_for 10 test -f /tmp/attach.rc
     fail "pcache attach did not exit within 60 s of SIGTERM (killed)" /tmp/attach.log
   fi
-  wait "$pid" 2>/dev/null || rc=$?
-  rm -f /tmp/attach.pid
-  [ "$rc" = 0 ] || [ "$rc" = 127 ] || fail "pcache attach exited $rc after SIGTERM (want 0)" /tmp/attach.log
+  [ "$(cat /tmp/attach.rc)" = 0 ] || fail "pcache attach exited $(cat /tmp/attach.rc) after SIGTERM (want 0)" /tmp/attach.log
 }
 
 # ------------------------------------------------------------- modules ---
 
-for m in $(cat /etc/modules.order); do
+while read -r m; do
   insmod "/lib/modules/$m" 2>/tmp/insmod.err || echo "note: insmod $m: $(cat /tmp/insmod.err)"
-done
+done </etc/modules.order
 echo "guest: kernel $(uname -r), phase $PHASE, $(grep -c ^processor /proc/cpuinfo) CPUs"
 STEP=boot
 wait_for 20 have_blk $BACKING || echo "FAIL boot: no $BACKING (virtio backing disk)"
 wait_for 20 have_blk $STATE || echo "FAIL boot: no $STATE (virtio state disk)"
 wait_for 20 test -d /sys/bus/nd/devices/namespace0.0 ||
-  echo "FAIL boot: no NVDIMM namespace0.0 in /sys/bus/nd/devices: $(ls /sys/bus/nd/devices 2>&1 | tr '\n' ' ')"
+  echo "FAIL boot: no NVDIMM namespace0.0 in /sys/bus/nd/devices: $(echo /sys/bus/nd/devices/*)"
 
 # ============================================================== phase 1 ===
 
@@ -243,8 +259,9 @@ s1_create() {
   st=$(status)
   [ -n "$st" ] || fail "dmsetup status pc printed nothing"
   echo "$st" >$S/status-created
-  [ "$(field "$st" 2)" -gt 0 ] && [ "$(field "$st" 3)" = "$(field "$st" 2)" ] ||
+  if ! [ "$(field "$st" 2)" -gt 0 ] 2>/dev/null || [ "$(field "$st" 3)" != "$(field "$st" 2)" ]; then
     fail "status '$st': want n_segs = seg_num > 0"
+  fi
   [ "$(field "$st" 7)" = 0:0 ] || fail "status '$st': a new cache should have key_head 0:0"
   pass "$(cat $S/table | cut -d' ' -f3-); status: $(echo "$st" | cut -d' ' -f4-)"
 }
@@ -328,7 +345,7 @@ s2_inspect() {
   cp /tmp/out $S/inspect-cut.json
   json /tmp/out >/tmp/flat
   [ -s /tmp/flat ] || fail "pcache inspect --json printed no JSON" /tmp/out
-  for f in '.superblock.dialect="dm-pcache"' \
+  for f in '.superblock.dialect="dm-pcache"' ".superblock.seg_num=$(field "$st" 2)" \
     ".backings[0].key_tail.seg=$(field "$st" 9 | cut -d: -f1)" \
     ".backings[0].key_tail.off=$(field "$st" 9 | cut -d: -f2)" \
     ".backings[0].dirty_tail.seg=$(field "$st" 8 | cut -d: -f1)" \
@@ -338,7 +355,7 @@ s2_inspect() {
     grep -qxF "$f" /tmp/flat || bad="$bad; want $f, got '$(grep -F "${f%%=*}=" /tmp/flat | head -1)'"
   done
   [ -z "$bad" ] || fail "against the saved status '$(cut -d' ' -f4- $S/status-cut)'$bad"
-  pass "dialect dm-pcache; key_tail, dirty_tail, log end = saved key_tail, dirty_tail, key_head"
+  pass "dialect dm-pcache; seg_num, key_tail, dirty_tail, log end = saved seg_num, key_tail, dirty_tail, key_head"
 }
 
 s2_detach() {
@@ -366,10 +383,13 @@ s2_reload() {
   st=$(status)
   was=$(cat $S/status-cut)
   echo "$st" >$S/status-reload
-  [ "$(field "$st" 2)" = "$(field "$was" 2)" ] && [ "$(field "$st" 3)" = "$(field "$was" 3)" ] ||
+  if [ "$(field "$st" 2)" != "$(field "$was" 2)" ] || [ "$(field "$st" 3)" != "$(field "$was" 3)" ]; then
     fail "status '$st': seg_num/n_segs differ from before the cut ('$was')"
+  fi
   [ "$(field "$st" 6)" = "$(field "$was" 6)" ] || fail "status '$st': cache_info flags differ from before the cut ('$was')"
-  pass "$(echo "$st" | cut -d' ' -f4-): same seg_num, n_segs and flags as before the cut"
+  # A new cache starts its log at 0:0; a loaded one replays to its end.
+  [ "$(field "$st" 7)" != 0:0 ] || fail "status '$st': key_head 0:0, the cache was made anew (saved: '$was')"
+  pass "$(echo "$st" | cut -d' ' -f4-): same seg_num, n_segs and flags as before the cut, key_head $(field "$st" 7) (saved $(field "$was" 7))"
 }
 
 s2_reload_read() {
@@ -411,7 +431,8 @@ s3_nbd_write_b() {
 }
 
 s3_stop() {
-  [ -f /tmp/attach.pid ] || fail "not run: pcache attach is not running"
+  [ -f /tmp/attach.pid ] || fail "not run: pcache attach never started"
+  attach_running || fail "pcache attach had already exited $(cat /tmp/attach.rc)"
   stop_attach
   pass "nbd-client -d, SIGTERM: pcache attach exited 0"
 }
