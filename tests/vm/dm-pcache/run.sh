@@ -260,12 +260,17 @@ fetch_debs() {
     printf '%s\n' "$closure" | tail -20 >&2
     die "apt-get -s install could not resolve QEMU and the guest's tools from the private list"
   fi
+  # The closure names QEMU's own packages without their suite: those are
+  # fetched from bookworm-backports by name below, never bookworm's.
+  local qemu_names
+  # shellcheck disable=SC2086 # a word list
+  qemu_names=$(printf '%s\n' $qemu_packages | sed 's|/.*||')
   list=$(
     {
       # shellcheck disable=SC2086
       printf '%s\n' $guest_packages
       printf '%s\n' "$closure" | awk '/^Inst / {print $2}'
-    } | sort -u
+    } | sort -u | grep -v -x -F "$qemu_names"
   )
   rm -rf "$debs/new"
   mkdir -p "$debs/new"
@@ -341,6 +346,11 @@ if [[ "$qemu_libs" == *"not found"* ]]; then
   die "QEMU lacks the libraries above; PCACHE_DM_REFRESH=1 bash $0 fetches them again"
 fi
 export QEMU_MODULE_DIR="$root/usr/lib/x86_64-linux-gnu/qemu"
+qemu_version=$(LD_LIBRARY_PATH="$libpath" "$qemu" --version | sed -n '1s/.*version \([0-9.]*\).*/\1/p')
+case "$qemu_version" in
+[1-9][0-9].*) ;;
+*) die "QEMU $qemu_version unpacked, not bookworm-backports' QEMU 10: PCACHE_DM_REFRESH=1 bash $0 fetches again" ;;
+esac
 
 moddir="$root/usr/lib/modules/$kver"
 [ -d "$moddir" ] || moddir="$root/lib/modules/$kver"
@@ -370,10 +380,10 @@ build_module() {
   [ -n "$mdir" ] || die "no drivers/md/dm-pcache under $src; rm -rf $root and run again"
   ko="$mdir/dm-pcache.ko"
   if [ -f "$ko" ] && [ -f "$mdir/.built-for" ] && [ "$(cat "$mdir/.built-for")" = "$kver $kcc" ]; then
-    say "dm-pcache.ko: built ($kver)"
+    say "dm-pcache.ko: built ($kver); QEMU $qemu_version"
     return
   fi
-  say "dm-pcache.ko: building against $kver headers with $kcc"
+  say "dm-pcache.ko: building against $kver headers with $kcc; QEMU $qemu_version"
   # kbuild's objtool and modpost are built on trixie and need its glibc:
   # run them under trixie's loader (objtool is a dispatcher that execs
   # objtool.real-x86, so the real one is wrapped).
