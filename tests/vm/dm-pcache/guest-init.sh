@@ -160,10 +160,13 @@ fio_set() {
     mode="--verify_only"
   fi
   local rc=0
-  timeout 300 $FIO "--name=$1" "--filename=$2" --thread --ioengine=psync --direct=1 --rw=randwrite --bs=4k \
+  timeout 120 $FIO "--name=$1" "--filename=$2" --thread --ioengine=psync --direct=1 --rw=randwrite --bs=4k \
     "--offset=$3" --size=8M --verify=crc32c "--randseed=$4" $mode >/tmp/out 2>&1 || rc=$?
   [ "$rc" = 0 ] && return 0
   grep -E '^(verify|fio):|err=' /tmp/out | head -4 >/tmp/fio.err
+  if [ "$rc" = 124 ] || [ "$rc" = 143 ]; then
+    fail "fio set $1 ($5) on $2 did not finish within 120 s" /tmp/out
+  fi
   if [ "$5" = write ]; then
     fail "fio set $1 could not write it on $2 (exit $rc)" /tmp/fio.err
   fi
@@ -199,11 +202,11 @@ attach_nbd() {
       $PCACHE attach $PMEM --backing $BACKING --listen "unix:$SOCK" >/tmp/attach.log 2>&1
     echo $? >/tmp/attach.rc
   ) &
-  wait_for 120 listening
+  wait_for 60 listening
   [ -f /tmp/attach.rc ] && fail "pcache attach $PMEM --backing $BACKING exited $(cat /tmp/attach.rc)" /tmp/attach.log
   grep -q '^listening on' /tmp/attach.log ||
-    fail "pcache attach $PMEM --backing $BACKING did not start listening within 120 s" /tmp/attach.log
-  run 60 $NBD_CLIENT -unix "$SOCK" /dev/nbd0 -N vda
+    fail "pcache attach $PMEM --backing $BACKING did not start listening within 60 s" /tmp/attach.log
+  run 60 $NBD_CLIENT -unix "$SOCK" /dev/nbd0 -N vda -t 60
   wait_for 30 nbd_size || fail "/dev/nbd0 has no size after nbd-client connected"
   [ "$(cat /sys/block/nbd0/size)" = "$(blockdev --getsz $BACKING)" ] ||
     fail "/dev/nbd0 has $(cat /sys/block/nbd0/size) sectors, $BACKING $(blockdev --getsz $BACKING)"
@@ -334,14 +337,14 @@ s2_after_cut() {
 }
 
 s2_check() {
-  run 300 $PCACHE check $PMEM
+  run 120 $PCACHE check $PMEM
   pass "$(tail -1 /tmp/out)"
 }
 
 s2_inspect() {
   local st f bad=""
   st=$(cat $S/status-cut)
-  run 120 $PCACHE inspect --json $PMEM
+  run 60 $PCACHE inspect --json $PMEM
   cp /tmp/out $S/inspect-cut.json
   json /tmp/out >/tmp/flat
   [ -s /tmp/flat ] || fail "pcache inspect --json printed no JSON" /tmp/out
@@ -359,7 +362,7 @@ s2_inspect() {
 }
 
 s2_detach() {
-  run 300 $PCACHE detach --backing $BACKING $PMEM
+  run 120 $PCACHE detach --backing $BACKING $PMEM
   pass "$(head -1 /tmp/out)"
 }
 

@@ -38,7 +38,7 @@
 #     every expected step printed PASS.
 #
 # Environment:
-#   PCACHE_DM_TIMEOUT    seconds allowed per boot (default 420; a boot takes ~1-3 min)
+#   PCACHE_DM_TIMEOUT    seconds allowed per boot (default 600; a boot takes 15-30 s)
 #   PCACHE_DM_MIRROR     Debian mirror URL (default: the one /etc/apt uses for bookworm)
 #   PCACHE_DM_REFRESH=1  resolve and download the packages again (after a new
 #                        kernel reached trixie-backports)
@@ -60,7 +60,7 @@ root="$cache/root"
 tlibc="$cache/tlibc"
 src="$cache/src"
 run="$cache/run"
-timeout_s=${PCACHE_DM_TIMEOUT:-420}
+timeout_s=${PCACHE_DM_TIMEOUT:-600}
 fixtures=${PCACHE_DM_FIXTURES:-}
 t0=$(date +%s)
 
@@ -655,13 +655,14 @@ host_checks() {
     echo "  PASS 4-host-$name-check ($(echo "$out" | tail -1))"
     passed=$((passed + 1))
   else
-    echo "  FAIL 4-host-$name-check: pcache check $img exited $rc: $(echo "$out" | tail -3 | tr '\n' ' ')"
+    echo "  FAIL 4-host-$name-check: pcache check $(basename "$img") exited $rc:" \
+      "$( (echo "$out" | grep -m2 ': problem: ' || echo "$out" | tail -2) | sed 's|^.*: problem: |problem: |' | tr '\n' ' ')"
     failed=$((failed + 1))
   fi
   rc=0
   out=$(timeout 120 "$pcache_bin" inspect --json "$img" 2>&1) || rc=$?
   if [ "$rc" != 0 ]; then
-    echo "  FAIL 4-host-$name-inspect: pcache inspect --json $img exited $rc:" \
+    echo "  FAIL 4-host-$name-inspect: pcache inspect --json $(basename "$img") exited $rc:" \
       "$( (echo "$out" | jf | grep -E '^\.(problems\[0\]|superblock\.error)=' || echo "$out" | tail -2) | head -2 | tr '\n' ' ')"
     failed=$((failed + 1))
     return
