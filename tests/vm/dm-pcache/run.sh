@@ -331,7 +331,6 @@ extract_debs() {
 fetch_debs
 phase download
 extract_debs
-phase unpack
 
 kver=$(cat "$debs/.kver")
 abi=${kver%-amd64}
@@ -370,6 +369,7 @@ kmod() { # kmod picks its command from argv[0]
 if [ ! -f "$moddir/modules.dep" ] || [ "$moddir/modules.dep" -ot "$root/.stamp" ]; then
   kmod depmod -b "$modbase" "$kver" || die "depmod failed on $moddir"
 fi
+phase unpack
 
 # ----------------------------------------------------------- dm-pcache.ko ---
 
