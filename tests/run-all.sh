@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runs every test of the project: unit, property and end-to-end tests of the
 # workspace (the crash campaign with 10 000 crash states), the kill soak,
-# the README's demo with its qemu-io line, the real-pmem VM rig, then each
-# fuzz target for a bounded time.
+# the README's demo with its qemu-io line, the real-pmem VM rig, the rig of
+# the real Linux dm-pcache module, then each fuzz target for a bounded time.
 #
 #   bash tests/run-all.sh            # FUZZ_SECONDS=20 per target by default
 #   FUZZ_SECONDS=300 PCACHE_CRASH_STATES=100000 KILL_SOAK_KILLS=100 bash tests/run-all.sh
-#   PCACHE_SKIP_VM=1 bash tests/run-all.sh   # without the VM rig (refused when CI=true)
+#   PCACHE_SKIP_VM=1 bash tests/run-all.sh   # without the VM rigs (refused when CI=true)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,6 +56,8 @@ if [ "${PCACHE_SKIP_VM:-}" = 1 ] && [ "${CI:-}" != true ]; then
 else
   echo "== real-pmem VM rig (QEMU guest, emulated NVDIMM, kernel NBD client)"
   bash tests/vm/run.sh
+  echo "== dm-pcache VM rig (the real Linux dm-pcache module and pcache on one NVDIMM)"
+  bash tests/vm/dm-pcache/run.sh
 fi
 
 echo "== fuzz targets, ${FUZZ_SECONDS:-20} s each"

@@ -7,24 +7,28 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pcache_format::{Dialect, SEG_SIZE};
 use pcache_pmem::cache::detach::{SalvageReport, detach_salvage};
 use pcache_pmem::dm_rescue::dm_writeback;
-use pcache_pmem::{CacheDev, DaxMapping, DaxOptions, EngineError, Pmem, PmemError, detach};
+use pcache_pmem::{AsMedia, CacheDev, DaxMapping, DaxOptions, EngineError, Pmem, PmemError, PmemWindow, detach};
+
+use crate::inspect::locate;
 
 use crate::units::human;
 
-/// Whether `device` holds a dm-pcache superblock (a damaged one too): then
-/// `detach` is the dm-pcache rescue.
-pub fn is_dm_pcache(device: &Path) -> bool {
+/// Whether `device` holds a dm-pcache superblock (a damaged one too), at
+/// `offset` or where [`locate`] finds the pmem device: then `detach` is
+/// the dm-pcache rescue.
+pub fn is_dm_pcache(device: &Path, offset: Option<u64>) -> bool {
     let Ok(map) = DaxMapping::open(device, &DaxOptions { read_only: true, ..DaxOptions::default() }) else {
         return false;
     };
+    let Ok(at) = locate(&AsMedia(&map), offset) else { return false };
     let mut area = [0u8; pcache_format::SB_SIZE];
-    map.read(pcache_format::SB_OFF, &mut area).is_ok() && Dialect::guess(&area) == Some(Dialect::DmPcache)
+    map.read(at.base + pcache_format::SB_OFF, &mut area).is_ok() && Dialect::guess(&area) == Some(Dialect::DmPcache)
 }
 
 /// `pcache detach --backing BACKING` of a dm-pcache device: every dirty key
 /// written back in log order, the backing device synced, then the dirty
 /// tail moved to the end of the log.
-pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool) -> u8 {
+pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool, offset: Option<u64>) -> u8 {
     let fail = |msg: String| {
         eprintln!("pcache detach: {msg}");
         1
@@ -39,6 +43,17 @@ pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool) -> u8 {
     let map = match DaxMapping::open(device, &DaxOptions::default()) {
         Ok(m) => m,
         Err(e) => return fail(e.to_string()),
+    };
+    let at = match locate(&AsMedia(&map), offset) {
+        Ok(at) => at,
+        Err(e) => return fail(format!("{}: {e}", device.display())),
+    };
+    if let Some(how) = &at.how {
+        println!("{}: offset {}: {how}", device.display(), at.base);
+    }
+    let map = match PmemWindow::new(map, at.base) {
+        Ok(m) => m,
+        Err(e) => return fail(format!("{}: {e}", device.display())),
     };
     let file = match crate::open::backing(device, backing) {
         Ok(f) => f,

@@ -122,6 +122,10 @@ enum Command {
         /// dm-pcache: list what would be written back, write nothing.
         #[arg(long, conflicts_with_all = ["salvage", "discard"])]
         dry_run: bool,
+        /// dm-pcache: where the pmem device starts in DEVICE, in bytes (an
+        /// NVDIMM namespace image is found by its info block without it).
+        #[arg(long, value_parser = units::parse_size)]
+        offset: Option<u64>,
     },
     /// Show, then with --yes carry out, repairs of the backing table: the
     /// second copy of entries that have one, a new entry for a cache whose
@@ -228,9 +232,15 @@ fn main() -> ExitCode {
         Command::Inspect { device, json, offset } => inspect::run(&device, json, offset),
         Command::Check { device, no_data, json, offset } => check::run(&device, !no_data, json, offset),
         Command::Detach { device, backing, discard: true, .. } => detach::discard(&device, &backing),
-        Command::Detach { device, backing, salvage, dry_run, .. } => {
-            if detach::is_dm_pcache(&device) {
-                detach::dm(&device, &backing, dry_run, salvage)
+        Command::Detach { device, backing, salvage, dry_run, offset, .. } => {
+            if detach::is_dm_pcache(&device, offset) {
+                detach::dm(&device, &backing, dry_run, salvage, offset)
+            } else if offset.is_some() {
+                eprintln!(
+                    "pcache detach: {}: no dm-pcache cache there; --offset is for dm-pcache caches",
+                    device.display()
+                );
+                EXIT_USAGE
             } else if dry_run {
                 eprintln!(
                     "pcache detach: --dry-run is for dm-pcache caches; `pcache inspect` lists an rfc-v1 cache's dirty data"

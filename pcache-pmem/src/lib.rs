@@ -32,4 +32,4 @@ pub use cache::{
 };
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};
-pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, check_range};
+pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, PmemWindow, check_range};

@@ -155,3 +155,72 @@ impl<P: Pmem + ?Sized> pcache_format::ReadMedia for AsMedia<'_, P> {
         self.0.unwritten(off, len)
     }
 }
+
+/// The part of a [`Pmem`] from byte `base` on, as a device of its own: the
+/// pmem device inside an NVDIMM namespace image (a QEMU NVDIMM backing
+/// file, whose info block says where the device starts), or wherever
+/// `--offset` says. Every access is bounds-checked against the window.
+#[derive(Debug)]
+pub struct PmemWindow<P> {
+    inner: P,
+    base: u64,
+    size: u64,
+}
+
+impl<P: Pmem> PmemWindow<P> {
+    /// The bytes of `inner` from `base` on; refused if `base` is past its end.
+    pub fn new(inner: P, base: u64) -> Result<Self, PmemError> {
+        let size = inner.size();
+        check_range(base, 0, size)?;
+        Ok(Self { inner, base, size: size - base })
+    }
+
+    /// Where the window starts in the device.
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// The device.
+    pub fn inner(&self) -> &P {
+        &self.inner
+    }
+
+    fn at(&self, off: u64, len: u64) -> Result<u64, PmemError> {
+        check_range(off, len, self.size)?;
+        Ok(self.base + off)
+    }
+}
+
+impl<P: Pmem> Pmem for PmemWindow<P> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), PmemError> {
+        self.inner.read(self.at(off, buf.len() as u64)?, buf)
+    }
+
+    fn unwritten(&self, off: u64, len: u64) -> bool {
+        self.at(off, len).is_ok_and(|at| self.inner.unwritten(at, len))
+    }
+
+    fn write(&self, off: u64, data: &[u8]) -> Result<(), PmemError> {
+        self.inner.write(self.at(off, data.len() as u64)?, data)
+    }
+
+    fn flush(&self, off: u64, len: u64) -> Result<(), PmemError> {
+        self.inner.flush(self.at(off, len)?, len)
+    }
+
+    fn fence(&self) -> Result<(), PmemError> {
+        self.inner.fence()
+    }
+
+    fn copy_nodrain(&self, off: u64, src: &[u8]) -> Result<(), PmemError> {
+        self.inner.copy_nodrain(self.at(off, src.len() as u64)?, src)
+    }
+
+    fn zero_nodrain(&self, off: u64, len: u64) -> Result<(), PmemError> {
+        self.inner.zero_nodrain(self.at(off, len)?, len)
+    }
+}

@@ -190,16 +190,16 @@ save_state() {
   dd if=/tmp/state.tar of=$STATE bs=4096 conv=fsync 2>/dev/null || echo "note: writing the state to $STATE failed"
 }
 
-# attach_nbd: pcache attach in the background, the kernel's NBD client on
-# /dev/nbd0. The export is the backing's file name. Steps are subshells, so
-# attach is not their child for long: its pid and, once it ends, its exit
-# status are kept in files.
+# attach_nbd [ARGS]: pcache attach in the background (with ARGS), the
+# kernel's NBD client on /dev/nbd0. The export is the backing's file name.
+# Steps are subshells, so attach is not their child for long: its pid and,
+# once it ends, its exit status are kept in files.
 attach_nbd() {
   rm -f "$SOCK" /tmp/attach.rc /tmp/attach.pid
   : >/tmp/attach.log
   (
     sh -c 'echo $$ >/tmp/attach.pid; exec "$@"' sh \
-      $PCACHE attach $PMEM --backing $BACKING --listen "unix:$SOCK" >/tmp/attach.log 2>&1
+      $PCACHE attach $PMEM --backing $BACKING --listen "unix:$SOCK" "$@" >/tmp/attach.log 2>&1
     echo $? >/tmp/attach.rc
   ) &
   wait_for 60 listening
@@ -416,7 +416,9 @@ s3_remove() {
 }
 
 s3_attach() {
-  attach_nbd
+  # Writeback held back (1 byte a second, given up at the stop): what pcache
+  # writes stays dirty in pmem, for the module to write back.
+  attach_nbd --writeback-rate 1
   pass "$(head -1 /tmp/attach.log); /dev/nbd0 $(($(cat /sys/block/nbd0/size) / 2048)) MiB"
 }
 
@@ -437,7 +439,12 @@ s3_stop() {
   [ -f /tmp/attach.pid ] || fail "not run: pcache attach never started"
   attach_running || fail "pcache attach had already exited $(cat /tmp/attach.rc)"
   stop_attach
-  pass "nbd-client -d, SIGTERM: pcache attach exited 0"
+  local stopped
+  stopped=$(grep '^stopped' /tmp/attach.log | tail -1)
+  case "$stopped" in
+  *"(0 B dirty)"*) fail "pcache attach wrote set b back itself ($stopped): the module has nothing to write back" /tmp/attach.log ;;
+  esac
+  pass "nbd-client -d, SIGTERM: pcache attach exited 0; $stopped"
 }
 
 s3_reload_read() {
