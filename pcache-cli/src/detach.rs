@@ -6,7 +6,7 @@ use std::time::Instant;
 use indicatif::{ProgressBar, ProgressStyle};
 use pcache_format::{Dialect, SEG_SIZE};
 use pcache_pmem::cache::detach::{SalvageReport, detach_salvage};
-use pcache_pmem::dm_rescue::dm_writeback;
+use pcache_pmem::dm_rescue::{Rescue, dm_writeback};
 use pcache_pmem::{AsMedia, CacheDev, DaxMapping, DaxOptions, EngineError, Pmem, PmemError, PmemWindow, detach};
 
 use crate::inspect::locate;
@@ -73,6 +73,12 @@ pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool, offset: O
         Ok(r) => r,
         Err(e) => return fail(format!("{}: {e}", device.display())),
     };
+    dm_report(device, backing, &r, dry_run, t);
+    0
+}
+
+/// Says what a dm-pcache rescue found, and did.
+fn dm_report(device: &Path, backing: &Path, r: &Rescue, dry_run: bool, t: Instant) {
     let (dt, end) = (r.dirty_tail, r.log_end);
     if dry_run {
         for e in &r.extents {
@@ -89,7 +95,7 @@ pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool, offset: O
             end.0,
             end.1
         );
-        return 0;
+        return;
     }
     if !r.written {
         println!(
@@ -98,7 +104,7 @@ pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool, offset: O
             dt.0,
             dt.1
         );
-        return 0;
+        return;
     }
     println!(
         "{}: {} dirty key(s), {} written back to {} in {:.1?}; dirty tail {}:{} -> {}:{}: the cache is clean and \
@@ -113,7 +119,6 @@ pub fn dm(device: &Path, backing: &Path, dry_run: bool, salvage: bool, offset: O
         end.0,
         end.1
     );
-    0
 }
 
 /// Exit status of `detach --salvage` when it detached but could not write
