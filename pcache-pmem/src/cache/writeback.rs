@@ -164,9 +164,11 @@ impl Writeback {
             if let Err(e) = read {
                 return Ok(Some(Blocked::extent(at, off, k, e)));
             }
+            // Paid for before it is written: at a rate too low to write a
+            // key before the cache stops, nothing is written back at all.
+            self.throttle(u64::from(k.len), r.ctx).map_err(Failure::other)?;
             io.backing().write_at(off, data).map_err(|e| Failure::other(e.into()))?;
             *written += u64::from(k.len);
-            self.throttle(u64::from(k.len), r.ctx).map_err(Failure::other)?;
         }
         Ok(None)
     }
