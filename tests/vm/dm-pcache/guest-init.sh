@@ -241,6 +241,46 @@ wait_for 20 have_blk $STATE || echo "FAIL boot: no $STATE (virtio state disk)"
 wait_for 20 test -d /sys/bus/nd/devices/namespace0.0 ||
   echo "FAIL boot: no NVDIMM namespace0.0 in /sys/bus/nd/devices: $(echo /sys/bus/nd/devices/*)"
 
+# ======================================= step 5: pcache formats, the module loads
+
+PMEM2=/dev/pmem1
+
+s5_format() {
+  run 60 $NDCTL create-namespace -f -e namespace1.0 -m fsdax
+  wait_for 20 have_blk $PMEM2 || fail "no $PMEM2 after ndctl create-namespace -m fsdax"
+  run 120 $PCACHE format --dialect dm-pcache --data-crc $PMEM2
+  pass "$(head -1 /tmp/out); $(grep segments /tmp/out | tr -s ' ' | cut -c1-60)"
+}
+
+s5_load() {
+  ok 5-format || fail "not run: $PMEM2 was not formatted"
+  insmod_pcache
+  local st segs
+  run 60 $PCACHE inspect --json $PMEM2
+  json /tmp/out >/tmp/flat
+  segs=$(sed -n 's/^\.superblock\.seg_num=//p' /tmp/flat)
+  [ -n "$segs" ] || fail "pcache inspect --json $PMEM2 has no superblock.seg_num" /tmp/out
+  run 60 $DMSETUP create pc --table "0 $(blockdev --getsz $BACKING) pcache $PMEM2 $BACKING 4 cache_mode writeback data_crc true"
+  wait_for 10 have_blk /dev/mapper/pc || fail "no /dev/mapper/pc after dmsetup create"
+  st=$(status)
+  [ "$(field "$st" 2)" = "$segs" ] && [ "$(field "$st" 3)" = "$segs" ] && [ "$(field "$st" 6)" = 1183 ] &&
+    [ "$(field "$st" 7)" = 0:0 ] || fail "status '$st': want $segs segments, flags 1183 and an empty log"
+  fio_set c /dev/mapper/pc 200M 3456 write
+  fio_set c /dev/mapper/pc 200M 3456 verify
+  wait_clean 120 || fail "the module did not write set c back within 120 s: $(status)"
+  st=$(status)
+  run 60 $DMSETUP remove pc
+  fio_set c $BACKING 200M 3456 verify
+  run 120 $PCACHE check $PMEM2
+  # The module wrote its cache info once, after pcache's two copies (seq 1
+  # and 2): seq 3 into copy 0. A cache it had formatted anew would read seq 1.
+  run 60 $PCACHE inspect --json $PMEM2
+  json /tmp/out >/tmp/flat
+  grep -qxF '.cache_info.copies[0].seq=3' /tmp/flat && grep -qxF '.cache_info.current=0' /tmp/flat ||
+    fail "cache info after the module: $(grep '^\.cache_info\.\(current\|copies\)' /tmp/flat | tr '\n' ' ') (want copy 0 seq 3: loaded, not formatted anew)"
+  pass "loaded as its own (cache info seq 3 after pcache's 1 and 2); set c written, written back, on $BACKING alone; $(echo "$st" | cut -d' ' -f4-)"
+}
+
 # ============================================================== phase 1 ===
 
 s1_namespace() {
@@ -504,6 +544,9 @@ if [ "$PHASE" = 2 ]; then
       ok 3-remove-clean && step 3-disk-read s3_disk_read
     fi
   fi
+  # ---- 5 pcache formats, the module loads
+  step 5-format s5_format
+  step 5-load s5_load
   save_state
   finish
 fi

@@ -31,6 +31,9 @@
 #     Boot 1 (dmpc.phase=1) runs step 1 and ends with
 #     `echo b > /proc/sysrq-trigger` while the cache holds dirty data; boot 2
 #     (dmpc.phase=2) runs steps 2 and 3 (see guest-init.sh);
+#   - step 5, in boot 2 on a second NVDIMM (/dev/pmem1): `pcache format
+#     --dialect dm-pcache` and the module loads that cache as its own (not
+#     formatted anew), writes through it and writes back;
 #   - step 4, on the host: `pcache check` and `pcache inspect --json` of the
 #     NVDIMM file as boot 1 left it and as boot 2 left it must agree with
 #     what the guest's `dmsetup status` said;
@@ -69,7 +72,8 @@ steps_phase1="1-namespace 1-create 1-write 1-readback 1-status"
 steps_phase2="2-after-cut 2-check 2-inspect 2-detach 2-disk-pattern 2-disk-fio
   2-reload 2-reload-read
   3-write-a 3-remove 3-attach 3-nbd-read-a 3-nbd-write-b 3-stop
-  3-reload-read 3-writeback 3-remove-clean 3-disk-read"
+  3-reload-read 3-writeback 3-remove-clean 3-disk-read
+  5-format 5-load"
 steps_host="4-host-cut-check 4-host-cut-inspect 4-host-clean-check 4-host-clean-inspect"
 
 # The guest's tools, from bookworm (and the libraries this machine lacks,
@@ -108,7 +112,8 @@ cleanup() {
   rm -f "$run"/qemu-phase*.pid
   rm -rf "$cache/initrd.d"
   if [ "${PCACHE_DM_KEEP:-0}" != 1 ]; then
-    rm -f "$run/nvdimm.img" "$run/nvdimm-cut.img" "$run/backing.img" "$run/state.img" "$cache/initrd.cpio"
+    rm -f "$run/nvdimm.img" "$run/nvdimm-cut.img" "$run/nvdimm2.img" "$run/backing.img" "$run/state.img" \
+      "$cache/initrd.cpio"
   fi
   exit "$rc"
 }
@@ -506,6 +511,7 @@ phase initramfs
 
 rm -rf "$run"/*.img "$run"/console-phase* "$run"/qemu-phase*.log "$run"/state-phase*
 truncate -s 1G "$run/nvdimm.img"
+truncate -s 1G "$run/nvdimm2.img"
 truncate -s 256M "$run/backing.img"
 truncate -s 32M "$run/state.img"
 
@@ -527,6 +533,8 @@ boot() {
     -accel tcg -cpu max -smp 2 -m 1G,slots=2,maxmem=4G -machine pc,nvdimm=on \
     -object memory-backend-file,id=nv,share=on,mem-path="$run/nvdimm.img",size=1G \
     -device nvdimm,memdev=nv,id=nvdimm0 \
+    -object memory-backend-file,id=nv2,share=on,mem-path="$run/nvdimm2.img",size=1G \
+    -device nvdimm,memdev=nv2,id=nvdimm1 \
     -drive file="$run/backing.img",format=raw,if=virtio \
     -drive file="$run/state.img",format=raw,if=virtio \
     -kernel "$vmlinuz" -initrd "$cache/initrd.cpio" \
