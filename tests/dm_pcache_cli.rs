@@ -72,6 +72,16 @@ fn format_inspect_check_json() {
     assert!(!r.d.path("x.img").exists(), "a refused format leaves no file");
     let o = pcache(&["format", s(&r.d.path("y.img")), "--size", "1G", "--dialect", "dm"]);
     assert_eq!(code(&o), 64, "{}", stderr(&o));
+    // The commands that mend an rfc-v1 backing table say they do not apply.
+    for args in [
+        vec!["repair", s(&r.dev)],
+        vec!["rename", s(&r.dev), "--backing", "/x", "--to", "/y"],
+        vec!["detach", "--discard", "--backing", "/x", s(&r.dev)],
+    ] {
+        let o = pcache(&args);
+        assert_eq!(code(&o), 1, "{args:?}");
+        assert!(stderr(&o).contains("is a Linux dm-pcache device"), "{args:?}: {}", stderr(&o));
+    }
     // A dm-pcache device is recognised by format, which refuses it without --force.
     let o = pcache(&["format", s(&r.dev)]);
     assert_eq!(code(&o), 1);

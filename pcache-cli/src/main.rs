@@ -162,6 +162,17 @@ enum Command {
     },
 }
 
+/// Refuses an rfc-v1 command on a dm-pcache device, saying why and what does
+/// apply there.
+fn dm_only(what: &str, device: &std::path::Path, why: &str) -> u8 {
+    eprintln!(
+        "pcache: {} is a Linux dm-pcache device: {what} ({why}); `pcache check` verifies its one cache and \
+         `pcache detach --backing DISK` writes it back",
+        device.display()
+    );
+    1
+}
+
 /// A dialect by its name.
 fn parse_dialect(s: &str) -> Result<pcache_format::Dialect, String> {
     pcache_format::Dialect::from_name(s).ok_or_else(|| format!("'{s}' is no dialect: rfc-v1 or dm-pcache"))
@@ -231,6 +242,11 @@ fn main() -> ExitCode {
         }
         Command::Inspect { device, json, offset } => inspect::run(&device, json, offset),
         Command::Check { device, no_data, json, offset } => check::run(&device, !no_data, json, offset),
+        Command::Detach { device, discard: true, .. } if detach::is_dm_pcache(&device, None) => dm_only(
+            "detach --discard does not apply",
+            &device,
+            "to drop its cache and its dirty data for good, `pcache format --dialect dm-pcache --force` it",
+        ),
         Command::Detach { device, backing, discard: true, .. } => detach::discard(&device, &backing),
         Command::Detach { device, backing, salvage, dry_run, offset, .. } => {
             if detach::is_dm_pcache(&device, offset) {
@@ -251,6 +267,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Attach(args) => attach::run(args),
+        Command::Repair { device, .. } | Command::Rename { device, .. } if detach::is_dm_pcache(&device, None) => {
+            dm_only(
+                "repair and rename do not apply",
+                &device,
+                "they mend an rfc-v1 backing table, which a dm-pcache device has none of",
+            )
+        }
         Command::Repair { device, backing, cache_segment, yes } => {
             repair::run(&device, backing.as_deref(), cache_segment, yes)
         }
