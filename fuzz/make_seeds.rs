@@ -12,7 +12,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use pcache_format::consts::{CACHE_SEG_DATA_SIZE, KSET_KEYS_MAX, META_SEG_DATA_OFF, SEG_SIZE};
 use pcache_format::sparse::ImageBuilder;
 use pcache_format::{
-    BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, Key, KeyFlags, MetaRecord, MetaSegmentInfo,
+    BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, Dialect, Key, KeyFlags, MetaRecord, MetaSegmentInfo,
     ReadMedia, SegmentInfo, Superblock, TERMINATOR, encode_copy, encode_kset, encode_last, kset_size,
 };
 use pcache_fuzz::{Recipe, build};
@@ -97,7 +97,7 @@ fn pair<R: MetaRecord>(record: &R, seqs: [Option<u8>; 2]) -> Vec<u8> {
     let mut buf = vec![0u8; 2 * n];
     for (i, seq) in seqs.iter().enumerate() {
         let copy = &mut buf[i * n..(i + 1) * n];
-        encode_copy(record, seq.unwrap_or(0x5a), copy).expect("a whole copy");
+        encode_copy(Dialect::RfcV1, record, seq.unwrap_or(0x5a), copy).expect("a whole copy");
         if seq.is_none() {
             copy[0] ^= 0xff;
         }
@@ -155,21 +155,22 @@ fn copy_selection(out: &mut Out) {
 }
 
 fn kset(out: &mut Out) {
+    const D: Dialect = Dialect::RfcV1;
     let key = Key::new(4096, 4096, KeyFlags::empty(), 1, 0, 0);
     let mut buf = vec![0u8; kset_size(KSET_KEYS_MAX) + 24];
-    let size = encode_kset(&[key], &mut buf).unwrap();
+    let size = encode_kset(D, &[key], &mut buf).unwrap();
     out.put("kset", "one-key", &buf[..size]);
     // Followed by a terminator, as in a log.
     buf[size..size + 24].copy_from_slice(&TERMINATOR);
     out.put("kset", "one-key-terminated", &buf[..size + 24]);
-    out.put("kset", "last-5", &encode_last(5));
+    out.put("kset", "last-5", &encode_last(D, 5));
     out.put("kset", "terminator", &TERMINATOR);
     let mixed = [
         Key::new(0, 512, KeyFlags::CLEAN, 0, 0, 3),
         Key::new(4 * 1024 * 1024 - 4096, 4096, KeyFlags::empty(), 7, CACHE_SEG_DATA_SIZE - 4096, 1),
         Key::new(1 << 40, 65536, KeyFlags::empty(), 2, 12288, 9),
     ];
-    let size = encode_kset(&mixed, &mut buf).unwrap();
+    let size = encode_kset(D, &mixed, &mut buf).unwrap();
     out.put("kset", "mixed", &buf[..size]);
     let full: Vec<Key> = (0..KSET_KEYS_MAX as u64)
         .map(|i| {
@@ -177,11 +178,11 @@ fn kset(out: &mut Out) {
             Key::new(i * 8192, 512 * (1 + i as u32 % 16), flags, (i % 8) as u32, (i * 8192) as u32, i / 64)
         })
         .collect();
-    let size = encode_kset(&full, &mut buf).unwrap();
+    let size = encode_kset(D, &full, &mut buf).unwrap();
     out.put("kset", "full-128", &buf[..size]);
     // A kset with a bad key (length 0) and a valid CRC.
     let bad = [key, Key::new(0, 0, KeyFlags::empty(), 0, 0, 0)];
-    let size = encode_kset(&bad, &mut buf).unwrap();
+    let size = encode_kset(D, &bad, &mut buf).unwrap();
     out.put("kset", "bad-key", &buf[..size]);
 }
 
@@ -203,7 +204,7 @@ fn backing_table(out: &mut Out) {
         BackingDevInfo::running(1, b"/dev/sdc", 1 << 21, CacheInfo::new(5, 4, 70, CacheFlags::empty())).unwrap();
     info.cache_info.seg_id = 5.into();
     let at = entry_end(0) + 4096;
-    encode_copy(&info, 2, &mut seg[at..at + 4096]).unwrap();
+    encode_copy(Dialect::RfcV1, &info, 2, &mut seg[at..at + 4096]).unwrap();
     out.put("backing_table", "entries-0-5-updated", &seg);
 }
 

@@ -20,9 +20,9 @@ use core::fmt::Debug;
 
 use libfuzzer_sys::fuzz_target;
 use pcache_format::crc::{meta_crc, seal, stored_crc};
-use pcache_format::meta::{copy_bytes, copy_info, copy_infos};
+use pcache_format::meta::{Slots, copy_bytes, copy_info, copy_infos};
 use pcache_format::{
-    BackingDevInfo, CachePos, CacheSegGen, CopyInfo, MetaRecord, MetaSegmentInfo, SegmentInfo, decode_copy,
+    BackingDevInfo, CachePos, CacheSegGen, CopyInfo, Dialect, MetaRecord, MetaSegmentInfo, SegmentInfo, decode_copy,
     encode_copy, find_latest, find_oldest, next_seq, read_latest, seq_after,
 };
 
@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let slots = data.get(3..).unwrap_or(&[]);
 
-    selection(slots, stride);
+    selection(slots, Slots::new(Dialect::RfcV1, stride, stride));
     if (8..=8192).contains(&stride) {
         let mut buf = slots.to_vec();
         buf.resize(2 * stride, 0);
@@ -46,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
             b[4] = seq;
             seal(b);
         };
-        update(&mut buf, stride, copy);
+        update(&mut buf, Slots::new(Dialect::RfcV1, stride, stride), copy);
     }
 
     // Every record type reads its two copies from the input.
@@ -77,10 +77,11 @@ fn ambiguous(infos: &[CopyInfo; 2]) -> bool {
 }
 
 /// The selection functions agree with each other and with the rules.
-fn selection(slots: &[u8], stride: usize) {
-    let infos = copy_infos(slots, stride);
+fn selection(slots: &[u8], s: Slots) {
+    let stride = s.stride;
+    let infos = copy_infos(s, slots);
     for (i, info) in infos.iter().enumerate() {
-        assert_eq!(*info, copy_info(slots, stride, i));
+        assert_eq!(*info, copy_info(s, slots, i));
         match copy_bytes(slots, stride, i) {
             Some(copy) => {
                 assert!(stride >= 8 && (i + 1) * stride <= slots.len());
@@ -99,9 +100,9 @@ fn selection(slots: &[u8], stride: usize) {
             }
         }
     }
-    let latest = find_latest(slots, stride);
-    let oldest = find_oldest(slots, stride);
-    let next = next_seq(slots, stride);
+    let latest = find_latest(s, slots);
+    let oldest = find_oldest(s, slots);
+    let next = next_seq(s, slots);
     assert!(oldest < 2);
     // A written copy is never all zeros: sequence 0 is never used.
     assert_ne!(next, 0);
@@ -138,20 +139,21 @@ fn selection(slots: &[u8], stride: usize) {
 /// Writes `next_seq` into the oldest copy of `buf` (two whole copies) with
 /// `write` and checks the new copy becomes the latest. Returns the copy
 /// written.
-fn update(buf: &mut [u8], stride: usize, write: impl FnOnce(&mut [u8], u8)) -> usize {
+fn update(buf: &mut [u8], s: Slots, write: impl FnOnce(&mut [u8], u8)) -> usize {
+    let stride = s.stride;
     assert_eq!(buf.len(), 2 * stride);
-    let before = copy_infos(buf, stride);
-    let target = find_oldest(buf, stride);
-    let seq = next_seq(buf, stride);
+    let before = copy_infos(s, buf);
+    let target = find_oldest(s, buf);
+    let seq = next_seq(s, buf);
     write(&mut buf[target * stride..(target + 1) * stride], seq);
-    let after = copy_infos(buf, stride);
+    let after = copy_infos(s, buf);
     assert_eq!(after[1 - target], before[1 - target], "the other copy changed");
     assert!(after[target].crc_ok() && after[target].seq == seq);
     if !ambiguous(&before) {
-        assert_eq!(find_latest(buf, stride), Some(target), "update did not make copy {target} the latest: {before:?}");
-        assert_eq!(next_seq(buf, stride), seq.wrapping_add(1).max(1));
+        assert_eq!(find_latest(s, buf), Some(target), "update did not make copy {target} the latest: {before:?}");
+        assert_eq!(next_seq(s, buf), seq.wrapping_add(1).max(1));
         // The next write goes to the other copy.
-        assert_eq!(find_oldest(buf, stride), 1 - target);
+        assert_eq!(find_oldest(s, buf), 1 - target);
     }
     target
 }
@@ -159,15 +161,16 @@ fn update(buf: &mut [u8], stride: usize, write: impl FnOnce(&mut [u8], u8)) -> u
 /// `read_latest` agrees with `find_latest` and `decode_copy`.
 fn read<R: MetaRecord + Debug + PartialEq>(slots: &[u8]) {
     let n = R::COPY_SIZE;
-    let infos = copy_infos(slots, n);
-    let latest = find_latest(slots, n);
-    match read_latest::<R>(slots) {
+    let s = Slots::of::<R>(Dialect::RfcV1);
+    let infos = copy_infos(s, slots);
+    let latest = find_latest(s, slots);
+    match read_latest::<R>(Dialect::RfcV1, slots) {
         Ok(l) => {
             assert_eq!(Some(usize::from(l.copy)), latest);
             assert!(l.record.check().is_ok());
             assert_eq!(l.record.header().seq, infos[usize::from(l.copy)].seq);
             let copy = copy_bytes(slots, n, usize::from(l.copy)).unwrap();
-            assert_eq!(decode_copy::<R>(copy), Ok(l.record));
+            assert_eq!(decode_copy::<R>(Dialect::RfcV1, copy), Ok(l.record));
         }
         Err(e) => {
             let _ = e.to_string();
@@ -175,7 +178,7 @@ fn read<R: MetaRecord + Debug + PartialEq>(slots: &[u8]) {
                 // The latest copy is valid but fails the record's checks.
                 assert_eq!(e.copy, Some(l as u8), "{e}");
                 let copy = copy_bytes(slots, n, l).unwrap();
-                assert!(decode_copy::<R>(copy).is_err());
+                assert!(decode_copy::<R>(Dialect::RfcV1, copy).is_err());
             }
         }
     }
@@ -185,18 +188,19 @@ fn read<R: MetaRecord + Debug + PartialEq>(slots: &[u8]) {
 /// a zeroed one) with the next sequence number.
 fn protocol<R: MetaRecord + Debug + PartialEq>(slots: &[u8]) {
     let n = R::COPY_SIZE;
+    let s = Slots::of::<R>(Dialect::RfcV1);
     let mut buf = slots.to_vec();
     buf.resize(2 * n, 0);
-    let was_ambiguous = ambiguous(&copy_infos(&buf, n));
+    let was_ambiguous = ambiguous(&copy_infos(s, &buf));
     let mut encoded = None;
-    let target = update(&mut buf, n, |copy, seq| {
-        let record = decode_copy::<R>(copy).unwrap_or_else(|_| R::new_zeroed());
-        encode_copy(&record, seq, copy).expect("a whole copy");
+    let target = update(&mut buf, s, |copy, seq| {
+        let record = decode_copy::<R>(Dialect::RfcV1, copy).unwrap_or_else(|_| R::new_zeroed());
+        encode_copy(Dialect::RfcV1, &record, seq, copy).expect("a whole copy");
         encoded = Some(record);
     });
     let record = encoded.unwrap();
     let copy = &buf[target * n..(target + 1) * n];
-    match decode_copy::<R>(copy) {
+    match decode_copy::<R>(Dialect::RfcV1, copy) {
         Ok(r) => {
             assert!(record.check().is_ok());
             // Only the header's CRC and sequence differ.
@@ -206,7 +210,7 @@ fn protocol<R: MetaRecord + Debug + PartialEq>(slots: &[u8]) {
         Err(e) => assert!(record.check().is_err(), "{e}"),
     }
     if !was_ambiguous {
-        match read_latest::<R>(&buf) {
+        match read_latest::<R>(Dialect::RfcV1, &buf) {
             Ok(l) => assert_eq!(usize::from(l.copy), target),
             Err(e) => assert!(record.check().is_err() && e.copy == Some(target as u8), "{e}"),
         }

@@ -12,7 +12,11 @@ use libfuzzer_sys::fuzz_target;
 use pcache_format::consts::{
     CACHE_SEG_DATA_SIZE, CACHE_SUBTREE_SIZE, KEY_SIZE, KSET_HEADER_SIZE, KSET_KEYS_MAX, KSET_MAGIC,
 };
-use pcache_format::{ErrorKind, Key, KeyFlags, KsetRecord, Record, decode_kset, encode_kset, encode_last, kset_size};
+use pcache_format::{
+    Dialect, ErrorKind, Key, KeyFlags, KsetRecord, Record, decode_kset, encode_kset, encode_last, kset_size,
+};
+
+const D: Dialect = Dialect::RfcV1;
 
 fuzz_target!(|data: &[u8]| {
     raw(data);
@@ -29,13 +33,13 @@ fuzz_target!(|data: &[u8]| {
     round_trip(&keys);
     let good: Vec<Key> = keys.iter().copied().filter(|k| k.check().is_ok()).collect();
     round_trip(&good);
-    let last = encode_last(n_segs);
-    assert_eq!(decode_kset(&last), Ok(KsetRecord::Last { next_cache_seg: n_segs }));
+    let last = encode_last(D, n_segs);
+    assert_eq!(decode_kset(D, &last), Ok(KsetRecord::Last { next_cache_seg: n_segs }));
 });
 
 /// Decodes the input as a kset.
 fn raw(data: &[u8]) {
-    match decode_kset(data) {
+    match decode_kset(D, data) {
         Ok(record) => {
             assert!(record.size() <= data.len());
             match record {
@@ -44,7 +48,7 @@ fn raw(data: &[u8]) {
                     assert_eq!(magic.to_le_bytes(), data[8..16]);
                 }
                 KsetRecord::Last { next_cache_seg } => {
-                    assert_eq!(encode_last(next_cache_seg), data[..KSET_HEADER_SIZE]);
+                    assert_eq!(encode_last(D, next_cache_seg), data[..KSET_HEADER_SIZE]);
                 }
                 KsetRecord::Keys { keys } => {
                     assert!((1..=KSET_KEYS_MAX).contains(&keys.len()));
@@ -53,7 +57,7 @@ fn raw(data: &[u8]) {
                     }
                     let size = kset_size(keys.len());
                     let mut out = vec![0u8; size];
-                    assert_eq!(encode_kset(keys, &mut out), Ok(size));
+                    assert_eq!(encode_kset(D, keys, &mut out), Ok(size));
                     assert_eq!(out, data[..size], "re-encoded kset differs");
                 }
             }
@@ -98,7 +102,7 @@ fn check_key(key: &Key, n_segs: u32, dev_size: u64) {
 /// Encodes `keys` as a kset and decodes it back.
 fn round_trip(keys: &[Key]) {
     let mut out = vec![0u8; kset_size(keys.len()) + KSET_HEADER_SIZE];
-    let size = match encode_kset(keys, &mut out) {
+    let size = match encode_kset(D, keys, &mut out) {
         Ok(size) => size,
         Err(e) => {
             assert!(keys.is_empty() || keys.len() > KSET_KEYS_MAX, "{e}");
@@ -107,9 +111,9 @@ fn round_trip(keys: &[Key]) {
     };
     assert_eq!(size, KSET_HEADER_SIZE + keys.len() * KEY_SIZE);
     // A short buffer is refused.
-    assert!(encode_kset(keys, &mut out[..size - 1]).is_err());
+    assert!(encode_kset(D, keys, &mut out[..size - 1]).is_err());
     let first_bad = keys.iter().position(|k| k.check().is_err());
-    match (decode_kset(&out), first_bad) {
+    match (decode_kset(D, &out), first_bad) {
         (Ok(KsetRecord::Keys { keys: decoded }), None) => assert_eq!(decoded, keys),
         (Err(e), Some(i)) => {
             assert_eq!((e.record, e.index), (Record::Key, Some(i as u32)), "{e}");
@@ -117,7 +121,7 @@ fn round_trip(keys: &[Key]) {
         (other, bad) => panic!("kset of {} keys (first bad: {bad:?}) decoded as {other:?}", keys.len()),
     }
     // Truncated by one byte, it is refused as truncated.
-    match decode_kset(&out[..size - 1]) {
+    match decode_kset(D, &out[..size - 1]) {
         Err(e) => assert!(matches!(e.kind, ErrorKind::Truncated { .. }), "{e}"),
         Ok(r) => panic!("truncated kset decoded as {r:?}"),
     }

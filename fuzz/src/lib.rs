@@ -264,7 +264,7 @@ impl Built {
     /// Start, size and sealing rule of a patch's region.
     fn region(&self, region: Region) -> (u64, u64, Seal) {
         let layout = self.builder.layout();
-        let seg_num = u32::from(layout.seg_num());
+        let seg_num = layout.seg_num();
         let chains: Vec<&[u32]> = self.caches.iter().map(|c| c.writer.chain()).collect();
         let cache_segs: Vec<u32> = chains.iter().flat_map(|c| c.iter().copied()).collect();
         let ok = |r: Result<u64, pcache_format::Error>| r.expect("offset inside the layout");
