@@ -9,10 +9,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use arbitrary::{Arbitrary, Unstructured};
-use pcache_format::consts::{CACHE_SEG_DATA_SIZE, KSET_KEYS_MAX, META_SEG_DATA_OFF, SEG_SIZE};
+use pcache_format::consts::{CACHE_DEV_SIZE_MIN, CACHE_SEG_DATA_SIZE, KSET_KEYS_MAX, META_SEG_DATA_OFF, SEG_SIZE};
+use pcache_format::dm::{DM_GC_PERCENT_DEFAULT, DM_SEG_NUM_MAX, DmCacheInfo, DmSegmentInfo, DmSuperblock};
+use pcache_format::pfn;
 use pcache_format::sparse::ImageBuilder;
 use pcache_format::{
-    BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, Key, KeyFlags, MetaRecord, MetaSegmentInfo,
+    BackingDevInfo, CacheFlags, CacheInfo, CachePos, CacheSegGen, Dialect, Key, KeyFlags, MetaRecord, MetaSegmentInfo,
     ReadMedia, SegmentInfo, Superblock, TERMINATOR, encode_copy, encode_kset, encode_last, kset_size,
 };
 use pcache_fuzz::{Recipe, build};
@@ -89,15 +91,65 @@ fn superblock(out: &mut Out) {
     pcache_format::crc::seal(&mut v2);
     out.put("superblock", "version-2", &v2);
     out.put("superblock", "zeros", &[0u8; 4096]);
+
+    // dm-pcache: its superblock areas with a device that fits (byte 10 of
+    // the parameters says dm-pcache; the kernel wants 512 MiB at least).
+    let params = |seg_num: u32, size: u64, explicit: bool| {
+        let mut p = vec![explicit as u8 | (seg_num as u8 & !1), (seg_num >> 8) as u8];
+        p.extend_from_slice(&size.to_le_bytes());
+        p.push(1);
+        p.extend_from_slice(&((seg_num >> 16) as u16).to_le_bytes());
+        p
+    };
+    for seg_num in [1u32, 31, 62, 63, 65_536, DM_SEG_NUM_MAX] {
+        let area = DmSuperblock::encode_area(seg_num);
+        out.put("superblock", &format!("dm-area-{seg_num}"), &area);
+        let size = (0x5000 + u64::from(seg_num) * SEG_SIZE).max(CACHE_DEV_SIZE_MIN);
+        let mut with = area.to_vec();
+        with.extend(params(seg_num, size, false));
+        out.put("superblock", &format!("dm-area-{seg_num}-fits"), &with);
+        with.truncate(4096);
+        with.extend(params(seg_num, size - 1, false));
+        out.put("superblock", &format!("dm-area-{seg_num}-short"), &with);
+    }
+    // Explicit layouts past each dialect's bound, on zeros.
+    let mut rfc_over = vec![0u8; 4096];
+    rfc_over.extend(params(65_536, u64::MAX, true));
+    rfc_over[4096 + 10] = 0;
+    out.put("superblock", "rfc-65536", &rfc_over);
+    let mut dm_over = vec![0u8; 4096];
+    dm_over.extend(params(DM_SEG_NUM_MAX + 1, u64::MAX, true));
+    out.put("superblock", "dm-over-max", &dm_over);
+    // A damaged dm-pcache superblock (guessed, not detected), a big-endian
+    // one and one with its padding set, the last two with valid CRCs.
+    let mut damaged = DmSuperblock::encode_area(62);
+    damaged[16] ^= 1;
+    out.put("superblock", "dm-damaged", &damaged);
+    let mut be = DmSuperblock::encode_area(62);
+    be[4] = 1;
+    Dialect::DmPcache.seal(&mut be, DmSuperblock::SIZE);
+    out.put("superblock", "dm-bigendian", &be);
+    let mut padded = DmSuperblock::encode_area(62);
+    padded[21] = 0xaa;
+    Dialect::DmPcache.seal(&mut padded, DmSuperblock::SIZE);
+    out.put("superblock", "dm-padding", &padded);
+    // NVDIMM info blocks (fsdax, devdax, a dataoff not 4 KiB aligned) in a
+    // 1 GiB namespace.
+    for (name, devdax, dataoff) in [("pfn", false, 18u64 << 20), ("dax", true, 2 << 20), ("pfn-odd", false, 8193)] {
+        let mut block = pfn::encode(devdax, dataoff).to_vec();
+        block.extend(params(62, 1 << 30, true));
+        out.put("superblock", name, &block);
+    }
 }
 
-/// Two copies of `record` with sequence numbers `seqs` (None: a bad CRC).
-fn pair<R: MetaRecord>(record: &R, seqs: [Option<u8>; 2]) -> Vec<u8> {
+/// Two copies of `record` sealed in dialect `d`, with sequence numbers
+/// `seqs` (None: a bad CRC).
+fn pair<R: MetaRecord>(d: Dialect, record: &R, seqs: [Option<u8>; 2]) -> Vec<u8> {
     let n = R::COPY_SIZE;
     let mut buf = vec![0u8; 2 * n];
     for (i, seq) in seqs.iter().enumerate() {
         let copy = &mut buf[i * n..(i + 1) * n];
-        encode_copy(record, seq.unwrap_or(0x5a), copy).expect("a whole copy");
+        encode_copy(d, record, seq.unwrap_or(0x5a), copy).expect("a whole copy");
         if seq.is_none() {
             copy[0] ^= 0xff;
         }
@@ -124,17 +176,29 @@ fn copy_selection(out: &mut Out) {
             seed.extend_from_slice(&bytes);
             out.put("copy_selection", &format!("{name}-{i}"), &seed);
         };
-        small("gen", pair(&CacheSegGen::new(42), *seqs));
-        small("pos", pair(&CachePos::new(1, 4096), *seqs));
+        small("gen", pair(Dialect::RfcV1, &CacheSegGen::new(42), *seqs));
+        small("pos", pair(Dialect::RfcV1, &CachePos::new(1, 4096), *seqs));
         // Selector 1: stride 4096; byte 1 picks the record type.
         let mut big = |name: &str, kind: u8, bytes: Vec<u8>| {
             let mut seed = vec![1u8, kind, 0];
             seed.extend_from_slice(&bytes);
             out.put("copy_selection", &format!("{name}-{i}"), &seed);
         };
-        big("seginfo", 0, pair(&SegmentInfo::data(3, Some(4)), *seqs));
-        big("meta", 1, pair(&MetaSegmentInfo::default(), *seqs));
-        big("backing", 2, pair(&backing, *seqs));
+        big("seginfo", 0, pair(Dialect::RfcV1, &SegmentInfo::data(3, Some(4)), *seqs));
+        big("meta", 1, pair(Dialect::RfcV1, &MetaSegmentInfo::default(), *seqs));
+        big("backing", 2, pair(Dialect::RfcV1, &backing, *seqs));
+        // The same in dm-pcache (selector bit 2): tails and generations at
+        // stride 16; segment info (byte 1 even) and cache info (odd) at 4096.
+        let mut dm = |name: &str, sel: u8, kind: u8, bytes: Vec<u8>| {
+            let mut seed = vec![sel, kind, 0];
+            seed.extend_from_slice(&bytes);
+            out.put("copy_selection", &format!("dm-{name}-{i}"), &seed);
+        };
+        let d = Dialect::DmPcache;
+        dm("gen", 4, 0, pair(d, &CacheSegGen::new(42), *seqs));
+        dm("pos", 4, 0, pair(d, &CachePos::new(1, 4096), *seqs));
+        dm("seginfo", 5, 0, pair(d, &DmSegmentInfo::data(Some(4)), *seqs));
+        dm("cacheinfo", 5, 1, pair(d, &DmCacheInfo::new(62, DM_GC_PERCENT_DEFAULT, i % 2 == 0), *seqs));
     }
     // Selector 2 and 3: odd strides over sealed copies.
     for stride in [8usize, 24, 100, 255] {
@@ -152,37 +216,63 @@ fn copy_selection(out: &mut Out) {
     seed.extend_from_slice(&8192u16.to_le_bytes());
     seed.extend_from_slice(&vec![0u8; 2 * 8192]);
     out.put("copy_selection", "stride-8192", &seed);
+    // dm-pcache at odd strides, each CRC covering the first 24 bytes
+    // (selector bits 3.. = 3).
+    for stride in [24usize, 100, 255] {
+        let mut seed = vec![2 | 4 | 3 << 3, stride as u8, 0];
+        for seq in [9u8, 10] {
+            let mut copy = vec![0u8; stride];
+            copy[4] = seq;
+            copy[8..].iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+            Dialect::DmPcache.seal(&mut copy, 24);
+            seed.extend_from_slice(&copy);
+        }
+        out.put("copy_selection", &format!("dm-stride-{stride}"), &seed);
+    }
 }
 
 fn kset(out: &mut Out) {
+    for d in Dialect::ALL {
+        kset_in(out, d);
+    }
+    out.put("kset", "terminator", &TERMINATOR);
+}
+
+/// Ksets sealed in dialect `d`. The first byte, the CRC's low byte, also
+/// picks the dialect of the round trips.
+fn kset_in(out: &mut Out, d: Dialect) {
+    let kset = |name: &str| match d {
+        Dialect::RfcV1 => name.to_string(),
+        Dialect::DmPcache => format!("dm-{name}"),
+    };
+    let mut put = |name: &str, bytes: &[u8]| out.put("kset", &kset(name), bytes);
     let key = Key::new(4096, 4096, KeyFlags::empty(), 1, 0, 0);
     let mut buf = vec![0u8; kset_size(KSET_KEYS_MAX) + 24];
-    let size = encode_kset(&[key], &mut buf).unwrap();
-    out.put("kset", "one-key", &buf[..size]);
+    let size = encode_kset(d, &[key], &mut buf).unwrap();
+    put("one-key", &buf[..size]);
     // Followed by a terminator, as in a log.
     buf[size..size + 24].copy_from_slice(&TERMINATOR);
-    out.put("kset", "one-key-terminated", &buf[..size + 24]);
-    out.put("kset", "last-5", &encode_last(5));
-    out.put("kset", "terminator", &TERMINATOR);
+    put("one-key-terminated", &buf[..size + 24]);
+    put("last-5", &encode_last(d, 5));
     let mixed = [
         Key::new(0, 512, KeyFlags::CLEAN, 0, 0, 3),
         Key::new(4 * 1024 * 1024 - 4096, 4096, KeyFlags::empty(), 7, CACHE_SEG_DATA_SIZE - 4096, 1),
         Key::new(1 << 40, 65536, KeyFlags::empty(), 2, 12288, 9),
     ];
-    let size = encode_kset(&mixed, &mut buf).unwrap();
-    out.put("kset", "mixed", &buf[..size]);
+    let size = encode_kset(d, &mixed, &mut buf).unwrap();
+    put("mixed", &buf[..size]);
     let full: Vec<Key> = (0..KSET_KEYS_MAX as u64)
         .map(|i| {
             let flags = if i % 3 == 0 { KeyFlags::CLEAN } else { KeyFlags::empty() };
             Key::new(i * 8192, 512 * (1 + i as u32 % 16), flags, (i % 8) as u32, (i * 8192) as u32, i / 64)
         })
         .collect();
-    let size = encode_kset(&full, &mut buf).unwrap();
-    out.put("kset", "full-128", &buf[..size]);
+    let size = encode_kset(d, &full, &mut buf).unwrap();
+    put("full-128", &buf[..size]);
     // A kset with a bad key (length 0) and a valid CRC.
     let bad = [key, Key::new(0, 0, KeyFlags::empty(), 0, 0, 0)];
-    let size = encode_kset(&bad, &mut buf).unwrap();
-    out.put("kset", "bad-key", &buf[..size]);
+    let size = encode_kset(d, &bad, &mut buf).unwrap();
+    put("bad-key", &buf[..size]);
 }
 
 fn backing_table(out: &mut Out) {
@@ -203,16 +293,18 @@ fn backing_table(out: &mut Out) {
         BackingDevInfo::running(1, b"/dev/sdc", 1 << 21, CacheInfo::new(5, 4, 70, CacheFlags::empty())).unwrap();
     info.cache_info.seg_id = 5.into();
     let at = entry_end(0) + 4096;
-    encode_copy(&info, 2, &mut seg[at..at + 4096]).unwrap();
+    encode_copy(Dialect::RfcV1, &info, 2, &mut seg[at..at + 4096]).unwrap();
     out.put("backing_table", "entries-0-5-updated", &seg);
 }
 
 fn image(out: &mut Out) {
     // Random byte strings, kept when they decode to a recipe that builds
-    // caches with writes; a few with patches, most without.
+    // caches with writes: for each dialect, six without patches and six
+    // with (about half of each read through a window too).
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let (mut clean, mut patched, mut tries) = (0, 0, 0);
-    while (clean < 6 || patched < 6) && tries < 100_000 {
+    let mut kept = [[0usize; 2]; 2];
+    let mut tries = 0;
+    while kept.iter().flatten().any(|&n| n < 6) && tries < 200_000 {
         tries += 1;
         let len = [512usize, 1024, 2048, 4096][tries % 4];
         let bytes = rng.bytes(len);
@@ -222,12 +314,12 @@ fn image(out: &mut Out) {
         if built.caches.is_empty() || logged < 3 {
             continue;
         }
-        if recipe.patches.is_empty() && clean < 6 {
-            out.put("image", &format!("clean-{clean}"), &bytes);
-            clean += 1;
-        } else if !recipe.patches.is_empty() && patched < 6 {
-            out.put("image", &format!("patched-{patched}"), &bytes);
-            patched += 1;
+        let (dm, patched) = (recipe.dm_pcache.is_some(), !recipe.patches.is_empty());
+        let n = &mut kept[usize::from(dm)][usize::from(patched)];
+        if *n < 6 {
+            let name = format!("{}{}-{n}", if dm { "dm-" } else { "" }, if patched { "patched" } else { "clean" });
+            out.put("image", &name, &bytes);
+            *n += 1;
         }
     }
     out.put("image", "empty", &[]);

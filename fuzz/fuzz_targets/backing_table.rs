@@ -12,9 +12,9 @@ use libfuzzer_sys::fuzz_target;
 use pcache_format::consts::{META_ENTRIES, META_ENTRY_STRIDE, META_SEG_DATA_OFF, SEG_SIZE};
 use pcache_format::image::{ScanOptions, scan};
 use pcache_format::media::{backing_in_use, read_backing, read_meta_segment_info};
-use pcache_format::meta::copy_infos;
+use pcache_format::meta::{Slots, copy_infos};
 use pcache_format::sparse::{ImageBuilder, SparseImage};
-use pcache_format::{Layout, MetaRecord};
+use pcache_format::{Dialect, Layout, MetaRecord};
 
 fn formatted() -> &'static (SparseImage, Layout) {
     static BASE: OnceLock<(SparseImage, Layout)> = OnceLock::new();
@@ -34,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
     // Segment 0's info.
     let meta = read_meta_segment_info(&img, layout).expect("segment 0 is readable");
     // Where the input holds both copies of a record, they are what it holds.
-    let expect_copies = |off: usize, stride: usize| data.get(off..off + 2 * stride).map(|c| copy_infos(c, stride));
+    let expect_copies = |off: usize, stride: usize| {
+        data.get(off..off + 2 * stride).map(|c| copy_infos(Slots::new(Dialect::RfcV1, stride, stride), c))
+    };
     if let Some(copies) = expect_copies(0, 4096) {
         assert_eq!(meta.copies, copies);
     }
