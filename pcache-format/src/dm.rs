@@ -251,11 +251,13 @@ static_assertions::const_assert_eq!(core::mem::offset_of!(DmCacheInfo, flags), 1
 
 impl DmCacheInfo {
     /// The record the kernel writes when it starts a new cache of `n_segs`
-    /// segments from segment 0 (INIT_DONE set, write-back).
+    /// segments from segment 0 (INIT_DONE set, write-back). The gc percent
+    /// keeps its low 7 bits, the field's width (valid values are 0 to 90).
     pub fn new(n_segs: u32, gc_percent: u8, data_crc: bool) -> Self {
         let mut ci = Self::new_zeroed();
         ci.n_segs = U32::new(n_segs);
-        let mut flags = cache_flags::INIT_DONE | (u32::from(gc_percent) << cache_flags::GC_PERCENT_SHIFT);
+        let gc = u32::from(gc_percent) & cache_flags::GC_PERCENT_MASK;
+        let mut flags = cache_flags::INIT_DONE | (gc << cache_flags::GC_PERCENT_SHIFT);
         if data_crc {
             flags |= cache_flags::DATA_CRC;
         }
@@ -283,10 +285,12 @@ impl DmCacheInfo {
         (self.flags.get() >> cache_flags::GC_PERCENT_SHIFT) & cache_flags::GC_PERCENT_MASK
     }
 
-    /// The same record with the gc percent replaced.
+    /// The same record with the gc percent replaced (its low 7 bits, as
+    /// for [`DmCacheInfo::new`]): no other flag changes.
     pub fn with_gc_percent(mut self, percent: u8) -> Self {
         let mask = cache_flags::GC_PERCENT_MASK << cache_flags::GC_PERCENT_SHIFT;
-        let flags = (self.flags.get() & !mask) | (u32::from(percent) << cache_flags::GC_PERCENT_SHIFT);
+        let gc = u32::from(percent) & cache_flags::GC_PERCENT_MASK;
+        let flags = (self.flags.get() & !mask) | (gc << cache_flags::GC_PERCENT_SHIFT);
         self.flags = U32::new(flags);
         self
     }
@@ -481,5 +485,9 @@ mod tests {
         wt.flags = U32::new(wt.flags.get() | (1 << cache_flags::MODE_SHIFT));
         assert!(wt.check().is_err());
         assert_eq!(DmCacheInfo::new(10, 70, false).with_gc_percent(20).gc_percent(), 20);
+        // A value past the field's 7 bits touches no other flag.
+        let wide = DmCacheInfo::new(10, 70, true).with_gc_percent(200);
+        assert_eq!(wide.flags.get() & !(cache_flags::GC_PERCENT_MASK << cache_flags::GC_PERCENT_SHIFT), 0x3);
+        assert_eq!(DmCacheInfo::new(10, 255, false).flags.get() >> 13, 0);
     }
 }

@@ -1095,7 +1095,10 @@ fn scan_key<M: ReadMedia + ?Sized>(
         KeyState::Clean
     };
     (s.keys)(b.id, key, state);
-    if state == KeyState::Stale {
+    // The dm-pcache kernel decodes every key from the key tail with its data
+    // CRC before it looks at generations, and refuses the cache on a
+    // mismatch, stale keys included; the RFC reader skips stale keys.
+    if state == KeyState::Stale && layout.dialect() != Dialect::DmPcache {
         return;
     }
     if ctx.data_crc && s.opts.verify_data {

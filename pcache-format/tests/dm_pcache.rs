@@ -131,3 +131,36 @@ fn a_superblock_with_the_other_dialects_crc_is_damage() {
     assert!(!r.superblock_ok());
     assert!(matches!(r.superblock.error.unwrap().kind, ErrorKind::BadCrc { .. }));
 }
+
+#[test]
+fn a_stale_key_whose_data_changed_fails_as_the_kernel_fails_it() {
+    // A key, then its segment's generation bumped and the data overwritten:
+    // the key is stale. The kernel still verifies its data CRC at replay
+    // and refuses the cache; the RFC reader skips it.
+    let build = |dialect: Dialect| {
+        let (mut b, mut c) = match dialect {
+            Dialect::DmPcache => ImageBuilder::format_dm(GIB, true).unwrap(),
+            Dialect::RfcV1 => {
+                let mut b = ImageBuilder::format(GIB).unwrap();
+                let c = b.add_cache(0, b"/dev/b", 64 << 20, 8, true).unwrap();
+                (b, c)
+            }
+        };
+        c.write(&mut b, 0, &[1u8; 4096], false).unwrap();
+        c.close(&mut b).unwrap();
+        let seg = c.chain()[1];
+        let layout = b.layout();
+        let mut pair = [0u8; 32];
+        encode_copy(dialect, &CacheSegGen::new(1), 3, &mut pair[..16]).unwrap();
+        encode_copy(dialect, &CacheSegGen::new(1), 4, &mut pair[16..]).unwrap();
+        b.image_mut().write_at(layout.ctrl_offset(seg).unwrap(), &pair).unwrap();
+        b.image_mut().write_at(layout.data_offset(seg).unwrap(), &[2u8; 4096]).unwrap();
+        scan(b.image(), ScanOptions::default())
+    };
+    let dm = build(Dialect::DmPcache);
+    assert_eq!(dm.backings[0].log.as_ref().unwrap().stale_keys, 1);
+    assert!(dm.findings.iter().any(|f| matches!(f.issue, Issue::DataCrc { .. })), "{:?}", problems(&dm));
+    let rfc = build(Dialect::RfcV1);
+    assert_eq!(rfc.backings[0].log.as_ref().unwrap().stale_keys, 1);
+    assert_eq!(problems(&rfc), Vec::<String>::new());
+}
