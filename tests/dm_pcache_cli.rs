@@ -167,3 +167,21 @@ fn attach_then_rescue_without_the_module() {
     let (rc, lines) = a.stop();
     assert_eq!(rc, 0, "{lines:?}");
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_command_quietly() {
+    use std::process::{Command, Stdio};
+    let r = dm_rig(false);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pcache"))
+        .args(["inspect", "--json", s(&r.dev)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Hang up before it prints (it opens and scans the device first), as
+    // `| head` does once it has its lines.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(141), "{:?}", o.status);
+}

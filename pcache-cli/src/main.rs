@@ -218,7 +218,29 @@ fn log_filter(value: Option<&str>) -> LogFilter {
     }
 }
 
+/// Ends the process quietly, as a shell expects of a command whose reader
+/// went away (`pcache inspect | head`), when printing to stdout fails with a
+/// broken pipe; any other panic is reported as before. (SIGPIPE is ignored,
+/// as Rust programs do, so that `attach` sees a closed socket as an error.)
+fn quiet_on_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            // 128 + SIGPIPE: what the shell reports for a command killed by it.
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_broken_pipe();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
