@@ -16,7 +16,10 @@
 //! gets everything survives (long workloads), random subsets, and every
 //! combination when few lines are pending. Each pmem image is paired with
 //! a crash image of the backing device (its writes since the last sync
-//! kept, dropped, or some of them). Each image is checked:
+//! kept, dropped, or some of them). Two workloads of every four run on a
+//! device that makes everything durable in one call (`set_bulk_sync`, as an
+//! msync'd file), where the engine stores data without a fence and commits
+//! it with its kset (group commit). Each image is checked:
 //!
 //! * `pcache check` of the raw crash image finds no problem (notes, such as
 //!   a kset torn at the end of the log, are what recovery handles);
@@ -48,7 +51,7 @@
 //!
 //! A campaign runs whole workloads until it has recovered and checked at
 //! least the states asked for, so it ends a little past them. Without
-//! `PCACHE_MUTATION`, the campaign first runs each of the four mutations
+//! `PCACHE_MUTATION`, the campaign first runs each of the five mutations
 //! (600 states each, one short workload), which must each produce
 //! violations, then the states asked for. Each prints its workloads,
 //! crash states, `fences: F, crashed: F` (asserted equal), the crash points
@@ -98,6 +101,9 @@ struct Workload {
     previous_life: bool,
     /// The cache keeps data CRCs, so reads after recovery verify them.
     data_crc: bool,
+    /// The device makes everything durable in one call (an msync'd file):
+    /// the engine stores data without a fence and commits it with its kset.
+    group_commit: bool,
     backing: u64,
     cache_segs: u64,
     ops: Vec<Op>,
@@ -191,7 +197,12 @@ fn workload(seed: u64) -> Workload {
     // Every other workload keeps data CRCs, alternating by group of four so
     // that each kind of workload runs with and without them.
     let data_crc = (seed + seed / 4) % 2 == 1;
-    Workload { seed, long, previous_life, data_crc, backing, cache_segs: if long { 10 } else { 12 }, ops }
+    // Group commit (a device that makes everything durable in one call, as
+    // an msync'd file) on a short workload with a previous life and on a
+    // long one of every group of four: the first workload of a campaign,
+    // which the mutation checks run, is one of them.
+    let group_commit = matches!(seed % 4, 0 | 3);
+    Workload { seed, long, previous_life, data_crc, group_commit, backing, cache_segs: if long { 10 } else { 12 }, ops }
 }
 
 fn cache_opts(segs: u64, cache_reads: bool, data_crc: bool) -> CacheOptions {
@@ -241,6 +252,7 @@ type Device = (Arc<CacheDev<SimPmem>>, Vec<(u64, u64)>);
 fn dm_device(w: &Workload) -> Result<Device, String> {
     let segs = w.cache_segs as u32;
     let pmem = SimPmem::new(512 * MIB);
+    pmem.set_bulk_sync(w.group_commit);
     format_dm_segments(&pmem, w.data_crc, false, segs).map_err(|e| e.to_string())?;
     if !w.previous_life {
         return Ok((CacheDev::open(pmem).map_err(|e| e.to_string())?, Vec::new()));
@@ -259,6 +271,7 @@ fn dm_device(w: &Workload) -> Result<Device, String> {
     c.stop().map_err(|e| e.to_string())?;
     drop(c);
     let pmem = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
+    pmem.set_bulk_sync(w.group_commit);
     drop(dev);
     format_dm_segments(&pmem, w.data_crc, true, segs).map_err(|e| format!("previous life: format: {e}"))?;
     Ok((CacheDev::open(pmem).map_err(|e| e.to_string())?, touched))
@@ -291,6 +304,7 @@ struct Frozen {
 struct Check<'a> {
     segs: u64,
     data_crc: bool,
+    group_commit: bool,
     /// What each sector may hold once the ops before the crash completed.
     model: &'a ModelDisk,
     /// The op in progress at the crash: sectors it may have changed, and the id.
@@ -307,7 +321,7 @@ impl<'a> Check<'a> {
             Step::Op(i) => w.ops[i].changes(i as WriteId + 1),
             Step::Start | Step::Stop => None,
         };
-        Check { segs: w.cache_segs, data_crc: w.data_crc, model, extra, touched }
+        Check { segs: w.cache_segs, data_crc: w.data_crc, group_commit: w.group_commit, model, extra, touched }
     }
 
     fn may_hold(&self, s: usize, held: WriteId) -> bool {
@@ -369,6 +383,7 @@ fn recover(
     tally: &mut Tally,
 ) -> Result<(), String> {
     tally.states += 1;
+    image.set_bulk_sync(ck.group_commit);
     // The crash image itself, as `pcache check` would see it before any
     // recovery. A crash can leave the newest kset half written just past
     // the end of the log (its CRC bad or its key count not yet stored):
@@ -688,6 +703,7 @@ fn campaign_workload(w: Arc<Workload>, budget: usize, tally: &mut Tally, dialect
     let (dev, previous) = match dialect {
         Dialect::RfcV1 => {
             let pmem = SimPmem::new(512 * MIB);
+            pmem.set_bulk_sync(w.group_commit);
             format(&pmem, false).map_err(|e| e.to_string())?;
             let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
             let previous = if w.previous_life { previous_life(&dev, &w)? } else { Vec::new() };
@@ -761,6 +777,7 @@ fn mutation_named(name: &str) -> Option<Mutation> {
         "overwrite-live-copy" => Mutation::OverwriteLiveCopy,
         "no-fence-after-meta-copy" => Mutation::NoFenceAfterMetaCopy,
         "no-fence-terminator" => Mutation::NoFenceTerminator,
+        "no-group-commit-sync" => Mutation::NoGroupCommitSync,
         _ => return None,
     })
 }
@@ -816,6 +833,7 @@ fn main() {
             "overwrite-live-copy",
             "no-fence-after-meta-copy",
             "no-fence-terminator",
+            "no-group-commit-sync",
         ]) {
             mutation::set(*m);
             let t = campaign(MUTATION_STATES, &format!("{d}: mutation {name}"), d);

@@ -511,6 +511,26 @@ impl Pmem for DaxMapping {
         Ok(())
     }
 
+    fn bulk_sync(&self) -> bool {
+        self.msync
+    }
+
+    fn sync_all(&self) -> Result<(), PmemError> {
+        flush::fence();
+        if !self.msync {
+            // Stores that were never flushed have no range noted: without
+            // msync there is no call that makes them durable.
+            return Err(io_err("sync_all", &self.path, io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
+        }
+        // SAFETY: the whole live mapping, page-aligned by mmap; the kernel
+        // writes back only the pages that are dirty.
+        let rc = unsafe { libc::msync(self.ptr.as_ptr() as *mut libc::c_void, self.len as usize, libc::MS_SYNC) };
+        if rc != 0 {
+            return Err(io_err("msync", &self.path, io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     fn copy_nodrain(&self, off: u64, src: &[u8]) -> Result<(), PmemError> {
         let p = self.check_writable(off, src.len() as u64)?;
         if self.msync {

@@ -3,7 +3,8 @@
 //! feature they do not exist: [`active`] is a constant `false`.
 //!
 //! The first three are the double-copy bugs dm-pcache shipped; the fourth
-//! is the RFC's missing fence between a kset's terminator and the kset.
+//! is the RFC's missing fence between a kset's terminator and the kset; the
+//! fifth is a group commit that forgets the data it commits.
 
 /// A bug to re-introduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -20,15 +21,19 @@ pub enum Mutation {
     NoFenceAfterMetaCopy = 3,
     /// A kset's terminator is not fenced before the kset is written.
     NoFenceTerminator = 4,
+    /// On a device with bulk sync (group commit), a kset is written
+    /// without first making its keys' data durable.
+    NoGroupCommitSync = 5,
 }
 
 impl Mutation {
     /// Every mutation.
-    pub const ALL: [Mutation; 4] = [
+    pub const ALL: [Mutation; 5] = [
         Mutation::WrongStride,
         Mutation::OverwriteLiveCopy,
         Mutation::NoFenceAfterMetaCopy,
         Mutation::NoFenceTerminator,
+        Mutation::NoGroupCommitSync,
     ];
 }
 

@@ -108,6 +108,25 @@ pub trait Pmem: Send + Sync {
     /// Zeroes `[off, off + len)` so that it is durable after the next fence.
     fn zero_nodrain(&self, off: u64, len: u64) -> Result<(), PmemError>;
 
+    /// Whether making every store durable at once ([`Pmem::sync_all`]) costs
+    /// about what one fence costs: true where durability is a system call
+    /// (an ordinary file or block device made durable by `msync`), false on
+    /// real pmem, where a fence is a CPU instruction. The engine then stores
+    /// cached data without a fence of its own and makes it durable together
+    /// with the keys that name it, when their kset closes: a group commit,
+    /// one `msync` for many writes, the order "data before key" kept.
+    fn bulk_sync(&self) -> bool {
+        false
+    }
+
+    /// Makes every store to the device durable, whichever thread made it
+    /// and whether or not it was flushed. A device that says
+    /// [`Pmem::bulk_sync`] must implement it; the default only fences this
+    /// thread's flushes.
+    fn sync_all(&self) -> Result<(), PmemError> {
+        self.fence()
+    }
+
     /// Flush, then fence.
     fn persist(&self, off: u64, len: u64) -> Result<(), PmemError> {
         self.flush(off, len)?;
@@ -222,5 +241,13 @@ impl<P: Pmem> Pmem for PmemWindow<P> {
 
     fn zero_nodrain(&self, off: u64, len: u64) -> Result<(), PmemError> {
         self.inner.zero_nodrain(self.at(off, len)?, len)
+    }
+
+    fn bulk_sync(&self) -> bool {
+        self.inner.bulk_sync()
+    }
+
+    fn sync_all(&self) -> Result<(), PmemError> {
+        self.inner.sync_all()
     }
 }

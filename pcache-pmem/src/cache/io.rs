@@ -130,8 +130,7 @@ impl<B: BackingDev> Io<B> {
     fn write_piece<P: Pmem>(&self, off: u64, data: &[u8], r: Roles<'_, P>) -> Result<(usize, Ticket), EngineError> {
         let ext = self.alloc(data.len() as u32, r)?;
         let piece = &data[..ext.len as usize];
-        let stored =
-            r.space.data_addr(ext.seg, ext.off, ext.len).and_then(|a| Ok(r.space.pmem().copy_persist(a, piece)?));
+        let stored = r.space.put_data(ext.seg, ext.off, piece);
         if let Err(e) = stored {
             r.space.put_ref(ext.seg, r.ctx)?;
             return Err(e);
@@ -376,8 +375,7 @@ impl<B: BackingDev> Io<B> {
             let at = off + done as u64;
             let Ok(Some(ext)) = r.space.alloc((data.len() - done) as u32, false, r.ctx) else { return };
             let piece = &data[done..done + ext.len as usize];
-            let stored =
-                r.space.data_addr(ext.seg, ext.off, ext.len).and_then(|a| Ok(r.space.pmem().copy_persist(a, piece)?));
+            let stored = r.space.put_data(ext.seg, ext.off, piece);
             let mut slice = self.index.slice(at);
             let current = slice.get(at).filter(|k| k.fill_id() == Some(id));
             let (Some(ph), Ok(())) = (current, stored) else {

@@ -151,6 +151,12 @@ impl Log {
         let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
         encode_kset(space.layout().dialect(), &kset.keys, &mut buf)?;
         let pmem = space.pmem();
+        if pmem.bulk_sync() && !crate::mutation::active(crate::mutation::Mutation::NoGroupCommitSync) {
+            // Group commit: the data of every key in this kset (and of any
+            // stored since) is made durable before the kset that names it;
+            // outside the key head's lock, as it may take a while.
+            pmem.sync_all()?;
+        }
         let mut head = lock(&self.key_head);
         let room = (CACHE_SEG_DATA_SIZE - head.off) as usize;
         if room < size + KSET_HEADER_SIZE {

@@ -129,6 +129,20 @@ impl<P: Pmem> Space<P> {
         Ok(self.layout().data_range(dev_seg, off, len)?)
     }
 
+    /// Stores cached data for a key not yet appended: durable on return on
+    /// real pmem; on a device with [`Pmem::bulk_sync`] (an msync'd file)
+    /// only stored, made durable with its key by the kset close's
+    /// [`Pmem::sync_all`] (group commit: one `msync` for many writes).
+    pub(super) fn put_data(&self, seg: u32, off: u32, data: &[u8]) -> Result<(), EngineError> {
+        let at = self.data_addr(seg, off, data.len() as u32)?;
+        if self.pmem().bulk_sync() {
+            self.pmem().write(at, data)?;
+        } else {
+            self.pmem().copy_persist(at, data)?;
+        }
+        Ok(())
+    }
+
     /// Device offset of the control page of the cache's first segment,
     /// where its tails live.
     pub(super) fn tail_addrs(&self) -> Result<(u64, u64), EngineError> {

@@ -96,6 +96,9 @@ pub struct SimPmem {
     inner: Mutex<Inner>,
     /// The size, fixed: read without the lock.
     size: u64,
+    /// What [`Pmem::bulk_sync`] answers: off (real pmem) unless set, to
+    /// drive the engine's group commit as over an msync'd file.
+    bulk: std::sync::atomic::AtomicBool,
 }
 
 impl SimPmem {
@@ -118,7 +121,18 @@ impl SimPmem {
             writes: 0,
             media,
         };
-        SimPmem { inner: Mutex::new(Inner { state, hook: None, failing_fences: 0 }), size }
+        SimPmem {
+            inner: Mutex::new(Inner { state, hook: None, failing_fences: 0 }),
+            size,
+            bulk: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Makes the device answer [`Pmem::bulk_sync`] with `on`: a device
+    /// whose [`Pmem::sync_all`] costs one call, as an msync'd file, so the
+    /// engine defers data to its kset's close (group commit).
+    pub fn set_bulk_sync(&self, on: bool) {
+        self.bulk.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn id(&self) -> usize {
@@ -309,6 +323,29 @@ impl Pmem for SimPmem {
         self.notify(&mut inner, SimEventKind::Fence);
         inner.state.fences += 1;
         inner.state.fence();
+        Ok(())
+    }
+
+    fn bulk_sync(&self) -> bool {
+        self.bulk.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// A fence (a crash point, failing when fences are set to fail) that
+    /// makes every pending store durable, from every thread, flushed or not:
+    /// what `msync` of a whole file does.
+    fn sync_all(&self) -> Result<(), PmemError> {
+        let mut inner = self.lock();
+        if inner.failing_fences > 0 {
+            inner.failing_fences -= 1;
+            return Err(PmemError::Io {
+                op: "sync_all",
+                path: "simulated pmem".into(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
+        }
+        self.notify(&mut inner, SimEventKind::Fence);
+        inner.state.fences += 1;
+        inner.state.sync_all();
         Ok(())
     }
 

@@ -233,6 +233,16 @@ impl State {
         self.fences += 1;
     }
 
+    /// Makes every pending unit durable, whatever thread stored it and
+    /// whether or not it was flushed.
+    pub(super) fn sync_all(&mut self) {
+        for units in self.pending.values() {
+            Unit::apply_all(units, &mut self.durable);
+        }
+        self.pending.clear();
+        self.marks.clear();
+    }
+
     pub(super) fn fence(&mut self) {
         let Some(marks) = self.marks.remove(&std::thread::current().id()) else { return };
         for (line, mark) in marks {
