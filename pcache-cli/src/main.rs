@@ -18,6 +18,7 @@ mod open;
 mod rename;
 mod repair;
 mod signatures;
+mod status;
 mod units;
 
 /// Persistent memory as a crash-safe write-back cache for block devices.
@@ -92,6 +93,43 @@ enum Command {
         /// Where the pmem device starts in DEVICE, in bytes (as for inspect).
         #[arg(long, value_parser = units::parse_size)]
         offset: Option<u64>,
+    },
+    /// Show a running attach's figures, per export: hits and misses, dirty
+    /// and clean bytes, segments in use, writeback rate and backlog, GC,
+    /// errors and health, through its control socket. Exit status: 0 every
+    /// export healthy, 1 one is not, 2 no attach answers.
+    Status {
+        /// The pmem device the attach runs on (its control socket's default
+        /// place is derived from it).
+        device: Option<PathBuf>,
+        /// The control socket, when attach was given --control.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// Print the JSON the control socket answers.
+        #[arg(long)]
+        json: bool,
+        /// Print again every SECS seconds, until interrupted.
+        #[arg(long, value_name = "SECS")]
+        watch: Option<u64>,
+    },
+    /// Change a running cache: `gc-percent N` (0 to 90, persisted in the
+    /// cache's record as `dmsetup message ... gc_percent` persists it) or
+    /// `writeback-rate RATE` (bytes a second such as 100M, or none; until
+    /// the next start). Exit status: 0 done, 1 refused, 2 no attach answers.
+    Set {
+        /// The export, as attach names it.
+        export: String,
+        /// What to set.
+        #[arg(value_parser = ["gc-percent", "writeback-rate"])]
+        key: String,
+        /// Its value.
+        value: String,
+        /// The pmem device the attach runs on.
+        #[arg(long)]
+        device: Option<PathBuf>,
+        /// The control socket, when attach was given --control.
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
     },
     /// Cache backing devices on a pmem device and serve each as an NBD
     /// export, until SIGINT or SIGTERM (the cache stays warm).
@@ -289,6 +327,12 @@ fn main() -> ExitCode {
             }
         }
         Command::Attach(args) => attach::run(args),
+        Command::Status { device, control, json, watch } => {
+            status::status(device.as_deref(), control.as_deref(), json, watch)
+        }
+        Command::Set { export, key, value, device, control } => {
+            status::set(device.as_deref(), control.as_deref(), &export, &key, &value)
+        }
         Command::Repair { device, .. } | Command::Rename { device, .. } if detach::is_dm_pcache(&device, None) => {
             dm_only(
                 "repair and rename do not apply",

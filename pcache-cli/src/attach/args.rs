@@ -34,6 +34,16 @@ pub struct AttachArgs {
     /// Where to listen: unix:PATH (mode 0600) or tcp:HOST:PORT.
     #[arg(long, default_value = "tcp:127.0.0.1:10809", value_parser = parse_listen)]
     pub listen: Listen,
+    /// The control socket (`pcache status`, `pcache set`), a Unix socket of
+    /// mode 0600 (default: /run/pcache/DEVICE.control as root, else under
+    /// $XDG_RUNTIME_DIR/pcache or the temporary directory's pcache-UID).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// Serve the figures of `pcache status` in the Prometheus text format
+    /// at http://HOST:PORT/metrics (tcp:HOST:PORT; loopback unless you mean
+    /// otherwise: the figures are not secret, but they are no one else's).
+    #[arg(long, value_name = "tcp:HOST:PORT", value_parser = parse_listen)]
+    pub metrics: Option<Listen>,
     /// Print a status line every SECS seconds (SIGUSR1 prints one any time).
     #[arg(long, value_name = "SECS")]
     pub status_interval: Option<u64>,

@@ -7,13 +7,17 @@
 //! - `listen`: the listening socket and the life of each connection;
 //! - `signals`: SIGINT and SIGTERM stop, SIGUSR1 asks for a status line;
 //! - `hints`: how to connect, and the status line;
+//! - `control`: the control socket behind `pcache status` and `pcache set`;
+//! - `metrics`: the same figures for Prometheus (`--metrics`);
 //! - `run`: opening, starting, serving and stopping, in that order.
 
 mod args;
 mod checks;
+pub mod control;
 mod export;
 mod hints;
 mod listen;
+mod metrics;
 mod run;
 mod signals;
 

@@ -16,9 +16,11 @@ use tracing::{info, warn};
 
 use super::args::{AttachArgs, Listen};
 use super::checks::{check_allocated, check_backings};
+use super::control::{self, Control};
 use super::export::{CacheExport, PmemCache};
 use super::hints::{how_to_connect, shell_quote, status_line};
 use super::listen::{Conn, Listener, serve};
+use super::metrics::Metrics;
 use super::signals::Caught;
 use crate::units::human;
 
@@ -59,11 +61,46 @@ fn attach(a: &AttachArgs) -> Result<u8, String> {
     // Listen before any cache is created: a typo in --listen or a busy
     // port must not leave new caches behind holding segments.
     let listener = Arc::new(Listener::bind(&a.listen)?);
+    let control_path = a.control.clone().unwrap_or_else(|| control::default_path(&a.device));
+    let mut control = Control::bind(&control_path).inspect_err(|_| listener.remove_path())?;
+    let metrics_server = match &a.metrics {
+        None => None,
+        Some(Listen::Tcp(host, port)) => match Metrics::bind(host, *port) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                listener.remove_path();
+                control.stop();
+                return Err(e);
+            }
+        },
+        Some(Listen::Unix(_)) => {
+            listener.remove_path();
+            control.stop();
+            return Err("--metrics takes tcp:HOST:PORT (Prometheus scrapes over HTTP)".into());
+        }
+    };
     println!("pcache attach {}: {}", a.device.display(), pmem.mapping);
-    let caches = start_caches(a, &pmem.dev, files, names).inspect_err(|_| listener.remove_path())?;
+    let caches = match start_caches(a, &pmem.dev, files, names) {
+        Ok(c) => c,
+        Err(e) => {
+            listener.remove_path();
+            control.stop();
+            return Err(e);
+        }
+    };
     announce(&a.listen, &caches);
     let caches: Arc<Caches> = caches.into();
+    control.serve(caches.clone());
+    println!("control socket {} (`pcache status --control {}`)", control.path().display(), control.path().display());
+    let metrics = metrics_server.map(|m| Metrics::serve(m, caches.clone()));
+    if let Some(m) = &metrics {
+        println!("metrics at http://{}/metrics", m.addr());
+    }
     serve_until_stopped(a, &listener, &caches, signals);
+    control.stop();
+    if let Some(m) = metrics {
+        m.stop();
+    }
     let code = stop_caches(&a.device, &caches);
     listener.remove_path();
     Ok(code)

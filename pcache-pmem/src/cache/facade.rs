@@ -327,6 +327,25 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
         Ok(())
     }
 
+    /// Limits writeback to `rate` bytes a second from now on (`None`: no
+    /// limit). Not persisted: an attach option sets it at each start. A
+    /// rate of 0 is refused, as it would stop writeback for good.
+    pub fn set_writeback_rate(&self, rate: Option<u64>) -> Result<(), EngineError> {
+        if rate == Some(0) {
+            return Err(EngineError::InvalidOption(
+                "writeback rate 0 would stop writeback for good; give a rate, or none for no limit".into(),
+            ));
+        }
+        self.inner.writeback.set_rate(rate);
+        self.inner.ctx.wake.notify();
+        Ok(())
+    }
+
+    /// The writeback rate limit, bytes a second, if any.
+    pub fn writeback_rate(&self) -> Option<u64> {
+        self.inner.writeback.rate()
+    }
+
     /// The GC watermark.
     pub fn gc_percent(&self) -> u16 {
         self.inner.space.gc_percent()

@@ -33,8 +33,9 @@ pub(super) struct Writeback {
     /// Held for a whole batch; the dirty tail itself is held only to read
     /// or publish it, so GC is never held up by backing writes.
     batch: Mutex<()>,
-    /// Bytes a second, at most.
-    rate: Option<u64>,
+    /// Bytes a second, at most; 0 for no limit. Changed while running by
+    /// [`Writeback::set_rate`].
+    rate: std::sync::atomic::AtomicU64,
 }
 
 /// A failed writeback batch: the error, and for a place writeback cannot
@@ -78,7 +79,17 @@ struct Batch {
 
 impl Writeback {
     pub(super) fn new(rate: Option<u64>) -> Self {
-        Self { batch: Mutex::new(()), rate }
+        Self { batch: Mutex::new(()), rate: std::sync::atomic::AtomicU64::new(rate.unwrap_or(0)) }
+    }
+
+    /// The rate limit, if any: bytes a second.
+    pub(super) fn rate(&self) -> Option<u64> {
+        Some(self.rate.load(std::sync::atomic::Ordering::Relaxed)).filter(|r| *r > 0)
+    }
+
+    /// Sets the rate limit (`None`: none) for the keys written from now on.
+    pub(super) fn set_rate(&self, rate: Option<u64>) {
+        self.rate.store(rate.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Writes back up to `max_ksets` ksets (LAST ones count) from the dirty
@@ -221,7 +232,7 @@ impl Writeback {
     /// Sleeps as long as writing `bytes` takes at the writeback rate, but
     /// gives up (without moving the dirty tail) as soon as the cache stops.
     fn throttle(&self, bytes: u64, ctx: &super::ctx::Ctx) -> Result<(), EngineError> {
-        let Some(rate) = self.rate.filter(|r| *r > 0) else { return Ok(()) };
+        let Some(rate) = self.rate() else { return Ok(()) };
         let until = Instant::now() + Duration::from_secs_f64(bytes as f64 / rate as f64);
         loop {
             if ctx.stopping() {
