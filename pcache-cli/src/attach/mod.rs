@@ -7,6 +7,7 @@
 //! - `listen`: the listening socket and the life of each connection;
 //! - `signals`: SIGINT and SIGTERM stop, SIGUSR1 asks for a status line;
 //! - `hints`: how to connect, and the status line;
+//! - `notify`: readiness and stopping told to systemd (`Type=notify`);
 //! - `run`: opening, starting, serving and stopping, in that order.
 
 mod args;
@@ -14,6 +15,7 @@ mod checks;
 mod export;
 mod hints;
 mod listen;
+mod notify;
 mod run;
 mod signals;
 

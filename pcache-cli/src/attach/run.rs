@@ -62,6 +62,7 @@ fn attach(a: &AttachArgs) -> Result<u8, String> {
     println!("pcache attach {}: {}", a.device.display(), pmem.mapping);
     let caches = start_caches(a, &pmem.dev, files, names).inspect_err(|_| listener.remove_path())?;
     announce(&a.listen, &caches);
+    super::notify::ready(&a.listen, caches.iter().map(|(name, _)| name.as_str()));
     let caches: Arc<Caches> = caches.into();
     serve_until_stopped(a, &listener, &caches, signals);
     let code = stop_caches(&a.device, &caches);
@@ -234,6 +235,7 @@ fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Ca
             move || print_status(&caches),
             move |signal| {
                 info!(signal, "stopping");
+                super::notify::stopping();
                 stop.store(true, Ordering::SeqCst);
                 listener.wake();
                 for c in conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
