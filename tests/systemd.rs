@@ -1,11 +1,12 @@
 //! pcache under systemd: `attach` speaking the `Type=notify` protocol end
-//! to end.
+//! to end, and the unit in contrib/systemd as systemd-analyze sees it.
 
 mod common;
 
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -94,4 +95,74 @@ fn attach_runs_as_before_when_the_notify_socket_is_gone() {
     let a = Attach::spawn(cmd, &nbd);
     assert_eq!(greeting(&nbd), Ok(*b"NBDMAGIC"));
     assert_eq!(a.stop().0, 0);
+}
+
+/// The unit from contrib/systemd written into `dir` under its own name,
+/// running the `pcache` this test built (systemd-analyze wants its
+/// ExecStart to exist).
+fn unit_in(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(contrib("pcache@.service")).unwrap();
+    assert!(text.contains("ExecStart=/usr/local/bin/pcache attach "), "the unit's ExecStart moved");
+    let unit = dir.join("pcache@.service");
+    std::fs::write(&unit, text.replace("/usr/local/bin/pcache", env!("CARGO_BIN_EXE_pcache"))).unwrap();
+    unit
+}
+
+fn contrib(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd").join(name)
+}
+
+fn systemd_analyze(args: &[&str]) -> std::process::Output {
+    run(Command::new(tool("systemd-analyze", "systemd")).args(args))
+}
+
+#[test]
+fn the_unit_passes_systemd_analyze_verify_without_a_warning() {
+    let d = Dir::new();
+    let unit = unit_in(d.dir.path());
+    let o = systemd_analyze(&["verify", "--man=no", s(&unit)]);
+    assert!(o.status.success() && o.stderr.is_empty(), "{}{}", stdout(&o), stderr(&o));
+    // It would have said so: a misspelt setting is a warning, not a failure.
+    std::fs::write(&unit, std::fs::read_to_string(&unit).unwrap().replace("ProtectHome=", "ProtectHom=")).unwrap();
+    let o = systemd_analyze(&["verify", "--man=no", s(&unit)]);
+    assert!(stderr(&o).contains("Unknown key 'ProtectHom'"), "{}", stderr(&o));
+}
+
+#[test]
+fn the_units_hardening_keeps_its_exposure_level() {
+    // 2.0 ("OK") with systemd 252; what is left is what a network block
+    // server needs: the network, its devices, and root's device nodes.
+    let d = Dir::new();
+    let unit = unit_in(d.dir.path());
+    let o = systemd_analyze(&["security", "--offline=true", "--threshold=20", s(&unit)]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    for must in ["Type=notify", "KillSignal=SIGTERM", "Restart=on-abnormal"] {
+        assert!(std::fs::read_to_string(&unit).unwrap().contains(must), "{must}");
+    }
+    assert!(out.contains("✓ CapabilityBoundingSet=~CAP_SYS_ADMIN"), "{out}");
+    assert!(out.contains("✓ MemoryDenyWriteExecute="), "{out}");
+}
+
+#[test]
+fn the_example_environment_file_is_a_command_line_attach_takes() {
+    let text = std::fs::read_to_string(contrib("pcache.env.example")).unwrap();
+    let value = |key: &str| {
+        let line = text.lines().find(|l| l.starts_with(&format!("{key}="))).unwrap_or_else(|| panic!("no {key}"));
+        line[key.len() + 1..].trim_matches('"').to_string()
+    };
+    let unit = std::fs::read_to_string(contrib("pcache@.service")).unwrap();
+    for key in ["PCACHE_DEVICE", "PCACHE_ARGS", "PCACHE_LISTEN"] {
+        assert!(unit.contains(&format!("{{{key}}}")) || unit.contains(&format!("${key}")), "{key}");
+    }
+    let device = value("PCACHE_DEVICE");
+    let mut args = vec!["attach", &device, "--listen", "unix:/run/pcache/x/nbd.sock"];
+    let rest = value("PCACHE_ARGS");
+    args.extend(rest.split_whitespace());
+    // --help at the end answers only once everything before it parsed.
+    args.push("--help");
+    let o = pcache(&args);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    args.insert(4, "--no-such-option");
+    assert_eq!(code(&pcache(&args)), 64);
 }
