@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 
@@ -14,6 +14,7 @@ mod check;
 mod detach;
 mod format;
 mod inspect;
+mod manual;
 mod open;
 mod rename;
 mod repair;
@@ -23,7 +24,14 @@ mod units;
 
 /// Persistent memory as a crash-safe write-back cache for block devices.
 #[derive(Debug, Parser)]
-#[command(name = "pcache", version, about, propagate_version = true)]
+#[command(
+    name = "pcache",
+    version,
+    about,
+    propagate_version = true,
+    after_help = manual::SHORT_HELP,
+    after_long_help = manual::long_help("pcache")
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -37,6 +45,7 @@ enum Command {
     /// swap, LUKS, md RAID, bcache, dm-pcache or pcache, unless --force. A
     /// file is allocated in full (fallocate), and refused if its filesystem
     /// cannot hold it.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("format"))]
     Format {
         /// Device DAX (/dev/daxX.Y), a file on a DAX filesystem, a block
         /// device, or an ordinary file.
@@ -65,6 +74,7 @@ enum Command {
         data_crc: bool,
     },
     /// Show what a device holds: superblock, backing table, caches, key logs.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("inspect"))]
     Inspect {
         /// The device: pmem of either dialect (rfc-v1, or Linux dm-pcache),
         /// or an NVDIMM namespace image holding one (found by its info
@@ -80,6 +90,7 @@ enum Command {
     },
     /// Verify every record of a device, read-only. Exit status: 0 clean,
     /// 1 problems found, 2 the device could not be read.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("check"))]
     Check {
         /// The device (as for inspect).
         device: PathBuf,
@@ -96,8 +107,8 @@ enum Command {
     },
     /// Show a running attach's figures, per export: hits and misses, dirty
     /// and clean bytes, segments in use, writeback rate and backlog, GC,
-    /// errors and health, through its control socket. Exit status: 0 every
-    /// export healthy, 1 one is not, 2 no attach answers.
+    /// errors and health, through its control socket.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("status"))]
     Status {
         /// The pmem device the attach runs on (its control socket's default
         /// place is derived from it).
@@ -115,7 +126,8 @@ enum Command {
     /// Change a running cache: `gc-percent N` (0 to 90, persisted in the
     /// cache's record as `dmsetup message ... gc_percent` persists it) or
     /// `writeback-rate RATE` (bytes a second such as 100M, or none; until
-    /// the next start). Exit status: 0 done, 1 refused, 2 no attach answers.
+    /// the next start).
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("set"))]
     Set {
         /// The export, as attach names it.
         export: String,
@@ -133,6 +145,7 @@ enum Command {
     },
     /// Cache backing devices on a pmem device and serve each as an NBD
     /// export, until SIGINT or SIGTERM (the cache stays warm).
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("attach"))]
     Attach(attach::AttachArgs),
     /// Write every dirty block of a backing device's cache back to it, then
     /// give the cache up (offline: the device must not be attached). On a
@@ -140,6 +153,7 @@ enum Command {
     /// the disk the cache was created over), write every dirty key back and
     /// mark the cache clean, keeping it: the kernel module then loads it
     /// clean, its data still cached.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("detach"))]
     Detach {
         /// The pmem device.
         device: PathBuf,
@@ -169,6 +183,7 @@ enum Command {
     /// second copy of entries that have one, a new entry for a cache whose
     /// entry was lost (for the backing device named with --backing), and
     /// damaged entries freed once no lost cache needs them. Offline.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("repair"))]
     Repair {
         /// The pmem device.
         device: PathBuf,
@@ -187,6 +202,7 @@ enum Command {
     /// Point the cache of a backing device at the device's new name (a
     /// disk that moved from /dev/sdb to /dev/sdc, a file that was moved).
     /// The new device must have the size stored for the cache. Offline.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("rename"))]
     Rename {
         /// The pmem device.
         device: PathBuf,
@@ -197,6 +213,26 @@ enum Command {
         /// Its new name.
         #[arg(long)]
         to: PathBuf,
+    },
+    /// Print the shell completion script for pcache.
+    ///
+    /// Bash: save it as /usr/share/bash-completion/completions/pcache; zsh:
+    /// as _pcache in a directory of $fpath (/usr/share/zsh/vendor-completions);
+    /// fish: as /usr/share/fish/vendor_completions.d/pcache.fish.
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("completions"))]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page pcache(1), or write every page into DIR.
+    ///
+    /// The pages: pcache(1), and one per command (pcache-attach(1), ...).
+    #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("manpage"))]
+    Manpage {
+        /// Where to write pcache.1 and pcache-COMMAND.1 (created if need
+        /// be), e.g. /usr/share/man/man1.
+        dir: Option<PathBuf>,
     },
 }
 
@@ -271,7 +307,7 @@ fn quiet_on_broken_pipe() {
             .unwrap_or("");
         if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
             // 128 + SIGPIPE: what the shell reports for a command killed by it.
-            std::process::exit(141);
+            std::process::exit(manual::EXIT_BROKEN_PIPE.into());
         }
         default(info);
     }));
@@ -344,6 +380,8 @@ fn main() -> ExitCode {
             repair::run(&device, backing.as_deref(), cache_segment, yes)
         }
         Command::Rename { device, backing, to } => rename::run(&device, &backing, &to),
+        Command::Completions { shell } => manual::completions(Cli::command(), shell),
+        Command::Manpage { dir } => manual::manpages(Cli::command(), dir.as_deref()),
     };
     ExitCode::from(code)
 }

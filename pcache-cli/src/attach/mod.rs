@@ -9,6 +9,7 @@
 //! - `hints`: how to connect, and the status line;
 //! - `control`: the control socket behind `pcache status` and `pcache set`;
 //! - `metrics`: the same figures for Prometheus (`--metrics`);
+//! - `notify`: readiness and stopping told to systemd (`Type=notify`);
 //! - `run`: opening, starting, serving and stopping, in that order.
 
 mod args;
@@ -18,6 +19,7 @@ mod export;
 mod hints;
 mod listen;
 mod metrics;
+mod notify;
 mod run;
 mod signals;
 

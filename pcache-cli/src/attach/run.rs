@@ -89,6 +89,7 @@ fn attach(a: &AttachArgs) -> Result<u8, String> {
         }
     };
     announce(&a.listen, &caches);
+    super::notify::ready(&a.listen, caches.iter().map(|(name, _)| name.as_str()));
     let caches: Arc<Caches> = caches.into();
     control.serve(caches.clone());
     println!("control socket {} (`pcache status --control {}`)", control.path().display(), control.path().display());
@@ -271,6 +272,7 @@ fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Ca
             move || print_status(&caches),
             move |signal| {
                 info!(signal, "stopping");
+                super::notify::stopping();
                 stop.store(true, Ordering::SeqCst);
                 listener.wake();
                 for c in conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
