@@ -157,7 +157,11 @@ fn validate(req: &Request, size: u64) -> Result<(), DevError> {
         match req.offset.checked_add(u64::from(req.length)) {
             Some(end) if end <= size => {}
             _ => {
-                return inval(format!("{} bytes at {} pass the end of the {size}-byte export", req.length, req.offset));
+                // The protocol asks for ENOSPC when a write passes the end
+                // (as a file system answers), EINVAL for reads and trims.
+                let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
+                let message = format!("{} bytes at {} pass the end of the {size}-byte export", req.length, req.offset);
+                return Err(DevError { errno, message });
             }
         }
     }
@@ -301,17 +305,22 @@ mod tests {
         // FUA is accepted on every command, even where it means nothing.
         input.extend(request(CMD_FLUSH, CMD_FLAG_FUA, 12, 0, 0));
         input.extend(request(CMD_TRIM, CMD_FLAG_FUA, 13, 4096, 4096));
+        // Past the end: writes get ENOSPC, reads and trims EINVAL.
+        input.extend(request(CMD_WRITE_ZEROES, 0, 14, (1 << 20) - 1, 2));
+        input.extend(request(CMD_TRIM, 0, 15, 1 << 20, 1));
+        input.extend(request(CMD_WRITE, 0, 16, u64::MAX, 1));
+        input.push(b'!');
         input.extend(request(CMD_DISC, 0, 10, 0, 0));
         input.extend(request(CMD_FLUSH, 0, 11, 0, 0)); // after DISC: never served
         let out = Shared::default();
         let stats = transmit(&input[..], out.clone(), ex[0].device.clone(), false, 0).unwrap();
-        assert_eq!(stats.requests, 13);
+        assert_eq!(stats.requests, 16);
         let replies = simple_errors(&out.bytes());
         assert_eq!(
             replies,
             vec![
                 (1, 0),
-                (2, EINVAL),
+                (2, ENOSPC),
                 (3, EINVAL),
                 (4, EINVAL),
                 (5, EINVAL),
@@ -321,7 +330,10 @@ mod tests {
                 (9, 0),
                 (100, 0),
                 (12, 0),
-                (13, 0)
+                (13, 0),
+                (14, ENOSPC),
+                (15, EINVAL),
+                (16, ENOSPC)
             ]
         );
         assert_eq!(&dev.contents()[512..516], b"ab\0d");
