@@ -112,6 +112,10 @@ fn nbdinfo_lists_two_exports() {
     assert_eq!(sizes, vec![("alpha".to_string(), 64 << 20), ("b.img".to_string(), 96 << 20)]);
     assert_eq!(exports[0]["can_multi_conn"], true);
     assert_eq!(exports[0]["block_size_maximum"], 32 << 20);
+    // Any client may list the exports: it is told their names, not where
+    // the backings live.
+    let descriptions: Vec<&str> = exports.iter().map(|e| e["description"].as_str().unwrap()).collect();
+    assert_eq!(descriptions, ["pcache export alpha", "pcache export b.img"]);
     // Both exports at once, with their own data.
     assert!(qemu_io(&a.uri("alpha"), &["write -P 1 0 1m"]).status.success());
     assert!(qemu_io(&a.uri("b.img"), &["write -P 2 0 1m"]).status.success());
@@ -121,9 +125,29 @@ fn nbdinfo_lists_two_exports() {
     // The empty export name means the first backing.
     let o = ok(Command::new("nbdinfo").arg(format!("nbd+unix:///?socket={}", rig.socket().display())));
     assert!(stdout(&o).contains("export-size: 67108864"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("description: pcache export alpha"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("a.img"), "the backing's name shows: {}", stdout(&o));
     // An unknown export is refused.
     let o = run(Command::new("nbdinfo").arg(a.uri("nope")));
     assert!(!o.status.success());
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn describe_paths_shows_the_backing_paths() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &["--export", "data", "--describe-paths"]);
+    let path = std::fs::canonicalize(&disk).unwrap();
+    let described = format!("pcache of {}", path.display());
+    let o = ok(Command::new(tool("nbdinfo", "libnbd-bin"))
+        .args(["--json", "--list"])
+        .arg(format!("nbd+unix:///?socket={}", rig.socket().display())));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["exports"][0]["description"], described.as_str(), "{}", stdout(&o));
+    // NBD_INFO_DESCRIPTION, as NBD_OPT_GO answers it, says the same.
+    let o = ok(Command::new("nbdinfo").arg(a.uri("data")));
+    assert!(stdout(&o).contains(&format!("description: {described}")), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
 }
 

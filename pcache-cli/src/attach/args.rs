@@ -47,6 +47,11 @@ pub struct AttachArgs {
     /// that are fast enough on their own).
     #[arg(long)]
     pub no_read_cache: bool,
+    /// Show clients each backing's path in its export description (the
+    /// export list, NBD_INFO_DESCRIPTION); by default any client that
+    /// connects sees only the export names.
+    #[arg(long)]
+    pub describe_paths: bool,
     /// Close an open kset at most this many milliseconds after its first key.
     #[arg(long, value_name = "MS", hide = true)]
     pub kset_flush_ms: Option<u64>,

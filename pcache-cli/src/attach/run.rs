@@ -207,6 +207,12 @@ fn announce(listen: &Listen, caches: &Caches) {
     let _ = io::stdout().flush();
 }
 
+/// The description of an export any client may read: its name, and the
+/// backing's path only if the operator asked for it (`--describe-paths`).
+fn describe(name: &str, cache: &PmemCache, paths: bool) -> String {
+    if paths { format!("pcache of {}", cache.backing().path().display()) } else { format!("pcache export {name}") }
+}
+
 /// Prints a status line now.
 fn print_status(caches: &Caches) {
     println!("status: {}", status_line(caches));
@@ -221,7 +227,7 @@ fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Ca
             .iter()
             .map(|(name, c)| Export {
                 name: name.clone(),
-                description: format!("pcache of {}", c.backing().path().display()),
+                description: describe(name, c, a.describe_paths),
                 device: Arc::new(CacheExport::new(c.clone())),
             })
             .collect(),
