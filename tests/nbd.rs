@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::raw_nbd::*;
 use common::*;
 
 impl Rig {
@@ -422,5 +423,32 @@ fn a_stalled_handshake_times_out() {
         assert!(took < Duration::from_secs(10), "the {what} client was closed only after {took:?}");
     }
     trickler.join().unwrap();
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn writes_past_the_end_get_enospc() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    // Real clients refuse such requests themselves: a raw one sends them.
+    let mut c = RawClient::connect(&rig.socket(), "disk.img");
+    let end = c.size;
+    assert_eq!(end, 16 << 20);
+    c.send(CMD_WRITE, 1, end - 2, 4, b"wxyz");
+    c.send(CMD_WRITE_ZEROES, 2, end, 1, &[]);
+    c.send(CMD_WRITE_ZEROES, 3, u64::MAX, 1, &[]);
+    c.send(CMD_READ, 4, end - 2, 4, &[]);
+    c.send(CMD_TRIM, 5, end, 4096, &[]);
+    // The refused write's payload was read: the connection carries on.
+    c.send(CMD_WRITE, 6, end - 4, 4, b"abcd");
+    c.send(CMD_FLUSH, 7, 0, 0, &[]);
+    let replies: Vec<(u32, u64)> = (0..7).map(|_| c.reply()).collect();
+    let mut sorted = replies.clone();
+    sorted.sort_by_key(|r| r.1);
+    assert_eq!(sorted, [(ENOSPC, 1), (ENOSPC, 2), (ENOSPC, 3), (EINVAL, 4), (EINVAL, 5), (0, 6), (0, 7)]);
+    c.send(CMD_DISC, 8, 0, 0, &[]);
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0 0 4k", &format!("read -v {} 4", end - 4)]);
+    assert!(stdout(&o).contains("61 62 63 64"), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
 }
