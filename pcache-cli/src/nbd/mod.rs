@@ -27,7 +27,7 @@ pub use device::MemDevice;
 pub use device::{BlockDevice, DevError, Export};
 pub use error::{NbdError, Violation};
 pub use handshake::{Session, negotiate};
-pub use transmit::{ConnStats, transmit};
+pub use transmit::{ConnStats, Progress, transmit, transmit_with};
 pub use wire::*;
 
 #[cfg(test)]
