@@ -89,9 +89,14 @@ impl RawClient {
     /// Reads the header of a simple reply: its errno and handle. The data
     /// of a successful read follows; reading it is the caller's business.
     pub fn reply(&mut self) -> (u32, u64) {
+        self.try_reply().expect("a reply")
+    }
+
+    /// [`RawClient::reply`], or `None` once the connection has ended.
+    pub fn try_reply(&mut self) -> Option<(u32, u64)> {
         let mut r = [0u8; 16];
-        self.sock.read_exact(&mut r).unwrap();
+        self.sock.read_exact(&mut r).ok()?;
         assert_eq!(r[..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
-        (u32::from_be_bytes(r[4..8].try_into().unwrap()), u64::from_be_bytes(r[8..16].try_into().unwrap()))
+        Some((u32::from_be_bytes(r[4..8].try_into().unwrap()), u64::from_be_bytes(r[8..16].try_into().unwrap())))
     }
 }

@@ -6,6 +6,7 @@
 //! - `export`: a running cache as an NBD device;
 //! - `listen`: the listening socket and the life of each connection;
 //! - `signals`: SIGINT and SIGTERM stop, SIGUSR1 asks for a status line;
+//! - `stop`: the connections served, and how a stop ends them;
 //! - `hints`: how to connect, and the status line;
 //! - `run`: opening, starting, serving and stopping, in that order.
 
@@ -16,6 +17,7 @@ mod hints;
 mod listen;
 mod run;
 mod signals;
+mod stop;
 
 pub use args::AttachArgs;
 pub use checks::check_backings;
