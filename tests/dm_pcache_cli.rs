@@ -183,5 +183,7 @@ fn a_reader_that_goes_away_ends_the_command_quietly() {
     drop(child.stdout.take());
     let o = child.wait_with_output().unwrap();
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
-    assert_eq!(o.status.code(), Some(141), "{:?}", o.status);
+    // 141 when it printed after the hang-up (the usual order); on a loaded
+    // machine it may have printed everything into the pipe first: 0.
+    assert!(matches!(o.status.code(), Some(141) | Some(0)), "{:?}", o.status);
 }

@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::raw_nbd::*;
 use common::*;
 
 impl Rig {
@@ -112,6 +113,10 @@ fn nbdinfo_lists_two_exports() {
     assert_eq!(sizes, vec![("alpha".to_string(), 64 << 20), ("b.img".to_string(), 96 << 20)]);
     assert_eq!(exports[0]["can_multi_conn"], true);
     assert_eq!(exports[0]["block_size_maximum"], 32 << 20);
+    // Any client may list the exports: it is told their names, not where
+    // the backings live.
+    let descriptions: Vec<&str> = exports.iter().map(|e| e["description"].as_str().unwrap()).collect();
+    assert_eq!(descriptions, ["pcache export alpha", "pcache export b.img"]);
     // Both exports at once, with their own data.
     assert!(qemu_io(&a.uri("alpha"), &["write -P 1 0 1m"]).status.success());
     assert!(qemu_io(&a.uri("b.img"), &["write -P 2 0 1m"]).status.success());
@@ -121,9 +126,29 @@ fn nbdinfo_lists_two_exports() {
     // The empty export name means the first backing.
     let o = ok(Command::new("nbdinfo").arg(format!("nbd+unix:///?socket={}", rig.socket().display())));
     assert!(stdout(&o).contains("export-size: 67108864"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("description: pcache export alpha"), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("a.img"), "the backing's name shows: {}", stdout(&o));
     // An unknown export is refused.
     let o = run(Command::new("nbdinfo").arg(a.uri("nope")));
     assert!(!o.status.success());
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn describe_paths_shows_the_backing_paths() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &["--export", "data", "--describe-paths"]);
+    let path = std::fs::canonicalize(&disk).unwrap();
+    let described = format!("pcache of {}", path.display());
+    let o = ok(Command::new(tool("nbdinfo", "libnbd-bin"))
+        .args(["--json", "--list"])
+        .arg(format!("nbd+unix:///?socket={}", rig.socket().display())));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["exports"][0]["description"], described.as_str(), "{}", stdout(&o));
+    // NBD_INFO_DESCRIPTION, as NBD_OPT_GO answers it, says the same.
+    let o = ok(Command::new("nbdinfo").arg(a.uri("data")));
+    assert!(stdout(&o).contains(&format!("description: {described}")), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
 }
 
@@ -398,5 +423,32 @@ fn a_stalled_handshake_times_out() {
         assert!(took < Duration::from_secs(10), "the {what} client was closed only after {took:?}");
     }
     trickler.join().unwrap();
+    assert_eq!(a.stop().0, 0);
+}
+
+#[test]
+fn writes_past_the_end_get_enospc() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    // Real clients refuse such requests themselves: a raw one sends them.
+    let mut c = RawClient::connect(&rig.socket(), "disk.img");
+    let end = c.size;
+    assert_eq!(end, 16 << 20);
+    c.send(CMD_WRITE, 1, end - 2, 4, b"wxyz");
+    c.send(CMD_WRITE_ZEROES, 2, end, 1, &[]);
+    c.send(CMD_WRITE_ZEROES, 3, u64::MAX, 1, &[]);
+    c.send(CMD_READ, 4, end - 2, 4, &[]);
+    c.send(CMD_TRIM, 5, end, 4096, &[]);
+    // The refused write's payload was read: the connection carries on.
+    c.send(CMD_WRITE, 6, end - 4, 4, b"abcd");
+    c.send(CMD_FLUSH, 7, 0, 0, &[]);
+    let replies: Vec<(u32, u64)> = (0..7).map(|_| c.reply()).collect();
+    let mut sorted = replies.clone();
+    sorted.sort_by_key(|r| r.1);
+    assert_eq!(sorted, [(ENOSPC, 1), (ENOSPC, 2), (ENOSPC, 3), (EINVAL, 4), (EINVAL, 5), (0, 6), (0, 7)]);
+    c.send(CMD_DISC, 8, 0, 0, &[]);
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0 0 4k", &format!("read -v {} 4", end - 4)]);
+    assert!(stdout(&o).contains("61 62 63 64"), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
 }

@@ -131,6 +131,11 @@ const PAGES: &[Page] = &[
         exits: &[
             (0, "stopped by SIGINT or SIGTERM: every kset closed, the caches stay warm"),
             (
+                3,
+                "stopped, but connections still open at the stop deadline (--stop-timeout) or a second signal were \
+                 cut; every kset closed, nothing acknowledged lost",
+            ),
+            (
                 1,
                 "refused or failed before serving; or stopped with a cache that failed to stop, or that holds \
                  dirty data writeback cannot write (the message says what to run)",

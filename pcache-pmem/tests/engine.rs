@@ -486,6 +486,52 @@ fn stop_waits_for_writes_in_flight() {
     }
 }
 
+#[test]
+fn stop_fails_a_write_waiting_for_space() {
+    let mut rig = Rig::new(256 * MIB);
+    // 10 segments, and writeback held back so that no segment is ever freed.
+    let held = CacheOptions { cache_size: Some(160 * MIB), writeback_rate: Some(1), ..opts() };
+    let c = rig.start(&held);
+    let writer = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            for i in 0..256u64 {
+                match c.write(i * MIB, &vec![i as u8 + 1; MIB as usize], false) {
+                    Ok(()) => acked.push(i * MIB),
+                    Err(e) => return (acked, e),
+                }
+            }
+            panic!("256 MiB fitted in a 160 MiB cache that writes nothing back");
+        })
+    };
+    // The gauge says when a write waits for a segment that never comes.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while c.stats().space_waiters == 0 {
+        assert!(!writer.is_finished(), "the writer ended without waiting for space");
+        assert!(std::time::Instant::now() < until, "no write waited for space: {:?}", c.stats());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The stop wakes it, it fails, and the stop returns.
+    let (done, stopped) = std::sync::mpsc::channel();
+    let stopper = {
+        let c = c.clone();
+        std::thread::spawn(move || done.send(c.stop()).unwrap())
+    };
+    let stop = stopped.recv_timeout(Duration::from_secs(30)).expect("the stop hung on a write waiting for space");
+    stop.unwrap();
+    stopper.join().unwrap();
+    let (acked, err) = writer.join().unwrap();
+    assert!(matches!(err, EngineError::Stopped), "{err}");
+    assert_eq!(c.stats().space_waiters, 0);
+    rig.crash(c, CrashStrategy::NothingExtra);
+    let c = rig.start(&opts());
+    assert!(!acked.is_empty());
+    for off in acked {
+        assert_eq!(read(&c, off, MIB as usize), vec![(off / MIB) as u8 + 1; MIB as usize], "write at {off}");
+    }
+}
+
 /// A slow backing device that counts the reads reaching it.
 struct SlowCounting {
     inner: MemBacking,

@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{stderr, stdout};
 
@@ -117,6 +117,30 @@ impl Attach {
         let mut all = std::mem::take(&mut self.stdout);
         all.append(&mut rest);
         (status.code().unwrap_or(-1), all)
+    }
+
+    /// Waits for the server to exit, for up to `limit` after `since`;
+    /// returns its exit code, how long after `since` it exited, and its
+    /// stdout. One still running then is killed, and the test fails.
+    pub fn exit_within(mut self, since: Instant, limit: Duration) -> (i32, Duration, Vec<String>) {
+        let mut child = self.child.take().unwrap();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if since.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                let seen: Vec<String> = self.stdout.drain(..).chain(self.lines.try_iter()).collect();
+                panic!("pcache attach still ran {limit:?} later; it printed:\n{}", seen.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let took = since.elapsed();
+        // The reader thread sees the end of stdout once the server is gone.
+        let mut all = std::mem::take(&mut self.stdout);
+        all.extend(self.lines.iter());
+        (status.code().unwrap_or(-1), took, all)
     }
 
     /// Kills the server with SIGKILL: a crash.

@@ -57,6 +57,17 @@ pub struct AttachArgs {
     /// that are fast enough on their own).
     #[arg(long)]
     pub no_read_cache: bool,
+    /// After SIGINT or SIGTERM, how long connections may take to finish
+    /// the requests in flight; then those still open are cut off (a
+    /// second signal cuts them at once). The caches stop cleanly either
+    /// way.
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    pub stop_timeout: u64,
+    /// Show clients each backing's path in its export description (the
+    /// export list, NBD_INFO_DESCRIPTION); by default any client that
+    /// connects sees only the export names.
+    #[arg(long)]
+    pub describe_paths: bool,
     /// Close an open kset at most this many milliseconds after its first key.
     #[arg(long, value_name = "MS", hide = true)]
     pub kset_flush_ms: Option<u64>,

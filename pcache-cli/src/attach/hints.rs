@@ -63,6 +63,12 @@ pub fn status_line(exports: &[(String, Arc<PmemCache>)]) -> String {
         .map(|(name, c)| {
             let s = c.stats();
             let h = c.health();
+            // A full cache that frees nothing (writeback held back or
+            // failing): the reason a client hangs.
+            let waiting = match s.space_waiters {
+                0 => String::new(),
+                n => format!(", {n} request(s) waiting for space"),
+            };
             let trouble = h
                 .writeback_stopped
                 .or(h.gc_stopped)
@@ -70,7 +76,7 @@ pub fn status_line(exports: &[(String, Arc<PmemCache>)]) -> String {
                 .map(|e| format!(", ERROR: {e}"))
                 .unwrap_or_default();
             format!(
-                "{name}: hits {} partial {} misses {}, dirty {}, segments {}/{}, written back {}{trouble}",
+                "{name}: hits {} partial {} misses {}, dirty {}, segments {}/{}{waiting}, written back {}{trouble}",
                 s.full_hits,
                 s.partial_hits,
                 s.misses,

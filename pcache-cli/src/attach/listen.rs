@@ -7,9 +7,10 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pcache_cli::nbd::{self, Export, NbdError};
+use pcache_cli::nbd::{self, Export, NbdError, Progress};
 use tracing::{info, warn};
 
 use super::args::Listen;
@@ -47,9 +48,20 @@ impl Conn {
     /// Ends the client's side: a read blocked on it returns the end of the
     /// stream, so the connection finishes what is in flight and closes.
     pub fn shutdown_read(&self) {
+        self.shutdown(Shutdown::Read);
+    }
+
+    /// Ends both sides: a read returns the end of the stream, and a write
+    /// blocked on a client that does not read (and every later one) fails,
+    /// so the connection ends whatever the client does.
+    pub fn shutdown_both(&self) {
+        self.shutdown(Shutdown::Both);
+    }
+
+    fn shutdown(&self, how: Shutdown) {
         let done = match self {
-            Conn::Unix(s) => s.shutdown(Shutdown::Read),
-            Conn::Tcp(s) => s.shutdown(Shutdown::Read),
+            Conn::Unix(s) => s.shutdown(how),
+            Conn::Tcp(s) => s.shutdown(how),
         };
         match done {
             Ok(()) => {}
@@ -226,8 +238,16 @@ impl Write for Deadline<'_> {
     }
 }
 
-/// Serves connection `id` from handshake to disconnection.
-pub fn serve(id: u64, conn: Conn, exports: &[Export], workers: usize, handshake_timeout: Option<Duration>) {
+/// Serves connection `id` from handshake to disconnection, counting its
+/// requests in `progress`.
+pub fn serve(
+    id: u64,
+    conn: Conn,
+    exports: &[Export],
+    workers: usize,
+    handshake_timeout: Option<Duration>,
+    progress: Arc<Progress>,
+) {
     let Ok(mut w) = conn.try_clone() else { return };
     let mut r = conn;
     // A client that connects and stalls must not hold this thread for ever:
@@ -255,7 +275,7 @@ pub fn serve(id: u64, conn: Conn, exports: &[Export], workers: usize, handshake_
     }
     let e = &exports[session.export];
     info!(conn = id, export = %e.name, structured = session.structured, "client connected");
-    match nbd::transmit(r, w, e.device.clone(), session.structured, workers) {
+    match nbd::transmit_with(r, w, e.device.clone(), session.structured, workers, progress) {
         Ok(s) => info!(conn = id, requests = s.requests, "client disconnected"),
         Err(err) => warn!(conn = id, error = %err, "connection ended"),
     }

@@ -6,6 +6,7 @@
 //! - `export`: a running cache as an NBD device;
 //! - `listen`: the listening socket and the life of each connection;
 //! - `signals`: SIGINT and SIGTERM stop, SIGUSR1 asks for a status line;
+//! - `stop`: the connections served, and how a stop ends them;
 //! - `hints`: how to connect, and the status line;
 //! - `control`: the control socket behind `pcache status` and `pcache set`;
 //! - `metrics`: the same figures for Prometheus (`--metrics`);
@@ -22,6 +23,7 @@ mod metrics;
 mod notify;
 mod run;
 mod signals;
+mod stop;
 
 pub use args::AttachArgs;
 pub use checks::check_backings;

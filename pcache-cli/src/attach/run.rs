@@ -2,14 +2,13 @@
 //! refuse what must be refused, listen, start each cache, serve until a
 //! signal, then stop every cache and say what it left.
 
-use std::collections::HashMap;
 use std::io::{self, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
-use pcache_cli::nbd::Export;
+use pcache_cli::nbd::{Export, Progress};
 use pcache_format::SEG_SIZE;
 use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, FileBacking, default_cache_segs};
 use tracing::{info, warn};
@@ -19,9 +18,10 @@ use super::checks::{check_allocated, check_backings};
 use super::control::{self, Control};
 use super::export::{CacheExport, PmemCache};
 use super::hints::{how_to_connect, shell_quote, status_line};
-use super::listen::{Conn, Listener, serve};
+use super::listen::{Listener, serve};
 use super::metrics::Metrics;
-use super::signals::Caught;
+use super::signals::{self, Caught, Handling};
+use super::stop::{Connections, Cut};
 use crate::units::human;
 
 /// The caches served, each under its export name.
@@ -33,6 +33,9 @@ const MAX_QUEUES: u32 = 128;
 const SEGMENTS_PER_QUEUE: u64 = 10;
 /// How long a client may take over the handshake by default.
 const HANDSHAKE_TIMEOUT_SECS: u64 = 30;
+/// Exit status of a stop that had to cut connections off: every cache
+/// stopped cleanly, but clients saw requests fail.
+const EXIT_CUT_SHORT: u8 = 3;
 
 pub fn run(a: AttachArgs) -> u8 {
     match attach(&a) {
@@ -97,14 +100,17 @@ fn attach(a: &AttachArgs) -> Result<u8, String> {
     if let Some(m) = &metrics {
         println!("metrics at http://{}/metrics", m.addr());
     }
-    serve_until_stopped(a, &listener, &caches, signals);
+    let served = serve_until_stopped(a, &listener, &caches, signals);
+    // After a cut, requests may still wait in a cache (for space that never
+    // comes): stopping it fails them, and their connections end.
+    let code = stop_caches(&a.device, &caches);
+    let cut = served.finish();
     control.stop();
     if let Some(m) = metrics {
         m.stop();
     }
-    let code = stop_caches(&a.device, &caches);
     listener.remove_path();
-    Ok(code)
+    Ok(if code == 0 && cut { EXIT_CUT_SHORT } else { code })
 }
 
 /// The pmem device, open, and how it is mapped in words.
@@ -245,97 +251,144 @@ fn announce(listen: &Listen, caches: &Caches) {
     let _ = io::stdout().flush();
 }
 
+/// The description of an export any client may read: its name, and the
+/// backing's path only if the operator asked for it (`--describe-paths`).
+fn describe(name: &str, cache: &PmemCache, paths: bool) -> String {
+    if paths { format!("pcache of {}", cache.backing().path().display()) } else { format!("pcache export {name}") }
+}
+
 /// Prints a status line now.
 fn print_status(caches: &Caches) {
     println!("status: {}", status_line(caches));
     let _ = io::stdout().flush();
 }
 
-/// Serves every connection until SIGINT or SIGTERM, then waits for each
-/// connection to finish what it has in flight.
-fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Caches>, signals: Caught) {
+/// Serves every connection until SIGINT or SIGTERM, then lets each finish
+/// what it has in flight, for up to `--stop-timeout` or until a second
+/// signal; then cuts those still open.
+fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Caches>, signals: Caught) -> Served {
     let exports: Arc<Vec<Export>> = Arc::new(
         caches
             .iter()
             .map(|(name, c)| Export {
                 name: name.clone(),
-                description: format!("pcache of {}", c.backing().path().display()),
+                description: describe(name, c, a.describe_paths),
                 device: Arc::new(CacheExport::new(c.clone())),
             })
             .collect(),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::default();
-    let signal_thread = {
-        let (stop, listener, conns, caches) = (stop.clone(), listener.clone(), conns.clone(), caches.clone());
+    let conns = Arc::new(Connections::default());
+    let timeout = Duration::from_secs(a.stop_timeout);
+    let signals = {
+        let (listener, conns, caches) = (listener.clone(), conns.clone(), caches.clone());
         signals.handle(
             move || print_status(&caches),
             move |signal| {
-                info!(signal, "stopping");
-                super::notify::stopping();
-                stop.store(true, Ordering::SeqCst);
-                listener.wake();
-                for c in conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
-                    c.shutdown_read();
+                let name = signals::name(signal);
+                if conns.stop(name) {
+                    info!(signal = name, "stopping");
+                    super::notify::stopping();
+                    listener.wake();
+                    println!(
+                        "stopping ({name}): finishing the requests in flight, for up to {} s; a second SIGINT \
+                         or SIGTERM stops at once",
+                        timeout.as_secs()
+                    );
+                    let _ = io::stdout().flush();
                 }
             },
         )
     };
     if let Some(secs) = a.status_interval.filter(|s| *s > 0) {
-        let (stop, caches) = (stop.clone(), caches.clone());
+        let (conns, caches) = (conns.clone(), caches.clone());
         std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
+            while !conns.stopping() {
                 std::thread::sleep(Duration::from_secs(secs));
                 print_status(&caches);
             }
         });
     }
-    accept_until_stopped(listener, &exports, &stop, &conns);
-    let _ = signal_thread.join();
+    let threads = accept_until_stopped(listener, &exports, &conns);
+    let cut = conns.wait(timeout);
+    if let Some(cut) = &cut {
+        println!("stopping now ({}): shutting down {} connection(s) still open", cut.why, cut.connections());
+        let _ = io::stdout().flush();
+    }
+    Served { threads, cut, signals }
 }
 
-/// Accepts connections, each served on a thread of its own, until `stop`;
-/// then waits for those threads.
+/// What is left to do once the server stopped serving.
+struct Served {
+    /// The threads of the connections, ended or ending.
+    threads: Vec<JoinHandle<()>>,
+    /// What the stop cut short, if anything.
+    cut: Option<Cut>,
+    signals: Handling,
+}
+
+impl Served {
+    /// Waits for the connections' threads, stops handling signals, and
+    /// says what the stop cut short; true if it cut anything.
+    fn finish(self) -> bool {
+        for t in self.threads {
+            let _ = t.join();
+        }
+        self.signals.close();
+        let Some(cut) = self.cut else { return false };
+        println!(
+            "stop cut short ({}): {} connection(s) shut down, {} request(s) left unanswered (their clients see \
+             them fail)",
+            cut.why,
+            cut.connections(),
+            cut.unanswered()
+        );
+        true
+    }
+}
+
+/// Accepts connections, each served on a thread of its own, until a stop
+/// signal; returns the threads.
 fn accept_until_stopped(
     listener: &Listener,
     exports: &Arc<Vec<Export>>,
-    stop: &AtomicBool,
-    conns: &Arc<Mutex<HashMap<u64, Conn>>>,
-) {
+    conns: &Arc<Connections>,
+) -> Vec<JoinHandle<()>> {
     let workers = nbd_workers();
     let handshake_timeout = handshake_timeout();
     let mut threads = Vec::new();
     for id in 0.. {
-        if stop.load(Ordering::SeqCst) {
+        if conns.stopping() {
             break;
         }
         let conn = match listener.accept() {
             Ok(c) => c,
             Err(e) => {
-                if !stop.load(Ordering::SeqCst) {
+                if !conns.stopping() {
                     warn!(error = %e, "accept failed");
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 continue;
             }
         };
-        // Kept so that a stop can shut it down.
-        if let Ok(c) = conn.try_clone() {
-            conns.lock().unwrap_or_else(|e| e.into_inner()).insert(id, c);
-        }
-        if stop.load(Ordering::SeqCst) {
-            conn.shutdown_read();
-        }
+        // Kept so that a stop can shut it down: a connection a stop could
+        // not reach is not served.
+        let handle = match conn.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(conn = id, error = %e, "cannot keep a handle on a new connection; closed");
+                continue;
+            }
+        };
+        let progress = Arc::new(Progress::default());
+        conns.add(id, handle, progress.clone());
         let (exports, conns) = (exports.clone(), conns.clone());
         threads.push(std::thread::spawn(move || {
-            serve(id, conn, &exports, workers, handshake_timeout);
-            conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            serve(id, conn, &exports, workers, handshake_timeout, progress);
+            conns.remove(id);
         }));
         threads.retain(|t| !t.is_finished());
     }
-    for t in threads {
-        let _ = t.join();
-    }
+    threads
 }
 
 /// Stops every cache; 1 if one failed to stop, or left dirty data that

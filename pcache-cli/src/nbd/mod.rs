@@ -7,7 +7,8 @@
 //! `FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `FUA`) and `DISC`, many
 //! requests in flight per connection and replies in any order; flush is
 //! global, so `CAN_MULTI_CONN` is advertised. Every request is checked:
-//! out of range or over 32 MiB gets `EINVAL`; a malformed handshake or
+//! out of range or over 32 MiB gets `EINVAL` (a write or write-zeroes
+//! past the end `ENOSPC`, as the protocol asks); a malformed handshake or
 //! option gets an error reply or a disconnect, never a crash.
 //!
 //! - [`wire`]: the protocol's constants and headers, byte for byte;
@@ -26,7 +27,7 @@ pub use device::MemDevice;
 pub use device::{BlockDevice, DevError, Export};
 pub use error::{NbdError, Violation};
 pub use handshake::{Session, negotiate};
-pub use transmit::{ConnStats, transmit};
+pub use transmit::{ConnStats, Progress, transmit, transmit_with};
 pub use wire::*;
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! writes may) on worker threads, so replies may go out of order.
 
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -35,6 +35,33 @@ pub struct ConnStats {
     pub requests: u64,
 }
 
+/// How far a connection has got, readable by others while it is served:
+/// what a server that stops can report of the requests it cut short.
+#[derive(Debug, Default)]
+pub struct Progress {
+    received: AtomicU64,
+    answered: AtomicU64,
+}
+
+impl Progress {
+    /// Requests read that call for a reply (every one but `NBD_CMD_DISC`).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose reply was sent whole.
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// Requests read and not (yet) answered.
+    pub fn unanswered(&self) -> u64 {
+        // Read in this order, an answer is never counted before its request.
+        let answered = self.answered();
+        self.received().saturating_sub(answered)
+    }
+}
+
 /// Serves the transmission phase on `r`/`w` until `NBD_CMD_DISC`, the end
 /// of the stream, or a protocol violation. Reads that may block
 /// ([`BlockDevice::read_may_block`]), and writes on a device whose writes
@@ -42,7 +69,9 @@ pub struct ConnStats {
 /// and reply when they complete, so replies go out of order; every other
 /// request runs at once on the reading thread. With `workers` 0 every
 /// request runs in order on the reading thread (for fuzzing). In-flight
-/// requests always finish and are replied to before this returns.
+/// requests finish and are replied to before this returns, unless a reply
+/// cannot be sent: the connection is then broken, and the requests still
+/// waiting for a worker are dropped unanswered rather than executed.
 pub fn transmit<R: Read, W: Write + Send + 'static>(
     r: R,
     w: W,
@@ -50,9 +79,21 @@ pub fn transmit<R: Read, W: Write + Send + 'static>(
     structured: bool,
     workers: usize,
 ) -> Result<ConnStats, NbdError> {
+    transmit_with(r, w, dev, structured, workers, Arc::default())
+}
+
+/// [`transmit`], counting its requests in `progress` as it goes.
+pub fn transmit_with<R: Read, W: Write + Send + 'static>(
+    r: R,
+    w: W,
+    dev: Arc<dyn BlockDevice>,
+    structured: bool,
+    workers: usize,
+    progress: Arc<Progress>,
+) -> Result<ConnStats, NbdError> {
     let conn = Connection {
         r: io::BufReader::with_capacity(READ_BUFFER, r),
-        rep: Arc::new(Replier { w: Mutex::new(w), structured }),
+        rep: Arc::new(Replier { w: Mutex::new(w), structured, progress }),
         dev,
         failed: Arc::new(AtomicBool::new(false)),
         stats: ConnStats::default(),
@@ -83,6 +124,11 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
         let (rep, dev, failed) = (self.rep.clone(), self.dev.clone(), self.failed.clone());
         std::thread::spawn(move || {
             while let Ok((req, payload)) = rx.recv() {
+                // Once a reply could not be sent no other one can be: the
+                // requests left are dropped, not executed for nobody.
+                if failed.load(Ordering::SeqCst) {
+                    continue;
+                }
                 if execute(&*dev, &rep, req, payload).is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
@@ -104,6 +150,7 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
             if req.kind == CMD_DISC {
                 return Ok(self.stats);
             }
+            self.rep.progress.received.fetch_add(1, Ordering::SeqCst);
             let payload = self.payload(&req)?;
             if self.failed.load(Ordering::SeqCst) {
                 return Err(Violation::ReplyFailed.into());
@@ -157,7 +204,11 @@ fn validate(req: &Request, size: u64) -> Result<(), DevError> {
         match req.offset.checked_add(u64::from(req.length)) {
             Some(end) if end <= size => {}
             _ => {
-                return inval(format!("{} bytes at {} pass the end of the {size}-byte export", req.length, req.offset));
+                // The protocol asks for ENOSPC when a write passes the end
+                // (as a file system answers), EINVAL for reads and trims.
+                let errno = if matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES) { ENOSPC } else { EINVAL };
+                let message = format!("{} bytes at {} pass the end of the {size}-byte export", req.length, req.offset);
+                return Err(DevError { errno, message });
             }
         }
     }
@@ -168,13 +219,17 @@ fn validate(req: &Request, size: u64) -> Result<(), DevError> {
 struct Replier<W> {
     w: Mutex<W>,
     structured: bool,
+    progress: Arc<Progress>,
 }
 
 impl<W: Write> Replier<W> {
+    /// Sends one whole reply.
     fn write(&self, msg: &[u8]) -> io::Result<()> {
         let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
         w.write_all(msg)?;
-        w.flush()
+        w.flush()?;
+        self.progress.answered.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// The header of a structured reply chunk of `kind` with `length`
@@ -301,17 +356,25 @@ mod tests {
         // FUA is accepted on every command, even where it means nothing.
         input.extend(request(CMD_FLUSH, CMD_FLAG_FUA, 12, 0, 0));
         input.extend(request(CMD_TRIM, CMD_FLAG_FUA, 13, 4096, 4096));
+        // Past the end: writes get ENOSPC, reads and trims EINVAL.
+        input.extend(request(CMD_WRITE_ZEROES, 0, 14, (1 << 20) - 1, 2));
+        input.extend(request(CMD_TRIM, 0, 15, 1 << 20, 1));
+        input.extend(request(CMD_WRITE, 0, 16, u64::MAX, 1));
+        input.push(b'!');
         input.extend(request(CMD_DISC, 0, 10, 0, 0));
         input.extend(request(CMD_FLUSH, 0, 11, 0, 0)); // after DISC: never served
         let out = Shared::default();
-        let stats = transmit(&input[..], out.clone(), ex[0].device.clone(), false, 0).unwrap();
-        assert_eq!(stats.requests, 13);
+        let progress = Arc::new(Progress::default());
+        let stats = transmit_with(&input[..], out.clone(), ex[0].device.clone(), false, 0, progress.clone()).unwrap();
+        assert_eq!(stats.requests, 16);
+        // Every request but DISC called for a reply, and got it.
+        assert_eq!((progress.received(), progress.answered(), progress.unanswered()), (15, 15, 0));
         let replies = simple_errors(&out.bytes());
         assert_eq!(
             replies,
             vec![
                 (1, 0),
-                (2, EINVAL),
+                (2, ENOSPC),
                 (3, EINVAL),
                 (4, EINVAL),
                 (5, EINVAL),
@@ -321,7 +384,10 @@ mod tests {
                 (9, 0),
                 (100, 0),
                 (12, 0),
-                (13, 0)
+                (13, 0),
+                (14, ENOSPC),
+                (15, EINVAL),
+                (16, ENOSPC)
             ]
         );
         assert_eq!(&dev.contents()[512..516], b"ab\0d");
@@ -420,6 +486,63 @@ mod tests {
         assert_eq!(&b, b"ab");
         mem.mem.read(4096, &mut b).unwrap();
         assert_eq!(&b, b"cd");
+    }
+
+    /// A client that went away: every write fails.
+    struct Gone;
+
+    impl Write for Gone {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A device whose reads may block (they go to workers) and are counted.
+    #[derive(Debug)]
+    struct Counting {
+        mem: MemDevice,
+        reads: AtomicU64,
+    }
+
+    impl BlockDevice for Counting {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), DevError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.mem.read(off, buf)
+        }
+        fn write(&self, off: u64, data: &[u8], fua: bool) -> Result<(), DevError> {
+            self.mem.write(off, data, fua)
+        }
+        fn flush(&self) -> Result<(), DevError> {
+            self.mem.flush()
+        }
+        fn trim(&self, off: u64, len: u64) -> Result<(), DevError> {
+            self.mem.trim(off, len)
+        }
+        fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError> {
+            self.mem.write_zeroes(off, len, fua)
+        }
+    }
+
+    #[test]
+    fn requests_left_after_a_failed_reply_are_dropped() {
+        let dev = Arc::new(Counting { mem: MemDevice::new(1 << 20), reads: AtomicU64::new(0) });
+        let input: Vec<u8> = (0..5).flat_map(|h| request(CMD_READ, 0, h, 0, 512)).collect();
+        let progress = Arc::new(Progress::default());
+        // One worker: the reads run one after another.
+        let r = transmit_with(&input[..], Gone, dev.clone(), false, 1, progress.clone());
+        // The reader may see the end of its input or the failure first.
+        assert!(matches!(r, Ok(_) | Err(NbdError::Protocol(Violation::ReplyFailed))), "{r:?}");
+        assert_eq!(progress.answered(), 0);
+        assert!(progress.received() >= 1 && progress.unanswered() == progress.received());
+        // The first read ran and its reply failed; the others were dropped
+        // rather than run for nobody.
+        assert_eq!(dev.reads.load(Ordering::SeqCst), 1);
     }
 
     #[test]

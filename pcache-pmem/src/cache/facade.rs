@@ -291,7 +291,8 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
 
     /// The counters.
     pub fn stats(&self) -> Stats {
-        self.inner.ctx.stats.snapshot(self.inner.space.used_count(), self.inner.space.n_segs())
+        let space = &self.inner.space;
+        self.inner.ctx.stats.snapshot(space.used_count(), space.n_segs(), space.waiting_count())
     }
 
     /// Errors of writeback and GC.

@@ -123,6 +123,9 @@ pub struct Stats {
     pub segments_freed: u64,
     /// Writeback attempts that failed (and were retried).
     pub writeback_errors: u64,
+    /// Requests waiting, now, for writeback and GC to free a segment (a
+    /// full cache; they fail when the cache stops).
+    pub space_waiters: u32,
 }
 
 /// Errors of the background work, in words.
@@ -173,7 +176,7 @@ impl Counters {
     }
 
     /// The counters as a caller sees them.
-    pub(super) fn snapshot(&self, segments_used: u32, segments: u32) -> Stats {
+    pub(super) fn snapshot(&self, segments_used: u32, segments: u32, space_waiters: u32) -> Stats {
         Stats {
             full_hits: self.full_hits.count(),
             partial_hits: self.partial_hits.count(),
@@ -192,6 +195,7 @@ impl Counters {
             ksets_collected: self.ksets_collected.load(Ordering::Relaxed),
             segments_freed: self.segments_freed.load(Ordering::Relaxed),
             writeback_errors: self.writeback_errors.load(Ordering::Relaxed),
+            space_waiters,
         }
     }
 

@@ -24,6 +24,8 @@ struct SegMap {
     count: u32,
     /// Where the search for a free segment starts.
     hint: u32,
+    /// Requests waiting in [`Space::get_segment`] for a segment to be freed.
+    waiting: u32,
 }
 
 /// Where the next allocation of a data head goes.
@@ -92,7 +94,7 @@ impl<P: Pmem> Space<P> {
             dev_segs,
             gens: gens.into_iter().map(AtomicU64::new).collect(),
             refs: refs.into_iter().map(AtomicU32::new).collect(),
-            map: Mutex::new(SegMap { used, count, hint: 0 }),
+            map: Mutex::new(SegMap { used, count, hint: 0, waiting: 0 }),
             freed: Condvar::new(),
             heads: (0..queues).map(|_| Mutex::new(DataHead::default())).collect(),
             next_head: AtomicUsize::new(0),
@@ -169,6 +171,11 @@ impl<P: Pmem> Space<P> {
         lock(&self.map).count
     }
 
+    /// Requests waiting for a segment to be freed, now.
+    pub(super) fn waiting_count(&self) -> u32 {
+        lock(&self.map).waiting
+    }
+
     pub(super) fn gc_percent(&self) -> u16 {
         self.gc_percent.load(Ordering::SeqCst) as u16
     }
@@ -195,24 +202,36 @@ impl<P: Pmem> Space<P> {
     /// make progress.
     pub(super) fn get_segment(&self, purpose: For, ctx: &Ctx) -> Result<u32, EngineError> {
         let mut map = lock(&self.map);
-        loop {
+        // Counted in `waiting` from its first wait until it returns.
+        let mut waited = false;
+        let taken = loop {
             if let Some(s) = take_segment(&mut map, purpose) {
-                drop(map);
-                self.maybe_wake_gc(ctx);
-                return Ok(s);
+                break Ok(s);
             }
             if ctx.stopping() {
-                return Err(EngineError::Stopped);
+                break Err(EngineError::Stopped);
             }
             if !ctx.background {
-                return Err(EngineError::CacheFull);
+                break Err(EngineError::CacheFull);
             }
             if let Some(why) = ctx.stalled() {
-                return Err(EngineError::Stalled(why));
+                break Err(EngineError::Stalled(why));
+            }
+            if !waited {
+                waited = true;
+                map.waiting += 1;
             }
             ctx.wake.notify();
             map = self.freed.wait_timeout(map, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        if waited {
+            map.waiting -= 1;
         }
+        drop(map);
+        if taken.is_ok() {
+            self.maybe_wake_gc(ctx);
+        }
+        taken
     }
 
     /// A free data segment, without waiting.
