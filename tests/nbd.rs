@@ -452,3 +452,49 @@ fn writes_past_the_end_get_enospc() {
     assert!(stdout(&o).contains("61 62 63 64"), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
 }
+
+#[test]
+fn cache_prefetches_and_fast_zero_is_refused_at_once() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    std::fs::write(&disk, vec![0x5au8; 16 << 20]).unwrap();
+    let ctl = rig.d.path("c.ctl");
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &["--control", s(&ctl)]);
+    // A real client sees both advertised.
+    let o = ok(Command::new(tool("nbdinfo", "libnbd-bin")).args(["--json", &a.uri("disk.img")]));
+    let info: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(info["exports"][0]["can_cache"], true, "{info}");
+    assert_eq!(info["exports"][0]["can_fast_zero"], true, "{info}");
+    let figures = || -> serde_json::Value {
+        let o = pcache(&["status", "--control", s(&ctl), "--json"]);
+        serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["exports"][0].clone()
+    };
+    // (nbdinfo read the start of the export to say what it holds.)
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    let before = figures();
+    let mut c = RawClient::connect(&rig.socket(), "disk.img");
+    c.send(CMD_CACHE, 1, 2 << 20, 1 << 20, &[]);
+    assert_eq!(c.reply(), (0, 1));
+    let after_cache = figures();
+    assert_eq!(n(&after_cache, "bytes_from_backing") - n(&before, "bytes_from_backing"), 1 << 20, "{after_cache}");
+    // The prefetched range is then read from the cache alone.
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0x5a 2M 1M"]);
+    assert!(o.status.success() && !stdout(&o).contains("fail"), "{}", stdout(&o));
+    let after_read = figures();
+    assert_eq!(n(&after_read, "bytes_from_backing"), n(&after_cache, "bytes_from_backing"), "{after_read}");
+    assert_eq!(n(&after_read, "bytes_from_cache") - n(&after_cache, "bytes_from_cache"), 1 << 20, "{after_read}");
+    // CACHE past the end: EINVAL. A fast zero: ENOTSUP, nothing zeroed; a
+    // plain one zeroes.
+    c.send(CMD_CACHE, 2, 16 << 20, 1, &[]);
+    assert_eq!(c.reply(), (EINVAL, 2));
+    c.sock.write_all(&RawClient::request_with(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 3, 0, 4096, &[])).unwrap();
+    assert_eq!(c.reply(), (ENOTSUP, 3));
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0x5a 0 4k"]);
+    assert!(o.status.success() && !stdout(&o).contains("fail"), "{}", stdout(&o));
+    c.send(CMD_WRITE_ZEROES, 4, 0, 4096, &[]);
+    assert_eq!(c.reply(), (0, 4));
+    c.send(CMD_DISC, 5, 0, 0, &[]);
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0 0 4k"]);
+    assert!(o.status.success() && !stdout(&o).contains("fail"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+}

@@ -21,9 +21,12 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
+pub const ENOTSUP: u32 = 95;
 
 /// A connection in transmission, without structured replies.
 pub struct RawClient {
@@ -71,8 +74,13 @@ impl RawClient {
 
     /// The bytes of a request and its payload.
     pub fn request(kind: u16, handle: u64, off: u64, len: u32, payload: &[u8]) -> Vec<u8> {
+        Self::request_with(kind, 0, handle, off, len, payload)
+    }
+
+    /// [`RawClient::request`] with command flags.
+    pub fn request_with(kind: u16, flags: u16, handle: u64, off: u64, len: u32, payload: &[u8]) -> Vec<u8> {
         let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
-        r.extend(0u16.to_be_bytes()); // flags
+        r.extend(flags.to_be_bytes());
         r.extend(kind.to_be_bytes());
         r.extend(handle.to_be_bytes());
         r.extend(off.to_be_bytes());

@@ -27,6 +27,19 @@ pub trait BlockDevice: Send + Sync {
     fn trim(&self, off: u64, len: u64) -> Result<(), DevError>;
     /// Writes zeros.
     fn write_zeroes(&self, off: u64, len: u64, fua: bool) -> Result<(), DevError>;
+    /// Prefetches `[off, off + len)` (`NBD_CMD_CACHE`): by default reads it,
+    /// a MiB at a time, which a caching device keeps.
+    fn cache(&self, off: u64, len: u64) -> Result<(), DevError> {
+        const CHUNK: u64 = 1 << 20;
+        let mut buf = vec![0u8; len.min(CHUNK) as usize];
+        let mut at = off;
+        while at < off + len {
+            let n = (off + len - at).min(CHUNK) as usize;
+            self.read(at, &mut buf[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
     /// Whether reading `[off, off + len)` may wait on something slow (a
     /// disk): such reads run on worker threads, so that other requests of
     /// the connection go on meanwhile; everything else runs at once on the

@@ -156,7 +156,7 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
                 return Err(Violation::ReplyFailed.into());
             }
             let slow = match req.kind {
-                CMD_READ => self.dev.read_may_block(req.offset, u64::from(req.length)),
+                CMD_READ | CMD_CACHE => self.dev.read_may_block(req.offset, u64::from(req.length)),
                 CMD_WRITE | CMD_WRITE_ZEROES => self.dev.writes_may_block(),
                 _ => false,
             };
@@ -191,7 +191,7 @@ fn validate(req: &Request, size: u64) -> Result<(), DevError> {
     // FUA is valid on every command (a server must accept it even where it
     // means nothing, as on READ and FLUSH); NO_HOLE only on WRITE_ZEROES.
     let allowed = match req.kind {
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         _ => CMD_FLAG_FUA,
     };
     if req.flags & !allowed != 0 {
@@ -200,7 +200,7 @@ fn validate(req: &Request, size: u64) -> Result<(), DevError> {
     if matches!(req.kind, CMD_READ | CMD_WRITE) && req.length > MAX_REQUEST {
         return inval(format!("{} bytes is more than the {MAX_REQUEST}-byte maximum", req.length));
     }
-    if matches!(req.kind, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+    if matches!(req.kind, CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_CACHE) {
         match req.offset.checked_add(u64::from(req.length)) {
             Some(end) if end <= size => {}
             _ => {
@@ -306,7 +306,15 @@ fn execute<W: Write>(dev: &dyn BlockDevice, rep: &Replier<W>, req: Request, payl
         CMD_WRITE => rep.send(&req, dev.write(off, &payload, fua)),
         CMD_FLUSH => rep.send(&req, dev.flush()),
         CMD_TRIM => rep.send(&req, dev.trim(off, len).and_then(|()| if fua { dev.flush() } else { Ok(()) })),
+        // Zeros are stored through the cache like any write: never faster
+        // than writing them, so a fast zero is refused at once, as the
+        // protocol asks, and the client writes them itself (or need not).
+        CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 => {
+            let e = DevError { errno: ENOTSUP, message: "zeroing is not faster than writing zeros here".into() };
+            rep.send(&req, Err(e))
+        }
         CMD_WRITE_ZEROES => rep.send(&req, dev.write_zeroes(off, len, fua)),
+        CMD_CACHE => rep.send(&req, dev.cache(off, len)),
         other => {
             let e = DevError { errno: EINVAL, message: format!("command {other} not supported") };
             rep.send(&req, Err(e))

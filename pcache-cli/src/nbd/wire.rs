@@ -92,10 +92,21 @@ pub const TF_SEND_TRIM: u16 = 1 << 5;
 pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Flush covers every connection.
 pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+/// `NBD_CMD_CACHE` supported.
+pub const TF_SEND_CACHE: u16 = 1 << 10;
+/// `NBD_CMD_FLAG_FAST_ZERO` understood (answered `ENOTSUP` when zeroing is
+/// not faster than writing).
+pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Transmission flags of every export.
-pub const TRANSMISSION_FLAGS: u16 =
-    TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN;
+pub const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS
+    | TF_SEND_FLUSH
+    | TF_SEND_FUA
+    | TF_SEND_TRIM
+    | TF_SEND_WRITE_ZEROES
+    | TF_CAN_MULTI_CONN
+    | TF_SEND_CACHE
+    | TF_SEND_FAST_ZERO;
 
 /// Commands.
 pub const CMD_READ: u16 = 0;
@@ -107,12 +118,17 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 /// Trim.
 pub const CMD_TRIM: u16 = 4;
+/// Prefetch into the cache: read, and keep what was read, replying no data.
+pub const CMD_CACHE: u16 = 5;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
 /// Command flag: force unit access.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 /// Command flag: do not punch holes (write zeroes).
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag: zero only if that is faster than writing zeros, else fail
+/// at once with `ENOTSUP` (write zeroes).
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Structured reply types and flags.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -129,6 +145,8 @@ pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 /// No space.
 pub const ENOSPC: u32 = 28;
+/// Not supported (a fast zero this server cannot promise).
+pub const ENOTSUP: u32 = 95;
 /// Server shutting down.
 pub const ESHUTDOWN: u32 = 108;
 
