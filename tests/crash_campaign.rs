@@ -227,8 +227,21 @@ const PREVIOUS: WriteId = 1 << 30;
 /// detached, leaving its ksets and data in the segments the next cache gets.
 fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64, u64)>, String> {
     let prev = Arc::new(SimBacking::new("/campaign/previous", vec![0u8; w.backing as usize]));
-    let (c, _) =
-        Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true, false)).map_err(|e| e.to_string())?;
+    let touched = previous_writes(dev, &prev, w, false)?;
+    pcache_pmem::detach(dev, prev, |_, _| {}).map_err(|e| format!("previous life: detach: {e}"))?;
+    Ok(touched)
+}
+
+/// A previous cache's writes: a cache of `prev` started on `dev`, 300
+/// one-key ksets written, stopped. Returns the sectors written.
+fn previous_writes(
+    dev: &Arc<CacheDev<SimPmem>>,
+    prev: &Arc<SimBacking>,
+    w: &Workload,
+    data_crc: bool,
+) -> Result<Vec<(u64, u64)>, String> {
+    let (c, _) = Cache::start(dev.clone(), prev.clone(), &cache_opts(w.cache_segs, true, data_crc))
+        .map_err(|e| e.to_string())?;
     let mut r = Rng(w.seed ^ 0x01d);
     let mut touched = Vec::new();
     // One key per kset: its ksets start at every multiple of 64 bytes of the
@@ -239,8 +252,6 @@ fn previous_life(dev: &Arc<CacheDev<SimPmem>>, w: &Workload) -> Result<Vec<(u64,
         touched.push((sector, 4));
     }
     c.stop().map_err(|e| e.to_string())?;
-    drop(c);
-    pcache_pmem::detach(dev, prev, |_, _| {}).map_err(|e| format!("previous life: detach: {e}"))?;
     Ok(touched)
 }
 
@@ -259,17 +270,7 @@ fn dm_device(w: &Workload) -> Result<Device, String> {
     }
     let dev = CacheDev::open(pmem).map_err(|e| e.to_string())?;
     let prev = Arc::new(SimBacking::new("/campaign/previous", vec![0u8; w.backing as usize]));
-    let (c, _) =
-        Cache::start(dev.clone(), prev, &cache_opts(w.cache_segs, true, w.data_crc)).map_err(|e| e.to_string())?;
-    let mut r = Rng(w.seed ^ 0x01d);
-    let mut touched = Vec::new();
-    for i in 0..300u32 {
-        let sector = r.below(w.backing / SECTOR - 8);
-        c.write(sector * SECTOR, &sector_data(PREVIOUS | i, sector, 4), true).map_err(|e| e.to_string())?;
-        touched.push((sector, 4));
-    }
-    c.stop().map_err(|e| e.to_string())?;
-    drop(c);
+    let touched = previous_writes(&dev, &prev, w, w.data_crc)?;
     let pmem = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
     pmem.set_bulk_sync(w.group_commit);
     drop(dev);

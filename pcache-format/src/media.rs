@@ -194,11 +194,13 @@ pub fn read_superblock<M: ReadMedia + ?Sized>(m: &M) -> Result<Layout, ReadError
         return Err(Error::truncated(Record::Superblock, SB_SIZE, found).into());
     }
     read(m, SB_OFF, &mut area)?;
-    let seg_num = match Dialect::guess(&area).unwrap_or_default() {
+    // The decoder checks the CRC: once it accepts the area, the guess was
+    // the dialect whose CRC verifies.
+    let dialect = Dialect::guess(&area).unwrap_or_default();
+    let seg_num = match dialect {
         Dialect::RfcV1 => u32::from(Superblock::decode(&area)?.seg_num.get()),
         Dialect::DmPcache => DmSuperblock::decode(&area)?.seg_num.get(),
     };
-    let dialect = Dialect::detect(&area).unwrap_or_default();
     Ok(Layout::new(dialect, seg_num, m.size())?)
 }
 

@@ -69,15 +69,8 @@ pub fn existing_format<P: Pmem + ?Sized>(pmem: &P) -> Result<Option<u32>, PmemEr
 /// midway leaves an unformatted device, never a half-formatted one that
 /// looks valid.
 pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, FormatError> {
-    let plan = Layout::plan(Dialect::RfcV1, pmem.size())
-        .map_err(|_| FormatError::TooSmall { size: pmem.size(), min: pcache_format::CACHE_DEV_SIZE_MIN })?;
-    let existing = existing_format(pmem)?;
-    if let (Some(seg_num), false) = (existing, force) {
-        return Err(FormatError::AlreadyFormatted { seg_num });
-    }
-    if existing.is_some() {
-        pmem.zero_persist(SB_OFF, SB_SIZE as u64)?;
-    }
+    let plan = plan(pmem, Dialect::RfcV1)?;
+    let overwrote = invalidate_existing(pmem, force)?;
     // The reserved area and all of segment 0: empty backing table.
     pmem.zero_nodrain(CACHE_DEV_INFO_OFF, SEGMENTS_OFF - CACHE_DEV_INFO_OFF + SEG_SIZE)?;
     // Both copies of the meta segment's info (seq 1 and 2), so that one
@@ -90,7 +83,27 @@ pub fn format<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<Formatted, Form
     pmem.copy_nodrain(SEGMENTS_OFF, &copies)?;
     pmem.fence()?;
     pmem.copy_persist(SB_OFF, &Superblock::encode_area(plan.layout.seg_num() as u16))?;
-    Ok(Formatted { plan, overwrote: existing.is_some() })
+    Ok(Formatted { plan, overwrote })
+}
+
+/// The layout of `dialect` for `pmem`, or why it is too small.
+fn plan<P: Pmem + ?Sized>(pmem: &P, dialect: Dialect) -> Result<FormatPlan, FormatError> {
+    Layout::plan(dialect, pmem.size())
+        .map_err(|_| FormatError::TooSmall { size: pmem.size(), min: pcache_format::CACHE_DEV_SIZE_MIN })
+}
+
+/// Refuses a device holding a pcache superblock unless `force`; with it,
+/// invalidates that superblock durably before anything else changes.
+/// Returns whether there was one.
+fn invalidate_existing<P: Pmem + ?Sized>(pmem: &P, force: bool) -> Result<bool, FormatError> {
+    let existing = existing_format(pmem)?;
+    if let (Some(seg_num), false) = (existing, force) {
+        return Err(FormatError::AlreadyFormatted { seg_num });
+    }
+    if existing.is_some() {
+        pmem.zero_persist(SB_OFF, SB_SIZE as u64)?;
+    }
+    Ok(existing.is_some())
 }
 
 /// Formats `pmem` as the Linux kernel's dm-pcache leaves a device it first
@@ -119,18 +132,11 @@ pub fn format_dm_segments<P: Pmem + ?Sized>(
     max_segs: u32,
 ) -> Result<Formatted, FormatError> {
     let d = Dialect::DmPcache;
-    let mut plan = Layout::plan(d, pmem.size())
-        .map_err(|_| FormatError::TooSmall { size: pmem.size(), min: pcache_format::CACHE_DEV_SIZE_MIN })?;
+    let mut plan = plan(pmem, d)?;
     if max_segs < plan.layout.seg_num() {
         plan.layout = Layout::new(d, max_segs, pmem.size())?;
     }
-    let existing = existing_format(pmem)?;
-    if let (Some(seg_num), false) = (existing, force) {
-        return Err(FormatError::AlreadyFormatted { seg_num });
-    }
-    if existing.is_some() {
-        pmem.zero_persist(SB_OFF, SB_SIZE as u64)?;
-    }
+    let overwrote = invalidate_existing(pmem, force)?;
     let layout = plan.layout;
     // The cache info and the tails, as the kernel zeroes them.
     pmem.zero_persist(DM_CACHE_INFO_OFF, d.segments_off() - DM_CACHE_INFO_OFF)?;
@@ -147,7 +153,7 @@ pub fn format_dm_segments<P: Pmem + ?Sized>(
     let info = DmCacheInfo::new(n_segs, DM_GC_PERCENT_DEFAULT, data_crc);
     write_record_both(pmem, d, layout.cache_info_offset()?, &info)?;
     pmem.copy_persist(SB_OFF, &DmSuperblock::encode_area(n_segs))?;
-    Ok(Formatted { plan, overwrote: existing.is_some() })
+    Ok(Formatted { plan, overwrote })
 }
 
 /// Allocates every block of the first `len` bytes of the regular file

@@ -21,6 +21,34 @@ use crate::backing::{BackingId, stored_path};
 use crate::pmem::{AsMedia, Pmem, PmemError};
 use crate::records::{write_record, write_record_both};
 
+/// Walks the chain of the cache `ci` (of `whose`, for errors), marking each
+/// of its device segments in `used`; a segment already marked is in two
+/// chains (or twice in one), which is refused.
+fn claim_chain<P: Pmem>(
+    media: &AsMedia<'_, P>,
+    layout: &Layout,
+    ci: &CacheInfo,
+    used: &mut [bool],
+    whose: &str,
+) -> Result<(), EngineError> {
+    let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
+    while let Some(step) = walk.next(media, layout) {
+        let step = step.map_err(|e| match EngineError::from(e) {
+            EngineError::Format(e) => EngineError::Corrupt(format!("{whose}: {e}")),
+            other => other,
+        })?;
+        let slot = &mut used[step.dev_seg as usize];
+        if *slot {
+            return Err(EngineError::Corrupt(format!(
+                "{whose}: segment {} belongs to two chains (run `pcache check`)",
+                step.dev_seg
+            )));
+        }
+        *slot = true;
+    }
+    Ok(())
+}
+
 /// A new cache entry, as `CacheDev::create_entry` writes it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NewEntry<'a> {
@@ -114,22 +142,7 @@ impl<P: Pmem> CacheDev<P> {
                 continue;
             }
             table[id as usize] = Some(Entry::Running(Box::new(info)));
-            let ci = info.cache_info;
-            let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
-            while let Some(step) = walk.next(&media, &layout) {
-                let step = step.map_err(|e| match EngineError::from(e) {
-                    EngineError::Format(e) => EngineError::Corrupt(format!("backing {id}: {e}")),
-                    other => other,
-                })?;
-                let slot = &mut used[step.dev_seg as usize];
-                if *slot {
-                    return Err(EngineError::Corrupt(format!(
-                        "backing {id}: segment {} belongs to two chains (run `pcache check`)",
-                        step.dev_seg
-                    )));
-                }
-                *slot = true;
-            }
+            claim_chain(&media, &layout, &info.cache_info, &mut used, &format!("backing {id}"))?;
         }
         let found = find_orphans(&media, &layout, &used);
         // An entry torn by a crash as it was first written holds nothing:
@@ -185,20 +198,12 @@ impl<P: Pmem> CacheDev<P> {
                     .into(),
             ));
         }
-        let mut used = vec![false; layout.seg_num() as usize];
-        let mut walk = ChainWalk::new(ci.seg_id.get(), ci.n_segs.get());
-        while let Some(step) = walk.next(&media, &layout) {
-            let step = step?;
-            let slot = &mut used[step.dev_seg as usize];
-            if *slot {
-                return Err(EngineError::Corrupt(format!("segment {} is twice in the chain", step.dev_seg)));
-            }
-            *slot = true;
-        }
         let flags = if ci.data_crc() { CacheFlags::DATA_CRC } else { CacheFlags::empty() };
         let mut info = BackingDevInfo::free(0);
         info.state = pcache_format::BackingState::Running as u8;
         info.cache_info = CacheInfo::new(ci.seg_id.get(), ci.n_segs.get(), ci.gc_percent() as u16, flags);
+        let mut used = vec![false; layout.seg_num() as usize];
+        claim_chain(&media, &layout, &info.cache_info, &mut used, "the dm-pcache cache")?;
         let free = used.iter().filter(|u| !**u).count() as u32;
         Ok(Arc::new(Self {
             pmem,
