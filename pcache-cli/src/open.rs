@@ -3,7 +3,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use pcache_pmem::{CacheDev, DaxMapping, DaxOptions, FileBacking};
+use pcache_cli::remote::{AnyBacking, DEFAULT_TIMEOUT};
+use pcache_pmem::{CacheDev, DaxMapping, DaxOptions};
 
 /// Opens the pmem device `device` exclusively and reads its backing table.
 pub fn cache_dev(device: &Path) -> Result<Arc<CacheDev<DaxMapping>>, String> {
@@ -12,10 +13,11 @@ pub fn cache_dev(device: &Path) -> Result<Arc<CacheDev<DaxMapping>>, String> {
 }
 
 /// Opens and locks the backing device `backing` of the pmem device
-/// `device`, refusing the pmem device itself under any name.
-pub fn backing(device: &Path, backing: &Path) -> Result<FileBacking, String> {
+/// `device` (or connects to it, for an NBD URI), refusing the pmem device
+/// itself under any name.
+pub fn backing(device: &Path, backing: &Path) -> Result<AnyBacking, String> {
     crate::attach::check_backings(device, &[backing.to_path_buf()])?;
-    FileBacking::open(backing).map_err(|e| e.to_string())
+    AnyBacking::open(backing, DEFAULT_TIMEOUT)
 }
 
 /// What to say when `device` holds no cache for `path`: which backings it

@@ -34,12 +34,23 @@ pub enum BackingId {
         /// `st_rdev`.
         rdev: u64,
     },
+    /// An export of an NBD server: the server (its address, or its Unix
+    /// socket's inode) and the export's name, hashed
+    /// ([`NbdUri::identity`](crate::nbd_uri::NbdUri::identity)).
+    Remote {
+        /// The hash.
+        hash: u64,
+    },
 }
 
 impl BackingId {
     /// The identity of what `path` names now (following symlinks), if it
-    /// exists and is a file or block device.
+    /// exists and is a file or block device, or of the export an NBD URI
+    /// names, if its server's address resolves.
     pub fn of_path(path: &Path) -> Option<Self> {
+        if let Some(uri) = crate::nbd_uri::stored_uri(path) {
+            return uri.identity();
+        }
         Self::of_meta(&std::fs::metadata(path).ok()?)
     }
 

@@ -19,6 +19,7 @@ pub mod dm_rescue;
 pub mod flush;
 pub mod format;
 pub mod mutation;
+pub mod nbd_uri;
 pub mod pmem;
 pub mod records;
 pub mod sys;
@@ -32,4 +33,5 @@ pub use cache::{
 };
 pub use dax::{DaxMapping, DaxOptions, MapMode};
 pub use flush::{FlushConfig, FlushInstr};
+pub use nbd_uri::{NbdUri, is_nbd_uri};
 pub use pmem::{AsMedia, CACHE_LINE, Pmem, PmemError, PmemWindow, check_range};

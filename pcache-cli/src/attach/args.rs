@@ -9,9 +9,16 @@ use crate::units::parse_size;
 pub struct AttachArgs {
     /// The pmem device (formatted with `pcache format`).
     pub device: PathBuf,
-    /// A backing device or file to cache and serve; repeat for several.
+    /// A backing device or file to cache and serve, or an NBD server's
+    /// export (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH);
+    /// repeat for several.
     #[arg(long = "backing", value_name = "BACKING", required = true)]
     pub backings: Vec<PathBuf>,
+    /// How long requests to a remote (NBD) backing are retried, with a new
+    /// connection each time, before they fail: a read miss then answers
+    /// EIO; writeback waits and tries again.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub backing_timeout: u64,
     /// Export name for each --backing, in order (default: the file name).
     #[arg(long = "export", value_name = "EXPORT")]
     pub exports: Vec<String>,

@@ -35,8 +35,9 @@ pub fn check_backings(device: &Path, backings: &[PathBuf]) -> Result<(), String>
     let pmem_id = pmem_meta.as_ref().and_then(BackingId::of_meta);
     let mut seen: Vec<(BackingId, &Path)> = Vec::new();
     for b in backings {
-        let Ok(meta) = std::fs::metadata(b) else { continue };
-        let Some(id) = BackingId::of_meta(&meta) else { continue };
+        // An NBD URI's identity is its server and export (resolved now);
+        // a path's is the file or block device it names.
+        let Some(id) = BackingId::of_path(b) else { continue };
         if Some(id) == pmem_id {
             return Err(format!(
                 "{} is the pmem device {} itself: a cache cannot be its own backing device (every write \

@@ -9,7 +9,7 @@ use tracing::warn;
 
 /// The cache `attach` runs: on a DAX mapping, in front of a file or block
 /// device.
-pub(super) type PmemCache = pcache_pmem::Cache<pcache_pmem::DaxMapping, pcache_pmem::FileBacking>;
+pub(super) type PmemCache = pcache_pmem::Cache<pcache_pmem::DaxMapping, pcache_cli::remote::AnyBacking>;
 
 /// The cache as an NBD device.
 pub struct CacheExport {

@@ -9,8 +9,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pcache_cli::nbd::{Export, Progress};
+use pcache_cli::remote::AnyBacking;
 use pcache_format::SEG_SIZE;
-use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, FileBacking, default_cache_segs};
+use pcache_pmem::{BackingDev, Cache, CacheDev, CacheOptions, DaxMapping, DaxOptions, default_cache_segs};
 use tracing::{info, warn};
 
 use super::args::{AttachArgs, Listen};
@@ -58,8 +59,9 @@ fn attach(a: &AttachArgs) -> Result<u8, String> {
         ));
     }
     check_backings(&a.device, &a.backings)?;
-    let files: Vec<FileBacking> =
-        a.backings.iter().map(|path| FileBacking::open(path).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    let timeout = Duration::from_secs(a.backing_timeout);
+    let files: Vec<AnyBacking> =
+        a.backings.iter().map(|path| AnyBacking::open(path, timeout)).collect::<Result<_, _>>()?;
     let names = export_names(&a.exports, &files)?;
     // Listen before any cache is created: a typo in --listen or a busy
     // port must not leave new caches behind holding segments.
@@ -148,13 +150,19 @@ impl PmemDevice {
 
 /// The export name of each backing: the one given with --export, in
 /// order, else its file name. Two exports may not share a name.
-fn export_names(given: &[String], files: &[FileBacking]) -> Result<Vec<String>, String> {
+fn export_names(given: &[String], files: &[AnyBacking]) -> Result<Vec<String>, String> {
     if given.len() > files.len() {
         return Err(format!("{} --export names for {} --backing devices", given.len(), files.len()));
     }
     let mut names = given.to_vec();
     for f in &files[given.len()..] {
-        names.push(f.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "disk".into()));
+        names.push(match f {
+            AnyBacking::Nbd(n) if !n.export().is_empty() => n.export().to_string(),
+            AnyBacking::Nbd(_) => "disk".into(),
+            AnyBacking::File(f) => {
+                f.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "disk".into())
+            }
+        });
     }
     for (i, n) in names.iter().enumerate() {
         if names[..i].contains(n) {
@@ -169,7 +177,7 @@ fn export_names(given: &[String], files: &[FileBacking]) -> Result<Vec<String>, 
 fn start_caches(
     a: &AttachArgs,
     dev: &Arc<CacheDev<DaxMapping>>,
-    files: Vec<FileBacking>,
+    files: Vec<AnyBacking>,
     names: Vec<String>,
 ) -> Result<Vec<(String, Arc<PmemCache>)>, String> {
     let mut caches = Vec::new();
@@ -191,13 +199,23 @@ fn start_caches(
 fn start_cache(
     a: &AttachArgs,
     dev: &Arc<CacheDev<DaxMapping>>,
-    file: FileBacking,
+    file: AnyBacking,
     name: &str,
 ) -> Result<Arc<PmemCache>, String> {
     let path = file.path().to_path_buf();
     let failed = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     let size = file.size();
     let stored = match dev.find_entry(&path, file.identity()) {
+        Ok(Ok((_, info))) if file.is_remote() && info.dev_size.get() != size / 512 => {
+            return Err(format!(
+                "{}: the export is {size} bytes, but its cache was made for {} bytes: this is not the export the \
+                 cache belongs to (check the URI, and the server's export), or it was resized; `pcache inspect \
+                 {}` shows the cache",
+                path.display(),
+                info.dev_size.get() * 512,
+                a.device.display()
+            ));
+        }
         Ok(Ok((_, info))) => Some(info.cache_info.n_segs.get()),
         Ok(Err(_)) => None,
         Err(e) => return Err(failed(&e)),

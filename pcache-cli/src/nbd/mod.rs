@@ -16,6 +16,7 @@
 //! - [`mod@transmit`]: the request loop, its checks and its replies;
 //! - [`device`]: what is served.
 
+pub mod client;
 pub mod device;
 mod error;
 pub mod handshake;

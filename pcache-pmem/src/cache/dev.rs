@@ -450,7 +450,7 @@ impl<P: Pmem> CacheDev<P> {
     /// same size that no longer exists.
     fn refuse_renamed(&self, path: &Path, sectors: u64) -> Result<(), EngineError> {
         let Some((old_id, old)) =
-            self.backings()?.into_iter().find(|(_, e)| e.dev_size.get() == sectors && !stored_path(e).exists())
+            self.backings()?.into_iter().find(|(_, e)| e.dev_size.get() == sectors && is_gone(stored_path(e)))
         else {
             return Ok(());
         };
@@ -525,4 +525,10 @@ impl<P: Pmem> CacheDev<P> {
     pub(crate) fn unclaim(&self, id: u32) {
         lock(&self.started).remove(&id);
     }
+}
+
+/// Whether the local device a stored backing path names no longer exists
+/// (an NBD URI's server may simply be down: never counted as gone).
+fn is_gone(stored: &Path) -> bool {
+    crate::nbd_uri::stored_uri(stored).is_none() && !stored.exists()
 }

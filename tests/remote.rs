@@ -1,0 +1,320 @@
+//! Remote backing stores: `pcache attach --backing nbd+unix:///…` in front
+//! of real NBD servers — `nbdkit memory`, `nbdkit file`, `qemu-nbd` of a
+//! qcow2 image, and nbdkit's error and delay filters — with the server
+//! killed and restarted under load, `pcache attach` killed with SIGKILL,
+//! and every refusal an operator can meet. Data is checked by fio's own
+//! verification, qemu-io patterns and `qemu-img compare`.
+//!
+//! Each test starts its servers on Unix sockets in a temporary directory
+//! and stops them (nbdkit and qemu-nbd also exit with the test process).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A running NBD server on a Unix socket.
+struct Server {
+    child: Option<Child>,
+    socket: PathBuf,
+    args: Vec<String>,
+    program: String,
+}
+
+impl Server {
+    /// `nbdkit` with `args` (plugin, its parameters, filters).
+    fn nbdkit(socket: &Path, args: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            socket: socket.to_path_buf(),
+            args: args.iter().map(|a| (*a).to_string()).collect(),
+            program: tool("nbdkit", "nbdkit"),
+        };
+        s.start();
+        s
+    }
+
+    /// `qemu-nbd` of a qcow2 image, export `disk`, many connections.
+    fn qemu_nbd(socket: &Path, image: &Path) -> Server {
+        let args = ["-f", "qcow2", "-x", "disk", "--persistent", "--cache=writeback", s(image)];
+        let mut s = Server {
+            child: None,
+            socket: socket.to_path_buf(),
+            args: args.iter().map(|a| (*a).to_string()).collect(),
+            program: tool("qemu-nbd", "qemu-utils"),
+        };
+        s.start();
+        s
+    }
+
+    fn start(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut cmd = Command::new(&self.program);
+        if self.program == "nbdkit" {
+            cmd.args(["-f", "--exit-with-parent", "-U", s(&self.socket)]);
+        } else {
+            cmd.args(["-k", s(&self.socket)]);
+        }
+        cmd.args(&self.args).stdout(Stdio::null()).stderr(Stdio::null());
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}")));
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < until, "{} did not start listening", self.program);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to its clients).
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill();
+        self.start();
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.socket.display())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn fio(uri: &str, args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(tool("fio", "fio"));
+    c.args(["--name=remote", "--ioengine=nbd", &format!("--uri={uri}"), "--bs=4k", "--verify_state_save=0"]);
+    c.args(args);
+    run(&mut c)
+}
+
+/// Writes 24 MiB of random 4 KiB blocks through `uri` and verifies them.
+fn fio_write_verify(uri: &str, extra: &[&str]) {
+    let mut args =
+        vec!["--rw=randwrite", "--size=24M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"];
+    args.extend_from_slice(extra);
+    let o = fio(uri, &args);
+    assert!(o.status.success() && stdout(&o).contains("err= 0"), "{}\n{}", stdout(&o), stderr(&o));
+}
+
+/// Verifies, reading `uri`, what [`fio_write_verify`] wrote.
+fn fio_verify_only(uri: &str) {
+    let o = fio(uri, &["--rw=randwrite", "--size=24M", "--verify=crc32c", "--verify_only", "--verify_fatal=1"]);
+    assert!(o.status.success() && stdout(&o).contains("err= 0"), "{}\n{}", stdout(&o), stderr(&o));
+}
+
+fn detach(rig: &Rig, backing: &str) {
+    let o = pcache(&["detach", s(&rig.dev), "--backing", backing]);
+    assert_eq!(code(&o), 0, "{}\n{}", stdout(&o), stderr(&o));
+}
+
+#[test]
+fn nbdkit_memory_behind_the_cache_gets_every_write_back() {
+    let rig = Rig::new();
+    let remote = Server::nbdkit(&rig.d.path("remote.sock"), &["memory", "64M"]);
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri(""))], &rig.socket(), &[]);
+    assert!(a.stdout.iter().any(|l| l.contains("export \"disk\": nbd+unix:///?socket=")), "{:?}", a.stdout);
+    fio_write_verify(&a.uri("disk"), &[]);
+    assert_eq!(a.stop().0, 0);
+    // The backing table stores the URI: inspect shows it, and the next
+    // attach finds the cache (however the URI is spelled).
+    let o = pcache(&["inspect", "--json", s(&rig.dev)]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let path = v["backings"][0]["path"].as_str().unwrap().to_string();
+    assert_eq!(path, remote.uri(""), "the URI in its normal form");
+    let link = rig.d.path("link.sock");
+    std::os::unix::fs::symlink(&remote.socket, &link).unwrap();
+    let other = format!("NBD+UNIX:///?socket={}", s(&link));
+    let a = Attach::start(&rig.dev, &[Path::new(&other)], &rig.socket(), &[]);
+    assert!(a.stdout.iter().any(|l| l.contains("existing cache")), "{:?}", a.stdout);
+    fio_verify_only(&a.uri("disk"));
+    assert_eq!(a.stop().0, 0);
+    // Detach writes the dirty data back: the server alone then holds it.
+    detach(&rig, &other);
+    fio_verify_only(&remote.uri(""));
+    let o = pcache(&["check", s(&rig.dev)]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+}
+
+#[test]
+fn a_server_killed_and_restarted_under_load_loses_nothing() {
+    let rig = Rig::new();
+    let back = rig.backing("remote.img", 64 << 20);
+    // The server keeps writes in a cache of its own until a flush
+    // (nbdkit's cache filter in writeback mode), so a SIGKILL loses every
+    // write it acknowledged that no flush covered: the client must write
+    // them again. Writes take 1 ms each, so that writeback is always
+    // between a write and its flush when the server dies.
+    let args = ["--filter=delay", "--filter=cache", "file", s(&back), "cache=writeback", "wdelay=1ms"];
+    let mut remote = Server::nbdkit(&rig.d.path("remote.sock"), &args);
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri(""))], &rig.socket(), &["--backing-timeout", "60"]);
+    let uri = a.uri("disk");
+    // One fio run (each run writes the same blocks with the same data, so
+    // a later run would hide what an earlier one lost); the server dies
+    // four times while fio runs and writeback follows it.
+    let load = std::thread::spawn(move || fio_write_verify(&uri, &["--iodepth=4"]));
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(800));
+        remote.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        remote.restart();
+    }
+    load.join().expect("fio through the cache verified while the server came and went");
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &remote.uri(""));
+    drop(remote);
+    // The file the server wrote holds every block, verified by fio itself.
+    let remote = Server::nbdkit(&rig.d.path("remote2.sock"), &["file", s(&back)]);
+    fio_verify_only(&remote.uri(""));
+}
+
+#[test]
+fn a_read_miss_fails_with_eio_after_the_timeout_and_writes_go_on() {
+    let rig = Rig::new();
+    let back = rig.backing("remote.img", 64 << 20);
+    let mut remote = Server::nbdkit(&rig.d.path("remote.sock"), &["file", s(&back)]);
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri(""))], &rig.socket(), &["--backing-timeout", "2"]);
+    let uri = a.uri("disk");
+    remote.kill();
+    let t = Instant::now();
+    let o = qemu_io(&uri, &["read -P 0 32m 64k"]);
+    let took = t.elapsed();
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(out.contains("Input/output error"), "{out}");
+    assert!(took < Duration::from_secs(15), "a miss with the server gone took {took:?}");
+    // Writes land in pmem while the server is away, and read back.
+    let o = qemu_io(&uri, &["write -P 0x3c 1m 1m", "flush", "read -P 0x3c 1m 1m"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    remote.start();
+    let o = qemu_io(&uri, &["read -P 0 32m 64k"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &remote.uri(""));
+    let o = qemu_io(&remote.uri(""), &["read -P 0x3c 1m 1m", "read -P 0 0 1m"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_failing_and_slow_server_loses_nothing() {
+    let rig = Rig::new();
+    let back = rig.backing("remote.img", 64 << 20);
+    // One request in ten fails (reads, writes, flushes alike), and every
+    // request waits 2 ms.
+    let args = [
+        "--filter=error",
+        "--filter=delay",
+        "file",
+        s(&back),
+        "error=EIO",
+        "error-rate=10%",
+        "rdelay=2ms",
+        "wdelay=2ms",
+    ];
+    let remote = Server::nbdkit(&rig.d.path("remote.sock"), &args);
+    // Reads that miss go to the server: read-caching off so every pass of
+    // fio's verification reads the server again.
+    let extra = ["--backing-timeout", "60", "--no-read-cache"];
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri(""))], &rig.socket(), &extra);
+    let o = qemu_io(&a.uri("disk"), &["read -P 0 40m 8m"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    fio_write_verify(&a.uri("disk"), &[]);
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &remote.uri(""));
+    drop(remote);
+    let plain = Server::nbdkit(&rig.d.path("plain.sock"), &["file", s(&back)]);
+    fio_verify_only(&plain.uri(""));
+}
+
+#[test]
+fn qemu_nbd_of_a_qcow2_image() {
+    let rig = Rig::new();
+    let image = rig.d.path("disk.qcow2");
+    ok(Command::new(tool("qemu-img", "qemu-utils")).args(["create", "-q", "-f", "qcow2", s(&image), "64M"]));
+    let remote = Server::qemu_nbd(&rig.d.path("remote.sock"), &image);
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri("disk"))], &rig.socket(), &[]);
+    let o = qemu_io(&a.uri("disk"), &["write -P 0x5e 0 4m", "write -P 0xe5 10000 5000", "flush"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &remote.uri("disk"));
+    // The image the server wrote, compared with the same writes made to a
+    // plain raw file: identical.
+    drop(remote);
+    let raw = rig.backing("expected.img", 64 << 20);
+    let o = qemu_io(s(&raw), &["write -P 0x5e 0 4m", "write -P 0xe5 10000 5000"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    ok(Command::new("qemu-img").args(["compare", "-q", "-f", "qcow2", "-F", "raw", s(&image), s(&raw)]));
+}
+
+#[test]
+fn kill_9_of_attach_with_a_remote_backing_keeps_what_was_flushed() {
+    let rig = Rig::new();
+    let remote = Server::nbdkit(&rig.d.path("remote.sock"), &["memory", "64M"]);
+    let backing = remote.uri("");
+    // Only FLUSH and FUA make keys durable, and the server is slowed so
+    // that writeback is still behind when the process dies.
+    let slow = ["--kset-flush-ms", "3600000", "--writeback-rate", "1M"];
+    let a = Attach::start(&rig.dev, &[Path::new(&backing)], &rig.socket(), &slow);
+    let o = qemu_io(&a.uri("disk"), &["write -P 0x77 0 8m", "flush", "write -f -P 0x99 16m 64k"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    a.kill9();
+    let a = Attach::start(&rig.dev, &[Path::new(&backing)], &rig.socket(), &[]);
+    let o = qemu_io(&a.uri("disk"), &["read -P 0x77 0 8m", "read -P 0x99 16m 64k"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &backing);
+    let o = qemu_io(&backing, &["read -P 0x77 0 8m", "read -P 0x99 16m 64k"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+}
+
+/// Every mistake with a remote backing gets a refusal that names it, and
+/// leaves the cache as it was.
+#[test]
+fn remote_backings_refuse_what_is_wrong() {
+    let rig = Rig::new();
+    let sock = rig.d.path("remote.sock");
+    let mut remote = Server::nbdkit(&sock, &["memory", "64M"]);
+    let refuse = |backings: &[&str], want: &str| {
+        let mut cmd = attach_cmd(&rig.dev, &[], &format!("unix:{}", s(&rig.socket())), &[]);
+        for b in backings {
+            cmd.args(["--backing", b]);
+        }
+        let o = run_for(&mut cmd, 60).expect("attach refused, not hung");
+        let err = stderr(&o);
+        assert_eq!(code(&o), 1, "{backings:?}: {err}");
+        assert!(err.contains(want), "{backings:?}: {err}");
+    };
+    let link = rig.d.path("link.sock");
+    std::os::unix::fs::symlink(&sock, &link).unwrap();
+    let uri = remote.uri("");
+    let by_link = format!("nbd+unix:///?socket={}", s(&link));
+    refuse(&[&uri, &by_link], "are the same backing device");
+    refuse(&["nbd+unix:///nope?socket=/nonexistent/s"], "is the NBD server running?");
+    refuse(&[&format!("nbds+unix:///?socket={}", s(&sock))], "TLS");
+    refuse(&["nbd+unix:///disk"], "needs ?socket=PATH");
+    refuse(&["nbd://127.0.0.1:1/x"], "cannot connect");
+    let long = format!("nbd+unix:///{}?socket={}", "x".repeat(250), s(&sock));
+    refuse(&[&long], "a backing entry holds at most 255");
+    // A cache made for this export, then the export changes size.
+    let a = Attach::start(&rig.dev, &[Path::new(&uri)], &rig.socket(), &[]);
+    assert!(qemu_io(&a.uri("disk"), &["write -P 1 0 1m", "flush"]).status.success());
+    assert_eq!(a.stop().0, 0);
+    remote.args = vec!["memory".into(), "128M".into()];
+    remote.restart();
+    refuse(&[&uri], "but its cache was made for 67108864 bytes");
+    remote.args = vec!["-r".into(), "memory".into(), "64M".into()];
+    remote.restart();
+    refuse(&[&uri], "read-only");
+    let o = pcache(&["check", s(&rig.dev)]);
+    assert_eq!(code(&o), 0, "the refusals changed nothing: {}", stdout(&o));
+}
