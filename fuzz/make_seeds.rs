@@ -62,6 +62,7 @@ fn main() {
     backing_table(&mut out);
     image(&mut out);
     nbd(&mut out);
+    nbd_client(&mut out);
     engine(&mut out);
     println!("make-seeds: wrote {} seeds under {}", out.count, out.root.display());
 }
@@ -360,6 +361,77 @@ fn nbd(out: &mut Out) {
     v.extend(req(CMD_WRITE, 0, 2, 0, 4));
     v.extend_from_slice(b"abcd");
     out.put("nbd", "export-name", &v);
+}
+
+/// Server byte streams for the `nbd_client` target: a handshake (with and
+/// without structured replies, and the old `EXPORT_NAME` way), then replies
+/// to the four requests `replay_server` has in flight.
+fn nbd_client(out: &mut Out) {
+    use pcache_cli::nbd::*;
+    use zerocopy::IntoBytes;
+    let hello = ServerHello {
+        magic: NBDMAGIC.into(),
+        option_magic: IHAVEOPT.into(),
+        flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
+    };
+    let rep = |option: u32, kind: u32, data: &[u8]| {
+        let h = OptionReplyHeader {
+            magic: REP_MAGIC.into(),
+            option: option.into(),
+            kind: kind.into(),
+            length: (data.len() as u32).into(),
+        };
+        [h.as_bytes(), data].concat()
+    };
+    let export = InfoExport { info: INFO_EXPORT.into(), size: (1u64 << 20).into(), flags: TRANSMISSION_FLAGS.into() };
+    let blocks = InfoBlockSize {
+        info: INFO_BLOCK_SIZE.into(),
+        minimum: 512.into(),
+        preferred: 4096.into(),
+        maximum: (1u32 << 20).into(),
+    };
+    let chunk = |flags: u16, kind: u16, handle: u64, payload: &[u8]| {
+        let h = StructuredReplyHeader {
+            magic: STRUCTURED_REPLY_MAGIC.into(),
+            flags: flags.into(),
+            kind: kind.into(),
+            handle: handle.into(),
+            length: (payload.len() as u32).into(),
+        };
+        [h.as_bytes(), payload].concat()
+    };
+    let simple = |error: u32, handle: u64| {
+        SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: error.into(), handle: handle.into() }.as_bytes().to_vec()
+    };
+    for structured in [true, false] {
+        let mut v = hello.as_bytes().to_vec();
+        v.extend(rep(OPT_STRUCTURED_REPLY, if structured { REP_ACK } else { REP_ERR_UNSUP }, &[]));
+        v.extend(rep(OPT_GO, REP_INFO, export.as_bytes()));
+        v.extend(rep(OPT_GO, REP_INFO, blocks.as_bytes()));
+        v.extend(rep(OPT_GO, REP_ACK, &[]));
+        if structured {
+            v.extend(chunk(0, REPLY_TYPE_OFFSET_DATA, 1, &[&0u64.to_be_bytes()[..], &[7; 256]].concat()));
+            v.extend(chunk(REPLY_FLAG_DONE, 2, 1, &[&256u64.to_be_bytes()[..], &256u32.to_be_bytes()].concat()));
+            let mut err = 5u32.to_be_bytes().to_vec();
+            err.extend_from_slice(&4u16.to_be_bytes());
+            err.extend_from_slice(b"oops");
+            v.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 2, &err));
+            v.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 3, &[]));
+        } else {
+            v.extend(simple(0, 1));
+            v.extend([9u8; 512]);
+            v.extend(simple(5, 2));
+            v.extend(simple(0, 3));
+        }
+        v.extend(simple(0, 4));
+        out.put("nbd_client", if structured { "structured" } else { "simple" }, &v);
+    }
+    let mut v = hello.as_bytes().to_vec();
+    v.extend(rep(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]));
+    v.extend(rep(OPT_GO, REP_ERR_UNSUP, &[]));
+    v.extend(ExportNameReply { size: 4096.into(), flags: 1.into() }.as_bytes());
+    v.extend(simple(0, 3));
+    out.put("nbd_client", "export-name", &v);
 }
 
 /// Byte strings for the `engine` target: `arbitrary` turns them into op

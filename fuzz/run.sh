@@ -9,7 +9,7 @@
 # nightly flags are let through with RUSTC_BOOTSTRAP=1.
 #
 # Environment:
-#   FUZZ_TARGETS     targets to run, space-separated (default: all seven)
+#   FUZZ_TARGETS     targets to run, space-separated (default: all eight)
 #   FUZZ_SANITIZER   cargo fuzz --sanitizer (default: none). pcache-format
 #                    forbids unsafe code, so AddressSanitizer finds little
 #                    there and costs 3-8x in executions; set
@@ -28,7 +28,7 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]] || [ "$seconds" -lt 1 ]; then
 fi
 fuzz_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_dir="$(dirname "$fuzz_dir")"
-read -r -a targets <<<"${FUZZ_TARGETS:-superblock copy_selection kset backing_table image nbd engine}"
+read -r -a targets <<<"${FUZZ_TARGETS:-superblock copy_selection kset backing_table image nbd nbd_client engine}"
 sanitizer="${FUZZ_SANITIZER:-none}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
