@@ -594,7 +594,7 @@ pub fn replay_server(bytes: &[u8]) {
             structured
         }
         // A script too short for a handshake still tests the replies.
-        Err(_) => !bytes.first().is_some_and(|b| b & 1 == 1),
+        Err(_) => bytes.first().is_none_or(|b| b & 1 == 0),
     };
     let shared = Shared::default();
     let mut rxs = Vec::new();
