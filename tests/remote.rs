@@ -318,3 +318,39 @@ fn remote_backings_refuse_what_is_wrong() {
     let o = pcache(&["check", s(&rig.dev)]);
     assert_eq!(code(&o), 0, "the refusals changed nothing: {}", stdout(&o));
 }
+
+/// A server that takes only whole 4 KiB blocks and at most 64 KiB a
+/// request, refusing anything else: unaligned writes through the cache are
+/// read, patched and written whole, large ones split.
+#[test]
+fn the_servers_block_sizes_are_honoured() {
+    let rig = Rig::new();
+    let args = [
+        "--filter=blocksize-policy",
+        "memory",
+        "64M",
+        "blocksize-minimum=4096",
+        "blocksize-maximum=65536",
+        "blocksize-error-policy=error",
+    ];
+    let remote = Server::nbdkit(&rig.d.path("remote.sock"), &args);
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri(""))], &rig.socket(), &[]);
+    let writes = ["write -P 0x11 0 1m", "write -P 0xab 1000 3000", "write -P 0xcd 5000 10", "write -P 0x77 2m 3m"];
+    let mut cmds: Vec<&str> = writes.to_vec();
+    cmds.push("flush");
+    let o = qemu_io(&a.uri("disk"), &cmds);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &remote.uri(""));
+    let reads = [
+        "read -P 0x11 0 1000",
+        "read -P 0xab 1000 3000",
+        "read -P 0x11 4000 1000",
+        "read -P 0xcd 5000 10",
+        "read -P 0x11 5010 1043566",
+        "read -P 0x77 2m 3m",
+        "read -P 0 5m 1m",
+    ];
+    let o = qemu_io(&remote.uri(""), &reads);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}\n{}", stdout(&o), stderr(&o));
+}

@@ -89,6 +89,9 @@ pub fn errno_name(errno: u32) -> String {
     }
 }
 
+/// The reply to a request, still to come.
+pub type Pending = Receiver<Result<Vec<u8>, ReqError>>;
+
 /// What the server says of its export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExportInfo {
@@ -310,7 +313,7 @@ impl Conn {
     }
 
     /// Sends a request; its reply arrives on the receiver.
-    fn send(&self, kind: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Receiver<Result<Vec<u8>, ReqError>> {
+    fn send(&self, kind: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Pending {
         let (tx, rx) = sync_channel(1);
         if let Some(why) = self.dead() {
             let _ = tx.try_send(Err(ReqError::Lost(why)));
@@ -343,7 +346,7 @@ impl Conn {
 
     /// Waits for a reply until `deadline`; a request that outlives it kills
     /// the connection (a server that stops answering is a dead server).
-    fn wait(&self, rx: &Receiver<Result<Vec<u8>, ReqError>>, deadline: Instant) -> Result<Vec<u8>, ReqError> {
+    fn wait(&self, rx: &Pending, deadline: Instant) -> Result<Vec<u8>, ReqError> {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(r) => r,
@@ -376,10 +379,13 @@ impl Conn {
         Ok(())
     }
 
-    /// Sends every write of `writes` (offset, data, as zeroes) at once, then
-    /// waits for each.
-    pub fn write_many(&self, writes: &[(u64, &[u8], bool)], deadline: Instant) -> Result<(), ReqError> {
-        let rxs: Vec<_> = writes
+    /// Sends every write of `writes` (offset, data, as zeroes) at once; the
+    /// replies come on the receivers. The connection counts them as not
+    /// flushed from now on (a write may reach the server before its reply
+    /// is read).
+    pub fn send_writes(&self, writes: &[(u64, &[u8], bool)]) -> Vec<Pending> {
+        self.unflushed.store(true, Ordering::Release);
+        writes
             .iter()
             .map(|&(off, data, zero)| {
                 if zero {
@@ -388,17 +394,25 @@ impl Conn {
                     self.send(CMD_WRITE, 0, off, len32(data.len()), data)
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    /// Waits for every reply of `pending`: the first error, if any.
+    pub fn wait_all(&self, pending: &[Pending], deadline: Instant) -> Result<(), ReqError> {
         let mut first = Ok(());
-        for rx in &rxs {
+        for rx in pending {
             let r = self.wait(rx, deadline).map(drop);
-            if r.is_ok() {
-                self.unflushed.store(true, Ordering::Release);
-            } else if first.is_ok() {
+            if first.is_ok() {
                 first = r;
             }
         }
         first
+    }
+
+    /// Sends every write of `writes` at once, then waits for each.
+    pub fn write_many(&self, writes: &[(u64, &[u8], bool)], deadline: Instant) -> Result<(), ReqError> {
+        let pending = self.send_writes(writes);
+        self.wait_all(&pending, deadline)
     }
 
     /// `NBD_CMD_FLUSH`: every write completed before it is durable.
