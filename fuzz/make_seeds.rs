@@ -355,6 +355,32 @@ fn nbd(out: &mut Out) {
         v.extend(requests.iter());
         out.put("nbd", name, &v);
     }
+    // Extended headers and base:allocation: 64-bit requests, block status.
+    let mut meta = 1u32.to_be_bytes().to_vec();
+    meta.extend_from_slice(b"a");
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&(BASE_ALLOCATION.len() as u32).to_be_bytes());
+    meta.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    for extended in [false, true] {
+        let mut v = 3u32.to_be_bytes().to_vec();
+        v.extend(opt(if extended { OPT_EXTENDED_HEADERS } else { OPT_STRUCTURED_REPLY }, &[]));
+        v.extend(opt(OPT_LIST_META_CONTEXT, &meta));
+        v.extend(opt(OPT_SET_META_CONTEXT, &meta));
+        v.extend(opt(OPT_GO, &go));
+        if extended {
+            let ext = encode_extended_request;
+            v.extend(ext(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 1, 512, 8));
+            v.extend_from_slice(b"pcache!!");
+            v.extend(ext(CMD_BLOCK_STATUS, 0, 2, 0, 1 << 16));
+            v.extend(ext(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 3, 4096, 4096));
+            v.extend(ext(CMD_TRIM, 0, 4, 0, 1 << 33));
+            v.extend(ext(CMD_READ, 0, 5, 0, 4096));
+        } else {
+            v.extend(req(CMD_BLOCK_STATUS, 0, 2, 0, 1 << 16));
+            v.extend(req(CMD_READ, 0, 5, 0, 4096));
+        }
+        out.put("nbd", if extended { "extended-block-status" } else { "block-status" }, &v);
+    }
     let mut v = 0u32.to_be_bytes().to_vec();
     v.extend(opt(OPT_EXPORT_NAME, b"b"));
     v.extend(req(CMD_READ, 0, 1, 0, 512));

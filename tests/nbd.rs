@@ -498,3 +498,58 @@ fn cache_prefetches_and_fast_zero_is_refused_at_once() {
     assert!(o.status.success() && !stdout(&o).contains("fail"), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
 }
+
+/// `base:allocation`: nbdinfo --map and qemu-img map see the backing
+/// file's holes and the cached data; qemu-io speaks extended headers (the
+/// log says so) and its data reads back.
+#[test]
+fn block_status_and_extended_headers_with_real_clients() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 64 << 20);
+    // Data in the backing file at 8 MiB (2 MiB of it); the rest is a hole.
+    let o = qemu_io(s(&disk), &["write -P 0x42 8m 2m"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = rig.d.path("attach.log");
+    let a = Attach::start_logged(&rig.dev, &[&disk], &rig.socket(), &[], &log);
+    let uri = a.uri("disk.img");
+    let o = qemu_io(&uri, &["write -P 0x17 32m 1m", "write -z 40m 5m", "read -P 0x17 32m 1m", "read -P 0 40m 5m"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}\n{}", stdout(&o), stderr(&o));
+    let map = stdout(&ok(Command::new(tool("nbdinfo", "libnbd-bin")).args(["--map", &uri])));
+    let rows: Vec<(u64, u64, u32)> = map
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    const M: u64 = 1 << 20;
+    assert_eq!(
+        rows,
+        vec![
+            (0, 8 * M, 3),
+            (8 * M, 2 * M, 0),
+            (10 * M, 22 * M, 3),
+            (32 * M, M, 0),
+            (33 * M, 7 * M, 3),
+            (40 * M, 5 * M, 0),
+            (45 * M, 19 * M, 3)
+        ],
+        "{map}"
+    );
+    let qmap = stdout(&ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &uri])));
+    let v: serde_json::Value = serde_json::from_str(&qmap).unwrap();
+    let data: Vec<(u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(8 * M, 2 * M), (32 * M, M), (40 * M, 5 * M)], "{qmap}");
+    assert_eq!(a.stop().0, 0);
+    let log = std::fs::read_to_string(&log).unwrap();
+    let conns: Vec<&str> = log.lines().filter(|l| l.contains("client connected")).collect();
+    assert_eq!(conns.len(), 3, "{log}");
+    assert!(conns[0].contains("extended_headers=true"), "qemu-io's connection: {log}");
+    assert!(conns.iter().all(|c| c.contains("block_status=true")), "every client asked for base:allocation: {log}");
+}

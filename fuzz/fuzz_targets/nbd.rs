@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Some(session)) = negotiate(&mut input, &mut out, &exports) {
         assert!(session.export < exports.len());
         let device: Arc<dyn BlockDevice> = exports[session.export].device.clone();
-        let _ = transmit(input, Vec::new(), device, session.structured, 0);
+        let _ = transmit(input, Vec::new(), device, session, 0);
     }
     assert_eq!(dev.size(), 1 << 16);
 });

@@ -521,6 +521,9 @@ impl BackingDev for AnyBacking {
     fn identity(&self) -> Option<BackingId> {
         self.dev().identity()
     }
+    fn data_ranges(&self, off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+        self.dev().data_ranges(off, len)
+    }
 }
 
 #[cfg(test)]
@@ -544,7 +547,7 @@ mod tests {
                 std::thread::spawn(move || {
                     let (mut r, mut w) = (conn.try_clone().unwrap(), conn);
                     if let Ok(Some(s)) = negotiate(&mut r, &mut w, &exports) {
-                        let _ = transmit(r, w, exports[s.export].device.clone(), s.structured, 4);
+                        let _ = transmit(r, w, exports[s.export].device.clone(), s, 4);
                     }
                 });
             }

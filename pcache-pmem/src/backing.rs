@@ -123,6 +123,12 @@ pub trait BackingDev: Send + Sync {
     fn identity(&self) -> Option<BackingId> {
         None
     }
+    /// The runs of `[off, off + len)` that hold data, in order; the rest
+    /// are holes that read as zeroes. `None` if the device cannot tell
+    /// (then all of it counts as data).
+    fn data_ranges(&self, _off: u64, _len: u64) -> Option<Vec<(u64, u64)>> {
+        None
+    }
 }
 
 impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
@@ -148,6 +154,10 @@ impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
 
     fn identity(&self) -> Option<BackingId> {
         (**self).identity()
+    }
+
+    fn data_ranges(&self, off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+        (**self).data_ranges(off, len)
     }
 }
 
@@ -248,6 +258,33 @@ impl BackingDev for FileBacking {
     fn identity(&self) -> Option<BackingId> {
         self.id
     }
+
+    /// `SEEK_DATA`/`SEEK_HOLE` (a block device, or a file system without
+    /// them, reports everything as data).
+    fn data_ranges(&self, off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+        use rustix::fs::{SeekFrom, seek};
+        let end = off.checked_add(len)?.min(self.size);
+        let mut out = Vec::new();
+        let mut at = off;
+        while at < end {
+            let data = match seek(&self.file, SeekFrom::Data(at)) {
+                Ok(d) => d,
+                // No data from here to the end of the file.
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => return None,
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(&self.file, SeekFrom::Hole(data)).ok()?.min(end);
+            if hole <= data {
+                return None;
+            }
+            out.push((data, hole - data));
+            at = hole;
+        }
+        Some(out)
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +306,21 @@ mod tests {
         assert!(b.read_at(8190, &mut buf).is_err());
         assert!(b.write_at(u64::MAX, b"x").is_err());
         assert!(FileBacking::open("/dev/null").is_err());
+    }
+
+    #[test]
+    fn data_ranges_follow_the_files_holes() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(4 << 20).unwrap();
+        let b = FileBacking::open(f.path()).unwrap();
+        b.write_at(1 << 20, &[7u8; 8192]).unwrap();
+        b.sync().unwrap();
+        let r = b.data_ranges(0, 4 << 20).unwrap();
+        // File systems allocate in blocks of their own; the written range
+        // is data, and most of the file is not.
+        assert!(r.iter().any(|&(o, l)| o <= 1 << 20 && o + l >= (1 << 20) + 8192), "{r:?}");
+        assert!(r.iter().map(|&(_, l)| l).sum::<u64>() < 1 << 20, "{r:?}");
+        assert_eq!(b.data_ranges(2 << 20, 1 << 20).unwrap(), vec![]);
         assert!(FileBacking::open("/nonexistent/x").is_err());
     }
 }

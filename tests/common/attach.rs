@@ -52,8 +52,20 @@ impl Attach {
     }
 
     /// Starts `cmd` (from `attach_cmd`) and waits until it serves.
-    pub fn spawn(mut cmd: Command, socket: &Path) -> Attach {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn pcache attach");
+    pub fn spawn(cmd: Command, socket: &Path) -> Attach {
+        Attach::spawn_to(cmd, socket, Stdio::inherit())
+    }
+
+    /// [`Attach::start`] logging at info level into the file `log`.
+    pub fn start_logged(dev: &Path, backings: &[&Path], socket: &Path, extra: &[&str], log: &Path) -> Attach {
+        let mut cmd = attach_cmd(dev, backings, &format!("unix:{}", socket.display()), extra);
+        cmd.env("PCACHE_LOG", "info");
+        Attach::spawn_to(cmd, socket, std::fs::File::create(log).expect("create the log").into())
+    }
+
+    /// [`Attach::spawn`] with its stderr going to `stderr`.
+    pub fn spawn_to(mut cmd: Command, socket: &Path, stderr: Stdio) -> Attach {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawn pcache attach");
         let out: ChildStdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use pcache_cli::nbd::{self, BlockDevice, DevError};
+use pcache_cli::nbd::{self, BlockDevice, DevError, Extent};
+use pcache_pmem::BackingDev;
 use pcache_pmem::EngineError;
 use tracing::warn;
 
@@ -69,7 +70,85 @@ impl BlockDevice for CacheExport {
         !self.cache.is_cached(off, len)
     }
 
+    /// Cached data is data; elsewhere what the backing device says of its
+    /// own allocation (a hole there reads as zeroes through the cache too).
+    fn extents(&self, off: u64, len: u64) -> Result<Vec<Extent>, DevError> {
+        Ok(allocation(off, len, &self.cache.cached_ranges(off, len), |o, l| self.cache.backing().data_ranges(o, l)))
+    }
+
     fn writes_may_block(&self) -> bool {
         self.writes_sync
+    }
+}
+
+/// The extents of `[off, off + len)`: the `cached` runs are data, and so is
+/// whatever `backing_data` says holds data in the gaps between them (all of
+/// a gap it cannot tell about); the rest are holes that read as zeroes.
+fn allocation(
+    off: u64,
+    len: u64,
+    cached: &[(u64, u64)],
+    backing_data: impl Fn(u64, u64) -> Option<Vec<(u64, u64)>>,
+) -> Vec<Extent> {
+    let hole = nbd::STATE_HOLE | nbd::STATE_ZERO;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut push = |len: u64, flags: u32| {
+        if len == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(e) if e.flags == flags => e.len += len,
+            _ => out.push(Extent { len, flags }),
+        }
+    };
+    let gap = |from: u64, to: u64, push: &mut dyn FnMut(u64, u32)| {
+        if from >= to {
+            return;
+        }
+        match backing_data(from, to - from) {
+            None => push(to - from, 0),
+            Some(runs) => {
+                let mut at = from;
+                for (o, l) in runs {
+                    let (o, e) = (o.clamp(at, to), (o + l).clamp(at, to));
+                    push(o - at, hole);
+                    push(e - o, 0);
+                    at = e;
+                }
+                push(to - at, hole);
+            }
+        }
+    };
+    let end = off + len;
+    let mut at = off;
+    for &(o, l) in cached {
+        let (o, e) = (o.clamp(at, end), (o + l).clamp(at, end));
+        gap(at, o, &mut push);
+        push(e - o, 0);
+        at = e;
+    }
+    gap(at, end, &mut push);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_data_and_the_backings_holes_make_the_map() {
+        let hole = nbd::STATE_HOLE | nbd::STATE_ZERO;
+        let ext = |v: &[(u64, u32)]| v.iter().map(|&(len, flags)| Extent { len, flags }).collect::<Vec<_>>();
+        // Backing: data at 100..200 only. Cache: 150..300 and 500..600.
+        let backing = |o: u64, l: u64| {
+            let (s, e) = (o.max(100), (o + l).min(200));
+            Some(if s < e { vec![(s, e - s)] } else { vec![] })
+        };
+        let got = allocation(0, 1000, &[(150, 150), (500, 100)], backing);
+        assert_eq!(got, ext(&[(100, hole), (200, 0), (200, hole), (100, 0), (400, hole)]));
+        // A backing that cannot tell is all data.
+        assert_eq!(allocation(0, 1000, &[(150, 150)], |_, _| None), ext(&[(1000, 0)]));
+        // Nothing cached, all hole.
+        assert_eq!(allocation(10, 90, &[], |_, _| Some(vec![])), ext(&[(90, hole)]));
     }
 }

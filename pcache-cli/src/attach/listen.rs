@@ -274,8 +274,15 @@ pub fn serve(
         return;
     }
     let e = &exports[session.export];
-    info!(conn = id, export = %e.name, structured = session.structured, "client connected");
-    match nbd::transmit_with(r, w, e.device.clone(), session.structured, workers, progress) {
+    info!(
+        conn = id,
+        export = %e.name,
+        structured = session.structured,
+        extended_headers = session.extended,
+        block_status = session.block_status,
+        "client connected"
+    );
+    match nbd::transmit_with(r, w, e.device.clone(), session, workers, progress) {
         Ok(s) => info!(conn = id, requests = s.requests, "client disconnected"),
         Err(err) => warn!(conn = id, error = %err, "connection ended"),
     }

@@ -13,6 +13,15 @@ pub struct DevError {
     pub message: String,
 }
 
+/// A run of the export with one allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Its length in bytes.
+    pub len: u64,
+    /// `STATE_*` flags of `base:allocation`.
+    pub flags: u32,
+}
+
 /// What the server serves.
 pub trait BlockDevice: Send + Sync {
     /// Size in bytes.
@@ -46,6 +55,14 @@ pub trait BlockDevice: Send + Sync {
     /// connection's reading thread, which saves a thread hand-off per request.
     fn read_may_block(&self, _off: u64, _len: u64) -> bool {
         true
+    }
+
+    /// The allocation of `[off, off + len)` (`base:allocation`), in order
+    /// from `off`: runs of data (flags 0) and of holes that read as zeroes
+    /// ([`STATE_HOLE`](super::STATE_HOLE) `|` [`STATE_ZERO`](super::STATE_ZERO)).
+    /// They may stop short of the end; by default the whole range is data.
+    fn extents(&self, _off: u64, len: u64) -> Result<Vec<Extent>, DevError> {
+        Ok(vec![Extent { len, flags: 0 }])
     }
 
     /// Whether writes may wait on something slow, so that a connection's

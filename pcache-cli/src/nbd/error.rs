@@ -53,7 +53,7 @@ pub enum Violation {
     #[error("write of {length} bytes")]
     WriteTooLarge {
         /// Its length.
-        length: u32,
+        length: u64,
     },
     /// A worker could not send a reply: the connection is broken.
     #[error("a reply could not be sent")]

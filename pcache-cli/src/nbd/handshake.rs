@@ -23,6 +23,36 @@ pub struct Session {
     pub export: usize,
     /// Structured replies negotiated.
     pub structured: bool,
+    /// Extended headers negotiated (structured replies with them).
+    pub extended: bool,
+    /// `base:allocation` selected for this export.
+    pub block_status: bool,
+}
+
+impl From<Session> for super::Framing {
+    fn from(s: Session) -> Self {
+        Self { structured: s.structured || s.extended, extended: s.extended, block_status: s.block_status }
+    }
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`:
+/// the export's name and the queries, every byte accounted for.
+fn meta_request(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
+    fn take(d: &[u8]) -> Option<(u32, &[u8])> {
+        let (n, rest) = d.split_at_checked(4)?;
+        Some((u32::from_be_bytes(n.try_into().ok()?), rest))
+    }
+    let (name_len, rest) = take(data)?;
+    let (name, rest) = rest.split_at_checked(name_len as usize)?;
+    let (count, mut rest) = take(rest)?;
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let (len, tail) = take(rest)?;
+        let (q, tail) = tail.split_at_checked(len as usize)?;
+        queries.push(q);
+        rest = tail;
+    }
+    rest.is_empty().then_some((name, queries))
 }
 
 /// Where the handshake goes after an option.
@@ -50,7 +80,14 @@ pub fn negotiate<R: Read, W: Write>(r: &mut R, w: &mut W, exports: &[Export]) ->
     if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
         return Err(Violation::ClientFlags { flags: client }.into());
     }
-    let mut haggle = Haggle { w, exports, no_zeroes: client & FLAG_C_NO_ZEROES != 0, structured: false };
+    let mut haggle = Haggle {
+        w,
+        exports,
+        no_zeroes: client & FLAG_C_NO_ZEROES != 0,
+        structured: false,
+        extended: false,
+        meta: None,
+    };
     loop {
         haggle.w.flush()?;
         let header: OptionHeader = read_header(r)?;
@@ -110,6 +147,10 @@ struct Haggle<'a, W> {
     no_zeroes: bool,
     /// Structured replies were acknowledged.
     structured: bool,
+    /// Extended headers were acknowledged.
+    extended: bool,
+    /// The export `base:allocation` was selected for, if it was.
+    meta: Option<usize>,
 }
 
 impl<W: Write> Haggle<'_, W> {
@@ -128,10 +169,22 @@ impl<W: Write> Haggle<'_, W> {
             OPT_STRUCTURED_REPLY if !data.is_empty() => {
                 option_reply(self.w, opt, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")?;
             }
+            OPT_STRUCTURED_REPLY if self.extended => {
+                option_reply(self.w, opt, REP_ERR_EXT_HEADER_REQD, b"extended headers are already in use")?;
+            }
             OPT_STRUCTURED_REPLY => {
                 self.structured = true;
                 option_reply(self.w, opt, REP_ACK, &[])?;
             }
+            OPT_EXTENDED_HEADERS if !data.is_empty() => {
+                option_reply(self.w, opt, REP_ERR_INVALID, b"NBD_OPT_EXTENDED_HEADERS takes no data")?;
+            }
+            OPT_EXTENDED_HEADERS => {
+                self.extended = true;
+                self.structured = true;
+                option_reply(self.w, opt, REP_ACK, &[])?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(opt, data)?,
             OPT_STARTTLS => option_reply(self.w, opt, REP_ERR_POLICY, b"TLS is not offered")?,
             _ => option_reply(self.w, opt, REP_ERR_UNSUP, b"option not supported")?,
         }
@@ -141,13 +194,56 @@ impl<W: Write> Haggle<'_, W> {
     /// `NBD_OPT_EXPORT_NAME`: the export's size and flags, then
     /// transmission; an unknown name can only be answered by closing.
     fn export_name(&mut self, name: &[u8]) -> Result<Step, NbdError> {
+        // Not allowed with extended headers: it cannot say an error.
+        if self.extended {
+            return Ok(Step::Close);
+        }
         let Some(export) = find_export(self.exports, name) else { return Ok(Step::Close) };
         let reply =
             ExportNameReply { size: self.exports[export].device.size().into(), flags: TRANSMISSION_FLAGS.into() };
         let padding = if self.no_zeroes { 0 } else { EXPORT_NAME_PADDING };
         self.w.write_all(&[reply.as_bytes(), &[0u8; EXPORT_NAME_PADDING][..padding]].concat())?;
         self.w.flush()?;
-        Ok(Step::Serve(Session { export, structured: self.structured }))
+        Ok(Step::Serve(self.session(export)))
+    }
+
+    /// The session for `export`: block status only if it was selected for
+    /// this export.
+    fn session(&self, export: usize) -> Session {
+        Session {
+            export,
+            structured: self.structured,
+            extended: self.extended,
+            block_status: self.meta == Some(export),
+        }
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: the one
+    /// context is `base:allocation`; listing with no query, or `base:`,
+    /// names it; setting it selects it for the named export.
+    fn meta_context(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
+        if !self.structured {
+            return option_reply(self.w, opt, REP_ERR_INVALID, b"negotiate structured replies first");
+        }
+        let Some((name, queries)) = meta_request(data) else {
+            return option_reply(self.w, opt, REP_ERR_INVALID, b"malformed metadata context request");
+        };
+        let Some(export) = find_export(self.exports, name) else {
+            let msg = format!("no export named {:?}", String::from_utf8_lossy(name));
+            return option_reply(self.w, opt, REP_ERR_UNKNOWN, msg.as_bytes());
+        };
+        let matches = |q: &[u8]| q == BASE_ALLOCATION.as_bytes() || (opt == OPT_LIST_META_CONTEXT && q == b"base:");
+        let found =
+            if opt == OPT_LIST_META_CONTEXT && queries.is_empty() { true } else { queries.iter().any(|q| matches(q)) };
+        if opt == OPT_SET_META_CONTEXT {
+            self.meta = found.then_some(export);
+        }
+        if found {
+            let id = if opt == OPT_SET_META_CONTEXT { BASE_ALLOCATION_ID } else { 0 };
+            let reply = [U32::new(id).as_bytes(), BASE_ALLOCATION.as_bytes()].concat();
+            option_reply(self.w, opt, REP_META_CONTEXT, &reply)?;
+        }
+        option_reply(self.w, opt, REP_ACK, &[])
     }
 
     /// `NBD_OPT_LIST`: one reply per export.
@@ -200,7 +296,7 @@ impl<W: Write> Haggle<'_, W> {
             return Ok(Step::More);
         }
         self.w.flush()?;
-        Ok(Step::Serve(Session { export, structured: self.structured }))
+        Ok(Step::Serve(self.session(export)))
     }
 }
 
@@ -246,7 +342,7 @@ mod tests {
         input.extend(go("disk"));
         let mut out = Vec::new();
         let s = negotiate(&mut &input[..], &mut out, &ex).unwrap().unwrap();
-        assert_eq!(s, Session { export: 0, structured: true });
+        assert_eq!(s, Session { export: 0, structured: true, extended: false, block_status: false });
         assert_eq!(&out[..8], &NBDMAGIC.to_be_bytes());
         let r = replies(&out);
         let kinds: Vec<(u32, u32)> = r.iter().map(|(o, k, _)| (*o, *k)).collect();
@@ -284,7 +380,7 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(
             negotiate(&mut &input[..], &mut out, &ex).unwrap().unwrap(),
-            Session { export: 0, structured: false }
+            Session { export: 0, structured: false, extended: false, block_status: false }
         );
         assert_eq!(out.len(), 18 + 10, "no zeroes");
         // Without NO_ZEROES, 124 zero bytes follow the size and flags.
@@ -299,7 +395,7 @@ mod tests {
         input.extend(encode_option(OPT_STRUCTURED_REPLY, &[]));
         input.extend(encode_option(OPT_EXPORT_NAME, b"disk"));
         let s = negotiate(&mut &input[..], &mut Vec::new(), &ex).unwrap().unwrap();
-        assert_eq!(s, Session { export: 0, structured: true });
+        assert_eq!(s, Session { export: 0, structured: true, extended: false, block_status: false });
         let mut input = 0u32.to_be_bytes().to_vec();
         input.extend(encode_option(OPT_EXPORT_NAME, b"missing"));
         assert!(negotiate(&mut &input[..], &mut Vec::new(), &ex).unwrap().is_none());
@@ -334,5 +430,67 @@ mod tests {
         input.extend((MAX_OPTION + 1).to_be_bytes());
         let r = negotiate(&mut &input[..], &mut Vec::new(), &ex);
         assert!(matches!(r, Err(NbdError::Protocol(Violation::OptionTooLarge { option: OPT_EXPORT_NAME, .. }))));
+    }
+
+    fn meta(opt: u32, name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        encode_option(opt, &d)
+    }
+
+    /// Metadata contexts need structured replies first, name a real export,
+    /// and select `base:allocation` for that export only; extended headers
+    /// are acknowledged and rule out a later `STRUCTURED_REPLY`.
+    #[test]
+    fn meta_contexts_and_extended_headers() {
+        let (ex, _) = exports(1 << 20);
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(meta(OPT_SET_META_CONTEXT, "disk", &[BASE_ALLOCATION]));
+        input.extend(encode_option(OPT_EXTENDED_HEADERS, b"x"));
+        input.extend(encode_option(OPT_EXTENDED_HEADERS, &[]));
+        input.extend(encode_option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(meta(OPT_LIST_META_CONTEXT, "disk", &[]));
+        input.extend(meta(OPT_LIST_META_CONTEXT, "disk", &["qemu:dirty-bitmap:x"]));
+        input.extend(meta(OPT_SET_META_CONTEXT, "nope", &[BASE_ALLOCATION]));
+        input.extend(encode_option(OPT_SET_META_CONTEXT, &[0, 0, 0, 9]));
+        input.extend(meta(OPT_SET_META_CONTEXT, "disk", &["x-foo:bar", BASE_ALLOCATION]));
+        input.extend(go("disk"));
+        let mut out = Vec::new();
+        let s = negotiate(&mut &input[..], &mut out, &ex).unwrap().unwrap();
+        assert_eq!(s, Session { export: 0, structured: true, extended: true, block_status: true });
+        let kinds: Vec<(u32, u32)> = replies(&out).iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(
+            &kinds[..11],
+            &[
+                (OPT_SET_META_CONTEXT, REP_ERR_INVALID),
+                (OPT_EXTENDED_HEADERS, REP_ERR_INVALID),
+                (OPT_EXTENDED_HEADERS, REP_ACK),
+                (OPT_STRUCTURED_REPLY, REP_ERR_EXT_HEADER_REQD),
+                (OPT_LIST_META_CONTEXT, REP_META_CONTEXT),
+                (OPT_LIST_META_CONTEXT, REP_ACK),
+                (OPT_LIST_META_CONTEXT, REP_ACK),
+                (OPT_SET_META_CONTEXT, REP_ERR_UNKNOWN),
+                (OPT_SET_META_CONTEXT, REP_ERR_INVALID),
+                (OPT_SET_META_CONTEXT, REP_META_CONTEXT),
+                (OPT_SET_META_CONTEXT, REP_ACK),
+            ]
+        );
+        let r = replies(&out);
+        assert_eq!(&r[9].2[..4], &BASE_ALLOCATION_ID.to_be_bytes());
+        assert_eq!(&r[9].2[4..], BASE_ALLOCATION.as_bytes());
+        // Selected for another export than the one chosen: no block status.
+        let (mut ex2, _) = exports(1 << 20);
+        ex2.push(Export { name: "other".into(), description: String::new(), device: ex2[0].device.clone() });
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend(encode_option(OPT_STRUCTURED_REPLY, &[]));
+        input.extend(meta(OPT_SET_META_CONTEXT, "other", &[BASE_ALLOCATION]));
+        input.extend(go("disk"));
+        let s = negotiate(&mut &input[..], &mut Vec::new(), &ex2).unwrap().unwrap();
+        assert!(s.structured && !s.block_status && !s.extended);
     }
 }

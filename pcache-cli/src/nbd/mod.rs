@@ -25,10 +25,10 @@ pub mod wire;
 
 #[cfg(any(test, feature = "testing"))]
 pub use device::MemDevice;
-pub use device::{BlockDevice, DevError, Export};
+pub use device::{BlockDevice, DevError, Export, Extent};
 pub use error::{NbdError, Violation};
 pub use handshake::{Session, negotiate};
-pub use transmit::{ConnStats, Progress, transmit, transmit_with};
+pub use transmit::{ConnStats, Framing, Progress, transmit, transmit_with};
 pub use wire::*;
 
 #[cfg(test)]

@@ -29,6 +29,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Structured reply magic.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Extended request magic (64-bit lengths, `NBD_OPT_EXTENDED_HEADERS`).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Extended reply magic.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -53,6 +57,12 @@ pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 /// Structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// Lists metadata contexts.
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Selects metadata contexts (`base:allocation`).
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// Extended headers: 64-bit lengths in requests and replies.
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option replies.
 pub const REP_ACK: u32 = 1;
@@ -60,6 +70,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// Information in reply to `INFO`/`GO`.
 pub const REP_INFO: u32 = 3;
+/// A metadata context, in reply to `LIST_META_CONTEXT`/`SET_META_CONTEXT`.
+pub const REP_META_CONTEXT: u32 = 4;
 /// Errors.
 pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 /// Not allowed by policy.
@@ -70,6 +82,8 @@ pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// Option data too large.
 pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
+/// Extended headers are in use (a `STRUCTURED_REPLY` after them).
+pub const REP_ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 
 /// Info types.
 pub const INFO_EXPORT: u16 = 0;
@@ -122,13 +136,19 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_CACHE: u16 = 5;
 /// Write zeroes.
 pub const CMD_WRITE_ZEROES: u16 = 6;
+/// Block status of a range, in the selected metadata contexts.
+pub const CMD_BLOCK_STATUS: u16 = 7;
 /// Command flag: force unit access.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 /// Command flag: do not punch holes (write zeroes).
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// Command flag: block status of the first extent only.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// Command flag: zero only if that is faster than writing zeros, else fail
 /// at once with `ENOTSUP` (write zeroes).
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// Command flag (extended requests): the length is the payload's.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// Structured reply types and flags.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -136,6 +156,18 @@ pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 /// Structured reply chunk: nothing (a successful reply without data).
 pub const REPLY_TYPE_NONE: u16 = 0;
+/// Block status extents with 32-bit lengths.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Block status extents with 64-bit lengths (extended headers only).
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+/// `base:allocation`: the extent is not allocated.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation`: the extent reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
+/// The one metadata context served.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Its id on every connection.
+pub const BASE_ALLOCATION_ID: u32 = 1;
 /// An error with a message.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
@@ -290,6 +322,54 @@ pub struct RequestHeader {
     pub length: U32,
 }
 
+/// An extended request (after `NBD_OPT_EXTENDED_HEADERS`), before a
+/// payload of `length` bytes if its flags say `PAYLOAD_LEN`.
+///
+/// ```text
+/// 0                      4     6    8      16     24
+/// EXTENDED_REQUEST_MAGIC flags kind cookie offset length (64 bits)
+/// ```
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ExtendedRequestHeader {
+    /// [`EXTENDED_REQUEST_MAGIC`].
+    pub magic: U32,
+    /// `CMD_FLAG_*`.
+    pub flags: U16,
+    /// `CMD_*`.
+    pub kind: U16,
+    /// The client's cookie.
+    pub handle: U64,
+    /// Offset in the export.
+    pub offset: U64,
+    /// Effect length, or payload length with `PAYLOAD_LEN`.
+    pub length: U64,
+}
+
+/// An extended reply chunk, before its `length` bytes of payload: every
+/// reply once extended headers are in use.
+///
+/// ```text
+/// 0                    4     6    8      16     24
+/// EXTENDED_REPLY_MAGIC flags kind cookie offset length (64 bits)
+/// ```
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct ExtendedReplyHeader {
+    /// [`EXTENDED_REPLY_MAGIC`].
+    pub magic: U32,
+    /// `REPLY_FLAG_*`.
+    pub flags: U16,
+    /// `REPLY_TYPE_*`.
+    pub kind: U16,
+    /// The request's cookie.
+    pub handle: U64,
+    /// The request's offset.
+    pub offset: U64,
+    /// Bytes of payload that follow.
+    pub length: U64,
+}
+
 /// A simple reply, before a successful read's data.
 ///
 /// ```text
@@ -363,6 +443,8 @@ const_assert_eq!(size_of::<SimpleReply>(), 16);
 const_assert_eq!(size_of::<StructuredReplyHeader>(), 20);
 const_assert_eq!(size_of::<OffsetDataHeader>(), 28);
 const_assert_eq!(size_of::<ErrorChunkHeader>(), 26);
+const_assert_eq!(size_of::<ExtendedRequestHeader>(), 32);
+const_assert_eq!(size_of::<ExtendedReplyHeader>(), 32);
 
 /// Reads one whole header of type `H`.
 pub fn read_header<H: FromBytes + IntoBytes, R: Read>(r: &mut R) -> io::Result<H> {
@@ -382,8 +464,8 @@ pub struct Request {
     pub handle: u64,
     /// Offset.
     pub offset: u64,
-    /// Length.
-    pub length: u32,
+    /// Length (the effect length; a write's payload length).
+    pub length: u64,
 }
 
 impl RequestHeader {
@@ -410,9 +492,40 @@ impl RequestHeader {
             kind: self.kind.get(),
             handle: self.handle.get(),
             offset: self.offset.get(),
+            length: u64::from(self.length.get()),
+        })
+    }
+}
+
+impl ExtendedRequestHeader {
+    /// The request, if the magic is right.
+    pub fn parse(&self) -> Result<Request, Violation> {
+        let magic = self.magic.get();
+        if magic != EXTENDED_REQUEST_MAGIC {
+            return Err(Violation::RequestMagic { found: magic });
+        }
+        Ok(Request {
+            flags: self.flags.get(),
+            kind: self.kind.get(),
+            handle: self.handle.get(),
+            offset: self.offset.get(),
             length: self.length.get(),
         })
     }
+}
+
+/// The bytes of an extended request header.
+pub fn encode_extended_request(kind: u16, flags: u16, handle: u64, offset: u64, length: u64) -> Vec<u8> {
+    ExtendedRequestHeader {
+        magic: EXTENDED_REQUEST_MAGIC.into(),
+        flags: flags.into(),
+        kind: kind.into(),
+        handle: handle.into(),
+        offset: offset.into(),
+        length: length.into(),
+    }
+    .as_bytes()
+    .to_vec()
 }
 
 /// The data of `NBD_OPT_INFO` and `NBD_OPT_GO`:
@@ -473,6 +586,8 @@ mod tests {
         assert_eq!(&bytes[..4], &REQUEST_MAGIC.to_be_bytes());
         let h = RequestHeader::read_from_bytes(&bytes).unwrap();
         let want = Request { flags: CMD_FLAG_FUA, kind: CMD_WRITE, handle: 7, offset: 1 << 40, length: 512 };
+        let ext = encode_extended_request(CMD_WRITE, CMD_FLAG_FUA, 7, 1 << 40, 512);
+        assert_eq!(ExtendedRequestHeader::read_from_bytes(&ext).unwrap().parse(), Ok(want.clone()));
         assert_eq!(h.parse(), Ok(want));
         let h = RequestHeader::read_from_bytes(&[0xab; 28][..]).unwrap();
         assert_eq!(h.parse(), Err(Violation::RequestMagic { found: 0xabab_abab }));

@@ -282,6 +282,16 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
         !self.inner.ctx.stopping() && self.inner.io.is_cached(off, len, &self.inner.space)
     }
 
+    /// The runs of `[off, off + len)` the cache holds, merged and in order
+    /// (a hint, as [`Cache::is_cached`]): with the backing device's own
+    /// allocation, what `base:allocation` reports.
+    pub fn cached_ranges(&self, off: u64, len: u64) -> Vec<(u64, u64)> {
+        if self.inner.ctx.stopping() {
+            return Vec::new();
+        }
+        self.inner.io.cached_ranges(off, len, &self.inner.space)
+    }
+
     /// Closes every open kset: every write acknowledged before the call is
     /// durable on return.
     pub fn flush(&self) -> Result<(), EngineError> {

@@ -216,6 +216,33 @@ impl<B: BackingDev> Io<B> {
         true
     }
 
+    /// The runs of `[off, off + len)` the cache holds (merged, in order):
+    /// what a read of them would serve without the backing device.
+    pub(super) fn cached_ranges<P: Pmem>(&self, off: u64, len: u64, space: &Space<P>) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        if self.check_range(off, len).is_err() {
+            return out;
+        }
+        let end = off + len;
+        let mut at = off;
+        while at < end {
+            let to = slice_end(at).min(end);
+            let slice = self.index.slice_shared(at);
+            for (ts, k) in slice.overlapping(at, to) {
+                if k.is_filling() || space.is_stale(&k) {
+                    continue;
+                }
+                let (s, e) = (ts.max(at), (ts + u64::from(k.len)).min(to));
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == s => last.1 += e - s,
+                    _ => out.push((s, e - s)),
+                }
+            }
+            at = to;
+        }
+        out
+    }
+
     /// Reads `buf.len()` bytes at `off` and counts the read.
     pub(super) fn read<P: Pmem>(&self, off: u64, buf: &mut [u8], r: Roles<'_, P>) -> Result<(), EngineError> {
         let mut served = Served::default();
