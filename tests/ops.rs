@@ -144,3 +144,27 @@ fn one_control_socket_per_attach() {
     assert_eq!(b.stop().0, 0);
     assert_eq!(a.stop().0, 0);
 }
+
+/// NBD without TLS on an address other hosts can reach is refused unless
+/// the operator says --insecure; loopback and Unix sockets need nothing.
+#[test]
+fn listening_beyond_loopback_needs_insecure() {
+    let rig = Rig::new();
+    let disk = rig.backing("disk.img", 16 << 20);
+    let free = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let listen = format!("tcp:0.0.0.0:{port}");
+    let o = run_for(&mut attach_cmd(&rig.dev, &[&disk], &listen, &[]), 30).expect("refused at once");
+    assert_eq!(code(&o), 1);
+    let err = stderr(&o);
+    assert!(err.contains("without TLS") && err.contains("--insecure") && err.contains("tcp:127.0.0.1:"), "{err}");
+    let o = pcache(&["inspect", "--json", s(&rig.dev)]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["backings"].as_array().map(Vec::len), Some(0), "the refusal created no cache");
+    let a = Attach::spawn(attach_cmd(&rig.dev, &[&disk], &listen, &["--insecure"]), &rig.socket());
+    let uri = format!("nbd://127.0.0.1:{port}/disk.img");
+    let o = qemu_io(&uri, &["write -P 9 0 4k", "read -P 9 0 4k"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+}

@@ -75,6 +75,11 @@ pub struct AttachArgs {
     /// connects sees only the export names.
     #[arg(long)]
     pub describe_paths: bool,
+    /// Allow --listen on an address other than loopback: clients then
+    /// reach the exports over the network without TLS (any host that can
+    /// connect reads and writes every export). Only on a network you trust.
+    #[arg(long)]
+    pub insecure: bool,
     /// Close an open kset at most this many milliseconds after its first key.
     #[arg(long, value_name = "MS", hide = true)]
     pub kset_flush_ms: Option<u64>,
@@ -127,9 +132,44 @@ pub fn parse_listen(s: &str) -> Result<Listen, String> {
     Err(format!("'{s}' is not unix:PATH or tcp:HOST:PORT"))
 }
 
+/// Refuses a TCP address that is not loopback unless the operator said
+/// `--insecure`: NBD without TLS gives every host that can connect the
+/// whole export.
+pub fn check_exposure(l: &Listen, insecure: bool) -> Result<(), String> {
+    let Listen::Tcp(host, port) = l else { return Ok(()) };
+    if insecure {
+        return Ok(());
+    }
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<std::net::SocketAddr> =
+        (host.as_str(), *port).to_socket_addrs().map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
+    if !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()) {
+        return Ok(());
+    }
+    Err(format!(
+        "--listen {l} is reachable from other hosts, and pcache serves NBD without TLS: any host that can \
+         connect could read and write every export. Listen on loopback (tcp:127.0.0.1:{port}) or a Unix socket \
+         and reach it through an SSH or TLS tunnel, or pass --insecure if this network is trusted"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_without_insecure() {
+        let tcp = |h: &str| Listen::Tcp(h.into(), 10809);
+        for ok in ["127.0.0.1", "::1", "localhost", "127.0.0.2"] {
+            assert_eq!(check_exposure(&tcp(ok), false), Ok(()), "{ok}");
+        }
+        for exposed in ["0.0.0.0", "::"] {
+            let e = check_exposure(&tcp(exposed), false).unwrap_err();
+            assert!(e.contains("--insecure") && e.contains("tcp:127.0.0.1:10809"), "{e}");
+            assert_eq!(check_exposure(&tcp(exposed), true), Ok(()));
+        }
+        assert_eq!(check_exposure(&Listen::Unix("/tmp/s".into()), false), Ok(()));
+    }
 
     #[test]
     fn listen_addresses() {

@@ -50,6 +50,7 @@ pub fn run(a: AttachArgs) -> u8 {
 
 /// Runs the whole command: `Err` is a refusal or a failure before serving.
 fn attach(a: &AttachArgs) -> Result<u8, String> {
+    super::args::check_exposure(&a.listen, a.insecure)?;
     let signals = Caught::catch()?;
     let pmem = PmemDevice::open(&a.device)?;
     if pmem.dev.layout().dialect() == pcache_format::Dialect::DmPcache && a.backings.len() > 1 {
