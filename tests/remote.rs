@@ -39,7 +39,13 @@ impl Server {
 
     /// `qemu-nbd` of a qcow2 image, export `disk`, many connections.
     fn qemu_nbd(socket: &Path, image: &Path) -> Server {
-        let args = ["-f", "qcow2", "-x", "disk", "--persistent", "--cache=writeback", s(image)];
+        Server::qemu_nbd_with(socket, image, &[])
+    }
+
+    /// [`Server::qemu_nbd`] with more options first.
+    fn qemu_nbd_with(socket: &Path, image: &Path, extra: &[&str]) -> Server {
+        let mut args = extra.to_vec();
+        args.extend(["-f", "qcow2", "-x", "disk", "--persistent", "--cache=writeback", s(image)]);
         let mut s = Server {
             child: None,
             socket: socket.to_path_buf(),
@@ -300,7 +306,7 @@ fn remote_backings_refuse_what_is_wrong() {
     let by_link = format!("nbd+unix:///?socket={}", s(&link));
     refuse(&[&uri, &by_link], "are the same backing device");
     refuse(&["nbd+unix:///nope?socket=/nonexistent/s"], "is the NBD server running?");
-    refuse(&[&format!("nbds+unix:///?socket={}", s(&sock))], "TLS");
+    refuse(&[&format!("nbds+unix:///?socket={}", s(&sock))], "nbds needs ?tls-certificates=DIR");
     refuse(&["nbd+unix:///disk"], "needs ?socket=PATH");
     refuse(&["nbd://127.0.0.1:1/x"], "cannot connect");
     let long = format!("nbd+unix:///{}?socket={}", "x".repeat(250), s(&sock));
@@ -353,4 +359,148 @@ fn the_servers_block_sizes_are_honoured() {
     ];
     let o = qemu_io(&remote.uri(""), &reads);
     assert!(o.status.success() && !stdout(&o).contains("failed"), "{}\n{}", stdout(&o), stderr(&o));
+}
+
+/// A CA, a server certificate for `localhost` and 127.0.0.1, and a client
+/// certificate, in the layout nbdkit, qemu and libnbd read (`ca-cert.pem`,
+/// `server-cert.pem`, `server-key.pem`, `client-cert.pem`,
+/// `client-key.pem`), made with openssl.
+fn pki(dir: &Path) {
+    let openssl = tool("openssl", "openssl");
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = Command::new(&openssl);
+    ca.args(["req", "-x509"]).args(ec).args(["-keyout", &p("ca-key.pem"), "-out", &p("ca-cert.pem")]);
+    ca.args(["-days", "2", "-subj", "/CN=pcache test CA", "-addext", "basicConstraints=critical,CA:TRUE"]);
+    ca.args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    ok(&mut ca);
+    for (who, ext) in [
+        ("server", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let csr = p(&format!("{who}.csr"));
+        let mut req = Command::new(&openssl);
+        req.arg("req").args(ec).args(["-keyout", &p(&format!("{who}-key.pem")), "-out", &csr]);
+        ok(req.args(["-subj", &format!("/CN={who}")]));
+        let extfile = p(&format!("{who}.ext"));
+        std::fs::write(&extfile, format!("{ext}basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n")).unwrap();
+        let mut sign = Command::new(&openssl);
+        sign.args(["x509", "-req", "-in", &csr, "-CA", &p("ca-cert.pem"), "-CAkey", &p("ca-key.pem")]);
+        sign.args(["-CAcreateserial", "-days", "2", "-extfile", &extfile]);
+        ok(sign.args(["-out", &p(&format!("{who}-cert.pem"))]));
+    }
+}
+
+/// `qemu-io` over TLS with the client certificates in `pki`.
+fn qemu_io_tls(pki: &Path, socket: &Path, export: &str, cmds: &[&str]) -> std::process::Output {
+    let mut c = Command::new(tool("qemu-io", "qemu-utils"));
+    c.args(["--object", &format!("tls-creds-x509,id=tls0,dir={},endpoint=client", s(pki))]);
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export={export},tls-creds=tls0,tls-hostname=localhost",
+        s(socket)
+    );
+    c.args(["--image-opts", &opts]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(&mut c)
+}
+
+fn clean(o: &std::process::Output) -> bool {
+    o.status.success() && !stdout(o).contains("failed") && !stdout(o).contains("error")
+}
+
+/// The server side: attach requires TLS of every client and verifies
+/// their certificates; libnbd's and qemu's clients get in, a client without
+/// TLS or without a certificate does not.
+#[test]
+fn attach_serves_tls_only_to_verified_clients() {
+    let rig = Rig::new();
+    let dir = rig.d.path("pki");
+    pki(&dir);
+    let disk = rig.backing("disk.img", 64 << 20);
+    let tls = [
+        "--tls-cert",
+        &format!("{}/server-cert.pem", s(&dir)),
+        "--tls-key",
+        &format!("{}/server-key.pem", s(&dir)),
+        "--tls-verify-peer",
+        &format!("{}/ca-cert.pem", s(&dir)),
+    ];
+    let log = rig.d.path("attach.log");
+    let a = Attach::start_logged(&rig.dev, &[&disk], &rig.socket(), &tls, &log);
+    let o = qemu_io_tls(&dir, &rig.socket(), "disk.img", &["write -P 0x3a 0 4m", "flush", "read -P 0x3a 0 4m"]);
+    assert!(clean(&o), "{}\n{}", stdout(&o), stderr(&o));
+    let uri = format!("nbds+unix:///disk.img?socket={}&tls-certificates={}", s(&rig.socket()), s(&dir));
+    let o = ok(Command::new(tool("nbdinfo", "libnbd-bin")).arg(&uri));
+    assert!(stdout(&o).contains("with TLS"), "{}", stdout(&o));
+    // Without TLS: refused.
+    let o = run(Command::new("nbdinfo").arg(a.uri("disk.img")));
+    assert!(!o.status.success(), "a client without TLS got in: {}", stdout(&o));
+    // With TLS but no client certificate: refused.
+    let bare = rig.d.path("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(dir.join("ca-cert.pem"), bare.join("ca-cert.pem")).unwrap();
+    let o = run(Command::new("nbdinfo").arg(uri.replace(s(&dir), s(&bare))));
+    assert!(!o.status.success(), "a client without a certificate got in: {}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(log.matches("tls=true").count(), 2, "{log}");
+    assert!(!log.contains("tls=false"), "{log}");
+}
+
+/// The client side: a remote backing over TLS — nbdkit and qemu-nbd each
+/// requiring TLS and a client certificate — written through the cache and
+/// back, then read over TLS from the server alone.
+#[test]
+fn remote_backings_over_tls() {
+    let rig = Rig::new();
+    let dir = rig.d.path("pki");
+    pki(&dir);
+    let certs = format!("--tls-certificates={}", s(&dir));
+    let remote =
+        Server::nbdkit(&rig.d.path("remote.sock"), &["--tls=require", &certs, "--tls-verify-peer", "memory", "64M"]);
+    let nbds = format!("nbds+unix:///?socket={}&tls-certificates={}", s(&remote.socket), s(&dir));
+    let a = Attach::start(&rig.dev, &[Path::new(&nbds)], &rig.socket(), &[]);
+    let o = qemu_io(&a.uri("disk"), &["write -P 0x4b 0 8m", "write -P 0xb4 20m 100k", "flush"]);
+    assert!(clean(&o), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &nbds);
+    let o = qemu_io_tls(&dir, &remote.socket, "", &["read -P 0x4b 0 8m", "read -P 0xb4 20m 100k", "read -P 0 9m 1m"]);
+    assert!(clean(&o), "{}\n{}", stdout(&o), stderr(&o));
+    // The same server without TLS in the URI, and TLS asked of a server
+    // without it: each refused, with what to do.
+    let refused = |backing: &str, want: &str| {
+        let mut cmd = attach_cmd(&rig.dev, &[Path::new(backing)], &format!("unix:{}", s(&rig.socket())), &[]);
+        let o = run_for(&mut cmd, 60).expect("refused, not hung");
+        assert_eq!(code(&o), 1);
+        assert!(stderr(&o).contains(want), "{}", stderr(&o));
+    };
+    refused(&remote.uri(""), "requires TLS: use an nbds:// URI");
+    let plain = Server::nbdkit(&rig.d.path("plain.sock"), &["memory", "64M"]);
+    refused(&format!("nbds+unix:///?socket={}&tls-certificates={}", s(&plain.socket), s(&dir)), "does not offer TLS");
+    // qemu-nbd of a qcow2 image, with TLS and client certificates.
+    let image = rig.d.path("disk.qcow2");
+    ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", s(&image), "64M"]));
+    let creds = format!("tls-creds-x509,id=tls0,dir={},endpoint=server", s(&dir));
+    let q = Server::qemu_nbd_with(&rig.d.path("q.sock"), &image, &["--object", &creds, "--tls-creds", "tls0"]);
+    let qs = format!("nbds+unix:///disk?socket={}&tls-certificates={}", s(&q.socket), s(&dir));
+    let a = Attach::start(&rig.dev, &[Path::new(&qs)], &rig.socket(), &[]);
+    let o = qemu_io(&a.uri("disk"), &["write -P 0x6c 1m 3m", "flush"]);
+    assert!(clean(&o), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+    detach(&rig, &qs);
+    drop(q);
+    let o = qemu_io_qcow2(&image, &["read -P 0x6c 1m 3m", "read -P 0 0 1m"]);
+    assert!(clean(&o), "{}", stdout(&o));
+}
+
+fn qemu_io_qcow2(image: &Path, cmds: &[&str]) -> std::process::Output {
+    let mut c = Command::new(tool("qemu-io", "qemu-utils"));
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(c.arg(image))
 }

@@ -10,9 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The end-to-end NBD tests drive real clients; say what is missing up front.
+# The end-to-end NBD tests drive real clients and servers (nbdkit, qemu-nbd),
+# and the TLS tests make certificates with openssl; say what is missing up front.
 missing=()
-for t in qemu-io:qemu-utils qemu-img:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio; do
+for t in qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils nbdinfo:libnbd-bin nbdcopy:libnbd-bin fio:fio nbdkit:nbdkit openssl:openssl; do
   command -v "${t%%:*}" >/dev/null 2>&1 || missing+=("${t#*:}")
 done
 if [ "${#missing[@]}" -ne 0 ]; then

@@ -146,7 +146,7 @@ enum Command {
     /// Cache backing devices on a pmem device and serve each as an NBD
     /// export, until SIGINT or SIGTERM (the cache stays warm).
     #[command(after_help = manual::SHORT_HELP, after_long_help = manual::long_help("attach"))]
-    Attach(attach::AttachArgs),
+    Attach(Box<attach::AttachArgs>),
     /// Write every dirty block of a backing device's cache back to it, then
     /// give the cache up (offline: the device must not be attached). On a
     /// Linux dm-pcache device (which stores no backing path: BACKING is
@@ -362,7 +362,7 @@ fn main() -> ExitCode {
                 detach::run(&device, &backing, salvage)
             }
         }
-        Command::Attach(args) => attach::run(args),
+        Command::Attach(args) => attach::run(*args),
         Command::Status { device, control, json, watch } => {
             status::status(device.as_deref(), control.as_deref(), json, watch)
         }

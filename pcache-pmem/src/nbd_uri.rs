@@ -5,7 +5,12 @@
 //! - `nbd+unix:///[EXPORT]?socket=PATH`;
 //! - `nbds://…` and `nbds+unix://…`: the same over TLS.
 //!
-//! The export name is the path without its first `/`, percent-decoded.
+//! The export name is the path without its first `/`, percent-decoded. With
+//! TLS, `tls-certificates=DIR` names the directory of `ca-cert.pem` (and
+//! `client-cert.pem`, `client-key.pem` for servers that verify clients),
+//! as libnbd, nbdkit and qemu lay it out, and `tls-hostname=NAME` the name
+//! the server's certificate must carry (default: the host, or `localhost`
+//! over a Unix socket).
 //! What a remote backing *is* ([`NbdUri::identity`]) does not depend on how
 //! it is spelled: `nbd://localhost/disk` and `nbd://127.0.0.1:10809/disk`
 //! are one backing, as are two paths to one Unix socket, and TLS or not.
@@ -45,6 +50,10 @@ pub struct NbdUri {
     pub transport: Transport,
     /// The export's name ("" for the server's default export).
     pub export: String,
+    /// `tls-certificates`: the directory of the TLS certificates.
+    pub tls_certificates: Option<PathBuf>,
+    /// `tls-hostname`: the name to verify the server's certificate against.
+    pub tls_hostname: Option<String>,
 }
 
 /// Whether `s` is meant as an NBD URI rather than a path: it starts with
@@ -76,12 +85,25 @@ impl NbdUri {
         if u.fragment().is_some() {
             return Err(format!("{s}: a URI fragment (#…) means nothing here"));
         }
-        let mut socket = None;
+        let (mut socket, mut tls_certificates, mut tls_hostname) = (None, None, None);
         for (k, v) in u.query_pairs() {
             match k.as_ref() {
                 "socket" if unix => socket = Some(PathBuf::from(v.as_ref())),
-                _ => return Err(format!("{s}: query parameter {k:?} is not supported (only socket= with nbd+unix)")),
+                "tls-certificates" if tls => tls_certificates = Some(PathBuf::from(v.as_ref())),
+                "tls-hostname" if tls => tls_hostname = Some(v.into_owned()),
+                _ => {
+                    return Err(format!(
+                        "{s}: query parameter {k:?} is not supported here (socket= with nbd+unix; \
+                         tls-certificates= and tls-hostname= with nbds)"
+                    ));
+                }
             }
+        }
+        if tls && tls_certificates.is_none() {
+            return Err(format!(
+                "{s}: nbds needs ?tls-certificates=DIR, the directory of ca-cert.pem (and client-cert.pem and \
+                 client-key.pem if the server verifies clients)"
+            ));
         }
         let path = u.path();
         let raw = path.strip_prefix('/').unwrap_or(path);
@@ -110,7 +132,7 @@ impl NbdUri {
             let host = if host.is_empty() { "localhost".to_string() } else { host };
             Transport::Tcp { host, port: u.port().unwrap_or(DEFAULT_PORT) }
         };
-        Ok(Self { tls, transport, export })
+        Ok(Self { tls, transport, export, tls_certificates, tls_hostname })
     }
 
     /// The URI in its one normal form: lower-case scheme and host, the port
@@ -123,16 +145,36 @@ impl NbdUri {
         const QUERY: &AsciiSet = &EXPORT.add(b'&').add(b'=').add(b'+');
         let s = if self.tls { "s" } else { "" };
         let export = utf8_percent_encode(&self.export, EXPORT);
-        match &self.transport {
+        let path = |p: &Path| {
+            let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+            utf8_percent_encode(&p.to_string_lossy(), QUERY).to_string()
+        };
+        let mut query = Vec::new();
+        let uri = match &self.transport {
             Transport::Tcp { host, port } => {
                 let host = if host.contains(':') { format!("[{host}]") } else { host.to_ascii_lowercase() };
                 format!("nbd{s}://{host}:{port}/{export}")
             }
             Transport::Unix { socket } => {
-                let socket = std::fs::canonicalize(socket).unwrap_or_else(|_| socket.clone());
-                let socket = utf8_percent_encode(&socket.to_string_lossy(), QUERY).to_string();
-                format!("nbd{s}+unix:///{export}?socket={socket}")
+                query.push(format!("socket={}", path(socket)));
+                format!("nbd{s}+unix:///{export}")
             }
+        };
+        if let Some(dir) = &self.tls_certificates {
+            query.push(format!("tls-certificates={}", path(dir)));
+        }
+        if let Some(h) = &self.tls_hostname {
+            query.push(format!("tls-hostname={}", utf8_percent_encode(h, QUERY)));
+        }
+        if query.is_empty() { uri } else { format!("{uri}?{}", query.join("&")) }
+    }
+
+    /// The name the server's certificate must carry.
+    pub fn tls_name(&self) -> String {
+        match (&self.tls_hostname, &self.transport) {
+            (Some(h), _) => h.clone(),
+            (None, Transport::Tcp { host, .. }) => host.clone(),
+            (None, Transport::Unix { .. }) => "localhost".into(),
         }
     }
 
@@ -198,10 +240,23 @@ mod tests {
     #[test]
     fn the_uri_forms_parse() {
         let u = NbdUri::parse("nbd://example.com/disk").unwrap();
-        assert_eq!(u, NbdUri { tls: false, transport: tcp("example.com", 10809), export: "disk".into() });
-        let u = NbdUri::parse("NBDS://[::1]:1234/a%20b/c").unwrap();
-        assert_eq!(u, NbdUri { tls: true, transport: tcp("::1", 1234), export: "a b/c".into() });
-        assert_eq!(u.normal(), "nbds://[::1]:1234/a%20b/c");
+        let plain = |transport, export: &str| NbdUri {
+            tls: false,
+            transport,
+            export: export.into(),
+            tls_certificates: None,
+            tls_hostname: None,
+        };
+        assert_eq!(u, plain(tcp("example.com", 10809), "disk"));
+        let u = NbdUri::parse("NBDS://[::1]:1234/a%20b/c?tls-certificates=/nonexistent/pki").unwrap();
+        let want =
+            NbdUri { tls: true, tls_certificates: Some("/nonexistent/pki".into()), ..plain(tcp("::1", 1234), "a b/c") };
+        assert_eq!(u, want);
+        assert_eq!(u.normal(), "nbds://[::1]:1234/a%20b/c?tls-certificates=/nonexistent/pki");
+        assert_eq!(u.tls_name(), "::1");
+        let u = NbdUri::parse("nbds+unix:///d?socket=/s&tls-certificates=/p&tls-hostname=store.example").unwrap();
+        assert_eq!(u.tls_name(), "store.example");
+        assert_eq!(NbdUri::parse(&u.normal()).unwrap(), u);
         let u = NbdUri::parse("nbd://localhost").unwrap();
         assert_eq!(u.export, "");
         assert_eq!(u.normal(), "nbd://localhost:10809/");
@@ -224,6 +279,8 @@ mod tests {
             "http://h/disk",
             "nbd://h:99999/disk",
             "nbd://h/%ff",
+            "nbds://h/disk",
+            "nbd://h/disk?tls-certificates=/p",
         ] {
             assert!(NbdUri::parse(bad).is_err(), "{bad}");
         }
@@ -242,7 +299,7 @@ mod tests {
     #[test]
     fn one_export_under_two_spellings_is_one_backing() {
         let a = NbdUri::parse("nbd://127.0.0.1/disk").unwrap().identity().unwrap();
-        let b = NbdUri::parse("nbds://127.0.0.1:10809/disk").unwrap().identity().unwrap();
+        let b = NbdUri::parse("nbds://127.0.0.1:10809/disk?tls-certificates=/p").unwrap().identity().unwrap();
         let c = NbdUri::parse("nbd://[::ffff:127.0.0.1]:10809/disk").unwrap().identity().unwrap();
         assert_eq!(a, b);
         assert_eq!(a, c);

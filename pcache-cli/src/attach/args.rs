@@ -75,14 +75,35 @@ pub struct AttachArgs {
     /// connects sees only the export names.
     #[arg(long)]
     pub describe_paths: bool,
-    /// Allow --listen on an address other than loopback: clients then
-    /// reach the exports over the network without TLS (any host that can
-    /// connect reads and writes every export). Only on a network you trust.
+    /// Allow --listen on an address other than loopback without TLS: any
+    /// host that can connect then reads and writes every export. Only on a
+    /// network you trust.
     #[arg(long)]
     pub insecure: bool,
+    /// Require TLS of every client (NBD_OPT_STARTTLS), with this
+    /// certificate (PEM, the chain from the server's own first).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept only clients whose certificate chains to this CA (PEM).
+    #[arg(long, value_name = "CA-FILE", requires = "tls_cert")]
+    pub tls_verify_peer: Option<PathBuf>,
     /// Close an open kset at most this many milliseconds after its first key.
     #[arg(long, value_name = "MS", hide = true)]
     pub kset_flush_ms: Option<u64>,
+}
+
+impl AttachArgs {
+    /// The TLS configuration `--tls-cert` and `--tls-key` ask for, read
+    /// now, so that a bad file is refused before anything starts.
+    pub fn tls_config(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else { return Ok(None) };
+        pcache_cli::nbd::tls::server_config(cert, key, self.tls_verify_peer.as_deref())
+            .map(Some)
+            .map_err(|e| format!("TLS: {e} (--tls-cert and --tls-key take PEM files)"))
+    }
 }
 
 /// Parses a writeback rate: a size a second, not 0.

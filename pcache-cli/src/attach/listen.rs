@@ -238,29 +238,64 @@ impl Write for Deadline<'_> {
     }
 }
 
-/// Serves connection `id` from handshake to disconnection, counting its
-/// requests in `progress`.
-pub fn serve(
-    id: u64,
-    conn: Conn,
+/// How every connection is served.
+pub struct ServeOptions {
+    /// Worker threads per connection.
+    pub workers: usize,
+    /// How long a client may take over the handshake.
+    pub handshake_timeout: Option<Duration>,
+    /// TLS, required of every client when set.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The handshake, with TLS started when the client asks for it: the
+/// connection to transmit on (the TLS tunnel's plaintext end, with TLS)
+/// and the session.
+fn handshake(
+    mut r: Conn,
+    mut w: Conn,
     exports: &[Export],
-    workers: usize,
-    handshake_timeout: Option<Duration>,
-    progress: Arc<Progress>,
-) {
-    let Ok(mut w) = conn.try_clone() else { return };
-    let mut r = conn;
+    opts: &ServeOptions,
+) -> Result<Option<(Conn, Conn, nbd::Session)>, NbdError> {
     // A client that connects and stalls must not hold this thread for ever:
     // the whole handshake has a deadline. It is lifted before transmission,
     // where an idle client is normal.
-    let deadline = handshake_timeout.map(|t| Instant::now() + t);
-    let negotiated =
-        nbd::negotiate(&mut Deadline { conn: &mut r, deadline }, &mut Deadline { conn: &mut w, deadline }, exports);
-    let session = match negotiated {
+    let deadline = opts.handshake_timeout.map(|t| Instant::now() + t);
+    let state = if opts.tls.is_some() { nbd::TlsState::Required } else { nbd::TlsState::Off };
+    let (dr, dw) = (&mut Deadline { conn: &mut r, deadline }, &mut Deadline { conn: &mut w, deadline });
+    match nbd::negotiate_with(dr, dw, exports, state, None)? {
+        nbd::Outcome::Serve(s) => Ok(Some((r, w, s))),
+        nbd::Outcome::Close => Ok(None),
+        nbd::Outcome::StartTls { no_zeroes } => {
+            let Some(config) = &opts.tls else { return Ok(None) };
+            drop(w);
+            let session = nbd::tls::server_session(config.clone()).map_err(io::Error::other)?;
+            let left = deadline.map_or(Duration::from_secs(3600), |d| d.saturating_duration_since(Instant::now()));
+            let plain = match r {
+                Conn::Unix(s) => nbd::tls::tunnel(s, session, left),
+                Conn::Tcp(s) => nbd::tls::tunnel(s, session, left),
+            }
+            .map_err(io::Error::other)?;
+            let (mut r, mut w) = (Conn::Unix(plain.try_clone()?), Conn::Unix(plain));
+            let (dr, dw) = (&mut Deadline { conn: &mut r, deadline }, &mut Deadline { conn: &mut w, deadline });
+            match nbd::negotiate_with(dr, dw, exports, nbd::TlsState::Active, Some(no_zeroes))? {
+                nbd::Outcome::Serve(s) => Ok(Some((r, w, s))),
+                _ => Ok(None),
+            }
+        }
+    }
+}
+
+/// Serves connection `id` from handshake to disconnection, counting its
+/// requests in `progress`.
+pub fn serve(id: u64, conn: Conn, exports: &[Export], opts: &ServeOptions, progress: Arc<Progress>) {
+    let Ok(w) = conn.try_clone() else { return };
+    let tls = opts.tls.is_some();
+    let (r, w, session) = match handshake(conn, w, exports, opts) {
         Ok(Some(s)) => s,
         Ok(None) => return,
         Err(NbdError::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-            let secs = handshake_timeout.map_or(0, |t| t.as_secs());
+            let secs = opts.handshake_timeout.map_or(0, |t| t.as_secs());
             warn!(conn = id, timeout_secs = secs, "handshake timed out; connection closed");
             return;
         }
@@ -280,9 +315,10 @@ pub fn serve(
         structured = session.structured,
         extended_headers = session.extended,
         block_status = session.block_status,
+        tls,
         "client connected"
     );
-    match nbd::transmit_with(r, w, e.device.clone(), session, workers, progress) {
+    match nbd::transmit_with(r, w, e.device.clone(), session, opts.workers, progress) {
         Ok(s) => info!(conn = id, requests = s.requests, "client disconnected"),
         Err(err) => warn!(conn = id, error = %err, "connection ended"),
     }

@@ -19,7 +19,7 @@ use super::checks::{check_allocated, check_backings};
 use super::control::{self, Control};
 use super::export::{CacheExport, PmemCache};
 use super::hints::{how_to_connect, shell_quote, status_line};
-use super::listen::{Listener, serve};
+use super::listen::{Listener, ServeOptions, serve};
 use super::metrics::Metrics;
 use super::signals::{self, Caught, Handling};
 use super::stop::{Connections, Cut};
@@ -50,7 +50,8 @@ pub fn run(a: AttachArgs) -> u8 {
 
 /// Runs the whole command: `Err` is a refusal or a failure before serving.
 fn attach(a: &AttachArgs) -> Result<u8, String> {
-    super::args::check_exposure(&a.listen, a.insecure)?;
+    let tls = a.tls_config()?;
+    super::args::check_exposure(&a.listen, a.insecure || tls.is_some())?;
     let signals = Caught::catch()?;
     let pmem = PmemDevice::open(&a.device)?;
     if pmem.dev.layout().dialect() == pcache_format::Dialect::DmPcache && a.backings.len() > 1 {
@@ -103,7 +104,7 @@ fn attach(a: &AttachArgs) -> Result<u8, String> {
     if let Some(m) = &metrics {
         println!("metrics at http://{}/metrics", m.addr());
     }
-    let served = serve_until_stopped(a, &listener, &caches, signals);
+    let served = serve_until_stopped(a, &listener, &caches, signals, tls);
     // After a cut, requests may still wait in a cache (for space that never
     // comes): stopping it fails them, and their connections end.
     let code = stop_caches(&a.device, &caches);
@@ -285,7 +286,13 @@ fn print_status(caches: &Caches) {
 /// Serves every connection until SIGINT or SIGTERM, then lets each finish
 /// what it has in flight, for up to `--stop-timeout` or until a second
 /// signal; then cuts those still open.
-fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Caches>, signals: Caught) -> Served {
+fn serve_until_stopped(
+    a: &AttachArgs,
+    listener: &Arc<Listener>,
+    caches: &Arc<Caches>,
+    signals: Caught,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Served {
     let exports: Arc<Vec<Export>> = Arc::new(
         caches
             .iter()
@@ -327,7 +334,7 @@ fn serve_until_stopped(a: &AttachArgs, listener: &Arc<Listener>, caches: &Arc<Ca
             }
         });
     }
-    let threads = accept_until_stopped(listener, &exports, &conns);
+    let threads = accept_until_stopped(listener, &exports, &conns, tls);
     let cut = conns.wait(timeout);
     if let Some(cut) = &cut {
         println!("stopping now ({}): shutting down {} connection(s) still open", cut.why, cut.connections());
@@ -371,9 +378,9 @@ fn accept_until_stopped(
     listener: &Listener,
     exports: &Arc<Vec<Export>>,
     conns: &Arc<Connections>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Vec<JoinHandle<()>> {
-    let workers = nbd_workers();
-    let handshake_timeout = handshake_timeout();
+    let opts = Arc::new(ServeOptions { workers: nbd_workers(), handshake_timeout: handshake_timeout(), tls });
     let mut threads = Vec::new();
     for id in 0.. {
         if conns.stopping() {
@@ -400,9 +407,9 @@ fn accept_until_stopped(
         };
         let progress = Arc::new(Progress::default());
         conns.add(id, handle, progress.clone());
-        let (exports, conns) = (exports.clone(), conns.clone());
+        let (exports, conns, opts) = (exports.clone(), conns.clone(), opts.clone());
         threads.push(std::thread::spawn(move || {
-            serve(id, conn, &exports, workers, handshake_timeout, progress);
+            serve(id, conn, &exports, &opts, progress);
             conns.remove(id);
         }));
         threads.retain(|t| !t.is_finished());

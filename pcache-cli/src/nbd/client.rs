@@ -258,17 +258,16 @@ impl Conn {
     /// Connects to `uri` and haggles for its export; `timeout` bounds the
     /// connect and each step of the handshake.
     pub fn open(uri: &NbdUri, timeout: Duration) -> Result<Self, String> {
-        if uri.tls {
-            return Err(format!(
-                "{}: TLS (nbds://) is not supported yet; reach the server over nbd:// on a trusted network or \
-                 through a TLS tunnel",
-                uri.normal()
-            ));
-        }
+        let name = uri.normal();
         let mut s = connect(uri, timeout)?;
         s.set_timeouts(Some(timeout), Some(timeout)).map_err(|e| e.to_string())?;
+        let no_zeroes = greet(&mut s).map_err(|e| format!("{name}: {e}"))?;
+        if uri.tls {
+            s = start_tls(s, uri, timeout).map_err(|e| format!("{name}: {e}"))?;
+            s.set_timeouts(Some(timeout), Some(timeout)).map_err(|e| e.to_string())?;
+        }
         let (info, structured) =
-            handshake(&mut s, uri.export.as_bytes()).map_err(|e| format!("{}: {e}", uri.normal()))?;
+            haggle(&mut s, uri.export.as_bytes(), no_zeroes).map_err(|e| format!("{name}: {e}"))?;
         // Replies may take as long as they take (each request has its own
         // deadline); a write that cannot be sent within the timeout is a
         // dead server.
@@ -450,10 +449,37 @@ fn len32(len: usize) -> u32 {
     u32::try_from(len).unwrap_or(u32::MAX)
 }
 
+/// `NBD_OPT_STARTTLS`, then the TLS handshake: the stream to go on with
+/// (the tunnel's plaintext end).
+fn start_tls(mut s: Stream, uri: &NbdUri, timeout: Duration) -> Result<Stream, String> {
+    let dir = uri.tls_certificates.clone().ok_or("nbds needs ?tls-certificates=DIR")?;
+    let hostname = uri.tls_name();
+    let config = super::tls::client_config(&super::tls::ClientTls { dir, hostname: hostname.clone() })?;
+    s.write_all(&encode_option(OPT_STARTTLS, &[])).map_err(io_err)?;
+    let (kind, data) = option_reply(&mut s, OPT_STARTTLS)?;
+    if kind != REP_ACK {
+        return Err(format!("the server does not offer TLS ({})", rep_error(kind, &data)));
+    }
+    let session = super::tls::client_session(config, &hostname)?;
+    let plain = match s {
+        Stream::Tcp(t) => super::tls::tunnel(t, session, timeout),
+        Stream::Unix(u) => super::tls::tunnel(u, session, timeout),
+    }?;
+    Ok(Stream::Unix(plain))
+}
+
 /// The handshake: fixed newstyle, structured replies if the server has
 /// them, then `GO` (or `EXPORT_NAME`). Returns the export and whether
 /// replies are structured.
+#[cfg(test)]
 fn handshake<S: Read + Write>(s: &mut S, export: &[u8]) -> Result<(ExportInfo, bool), String> {
+    let no_zeroes = greet(s)?;
+    haggle(s, export, no_zeroes)
+}
+
+/// The server's greeting, and the client's flags: whether the server
+/// leaves out the zeroes after `EXPORT_NAME`.
+fn greet<S: Read + Write>(s: &mut S) -> Result<bool, String> {
     let hello: ServerHello = read_header(s).map_err(|e| format!("no NBD greeting: {e}"))?;
     if hello.magic.get() != NBDMAGIC {
         return Err("the server does not speak NBD (no NBDMAGIC)".into());
@@ -468,6 +494,11 @@ fn handshake<S: Read + Write>(s: &mut S, export: &[u8]) -> Result<(ExportInfo, b
     let no_zeroes = flags & FLAG_NO_ZEROES != 0;
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
     s.write_all(U32::new(cflags).as_bytes()).map_err(io_err)?;
+    Ok(no_zeroes)
+}
+
+/// Options up to transmission.
+fn haggle<S: Read + Write>(s: &mut S, export: &[u8], no_zeroes: bool) -> Result<(ExportInfo, bool), String> {
     s.write_all(&encode_option(OPT_STRUCTURED_REPLY, &[])).map_err(io_err)?;
     let (kind, _) = option_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = kind == REP_ACK;
@@ -560,6 +591,7 @@ fn rep_error(kind: u32, data: &[u8]) -> String {
         REP_ERR_POLICY => "not allowed by the server's policy".to_string(),
         REP_ERR_INVALID => "invalid".to_string(),
         REP_ERR_TOO_BIG => "too big".to_string(),
+        REP_ERR_TLS_REQD => "the server requires TLS: use an nbds:// URI with ?tls-certificates=DIR".to_string(),
         k => format!("error {:#x}", k),
     };
     let msg = String::from_utf8_lossy(data);
@@ -602,7 +634,7 @@ pub fn replay_server(bytes: &[u8]) {
         }
     }
     let mut s = Script(bytes, Vec::new());
-    let structured = match handshake(&mut s, b"disk") {
+    let structured = match greet(&mut s).and_then(|z| haggle(&mut s, b"disk", z)) {
         Ok((info, structured)) => {
             assert!(info.min_block.is_power_of_two() && info.max_block >= info.min_block);
             structured

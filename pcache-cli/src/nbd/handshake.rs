@@ -63,31 +63,76 @@ enum Step {
     Serve(Session),
     /// The end of the connection, without transmission.
     Close,
+    /// `NBD_OPT_STARTTLS` acknowledged: TLS starts now.
+    StartTls,
+}
+
+/// TLS on this connection, as far as the handshake is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// Not offered: `STARTTLS` is refused by policy.
+    Off,
+    /// Required and not started yet: every option but `STARTTLS` and
+    /// `ABORT` is refused with `REP_ERR_TLS_REQD` (FORCEDTLS).
+    Required,
+    /// Running.
+    Active,
+}
+
+/// How a handshake ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Transmission, with this session.
+    Serve(Session),
+    /// The client left, or asked for what cannot be answered.
+    Close,
+    /// The client asked for TLS and it was acknowledged: run the TLS
+    /// handshake on the socket, then [`negotiate_with`] again over it
+    /// with [`TlsState::Active`] and `resume` set to `no_zeroes`.
+    StartTls {
+        /// The client flag, kept for after TLS.
+        no_zeroes: bool,
+    },
 }
 
 /// Runs the handshake: returns the session to serve, or `None` when the
 /// client aborted or asked for an export that does not exist with
 /// `NBD_OPT_EXPORT_NAME` (which cannot be answered with an error).
 pub fn negotiate<R: Read, W: Write>(r: &mut R, w: &mut W, exports: &[Export]) -> Result<Option<Session>, NbdError> {
-    let hello = ServerHello {
-        magic: NBDMAGIC.into(),
-        option_magic: IHAVEOPT.into(),
-        flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
-    };
-    w.write_all(hello.as_bytes())?;
-    w.flush()?;
-    let client = read_header::<U32, _>(r)?.get();
-    if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(Violation::ClientFlags { flags: client }.into());
+    match negotiate_with(r, w, exports, TlsState::Off, None)? {
+        Outcome::Serve(s) => Ok(Some(s)),
+        Outcome::Close | Outcome::StartTls { .. } => Ok(None),
     }
-    let mut haggle = Haggle {
-        w,
-        exports,
-        no_zeroes: client & FLAG_C_NO_ZEROES != 0,
-        structured: false,
-        extended: false,
-        meta: None,
+}
+
+/// The handshake with TLS in `tls` state. `resume` is `None` on a new
+/// connection (the greeting is sent and the client's flags read), or the
+/// client's no-zeroes flag when it goes on over TLS just started.
+pub fn negotiate_with<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    exports: &[Export],
+    tls: TlsState,
+    resume: Option<bool>,
+) -> Result<Outcome, NbdError> {
+    let no_zeroes = match resume {
+        Some(no_zeroes) => no_zeroes,
+        None => {
+            let hello = ServerHello {
+                magic: NBDMAGIC.into(),
+                option_magic: IHAVEOPT.into(),
+                flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
+            };
+            w.write_all(hello.as_bytes())?;
+            w.flush()?;
+            let client = read_header::<U32, _>(r)?.get();
+            if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+                return Err(Violation::ClientFlags { flags: client }.into());
+            }
+            client & FLAG_C_NO_ZEROES != 0
+        }
     };
+    let mut haggle = Haggle { w, exports, no_zeroes, structured: false, extended: false, meta: None, tls };
     loop {
         haggle.w.flush()?;
         let header: OptionHeader = read_header(r)?;
@@ -109,8 +154,9 @@ pub fn negotiate<R: Read, W: Write>(r: &mut R, w: &mut W, exports: &[Export]) ->
         r.read_exact(&mut data)?;
         match haggle.option(option, &data)? {
             Step::More => {}
-            Step::Serve(session) => return Ok(Some(session)),
-            Step::Close => return Ok(None),
+            Step::Serve(session) => return Ok(Outcome::Serve(session)),
+            Step::Close => return Ok(Outcome::Close),
+            Step::StartTls => return Ok(Outcome::StartTls { no_zeroes }),
         }
     }
 }
@@ -151,11 +197,21 @@ struct Haggle<'a, W> {
     extended: bool,
     /// The export `base:allocation` was selected for, if it was.
     meta: Option<usize>,
+    /// TLS.
+    tls: TlsState,
 }
 
 impl<W: Write> Haggle<'_, W> {
     /// Answers option `opt` with `data`.
     fn option(&mut self, opt: u32, data: &[u8]) -> Result<Step, NbdError> {
+        if self.tls == TlsState::Required && !matches!(opt, OPT_STARTTLS | OPT_ABORT) {
+            // EXPORT_NAME cannot be answered with an error.
+            if opt == OPT_EXPORT_NAME {
+                return Ok(Step::Close);
+            }
+            option_reply(self.w, opt, REP_ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")?;
+            return Ok(Step::More);
+        }
         match opt {
             OPT_EXPORT_NAME => return self.export_name(data),
             OPT_ABORT => {
@@ -185,7 +241,18 @@ impl<W: Write> Haggle<'_, W> {
                 option_reply(self.w, opt, REP_ACK, &[])?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => self.meta_context(opt, data)?,
-            OPT_STARTTLS => option_reply(self.w, opt, REP_ERR_POLICY, b"TLS is not offered")?,
+            OPT_STARTTLS => match self.tls {
+                TlsState::Off => option_reply(self.w, opt, REP_ERR_POLICY, b"TLS is not offered")?,
+                TlsState::Active => option_reply(self.w, opt, REP_ERR_INVALID, b"TLS is already running")?,
+                TlsState::Required if !data.is_empty() => {
+                    option_reply(self.w, opt, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?;
+                }
+                TlsState::Required => {
+                    option_reply(self.w, opt, REP_ACK, &[])?;
+                    self.w.flush()?;
+                    return Ok(Step::StartTls);
+                }
+            },
             _ => option_reply(self.w, opt, REP_ERR_UNSUP, b"option not supported")?,
         }
         Ok(Step::More)

@@ -20,6 +20,7 @@ pub mod client;
 pub mod device;
 mod error;
 pub mod handshake;
+pub mod tls;
 pub mod transmit;
 pub mod wire;
 
@@ -27,7 +28,7 @@ pub mod wire;
 pub use device::MemDevice;
 pub use device::{BlockDevice, DevError, Export, Extent};
 pub use error::{NbdError, Violation};
-pub use handshake::{Session, negotiate};
+pub use handshake::{Outcome, Session, TlsState, negotiate, negotiate_with};
 pub use transmit::{ConnStats, Framing, Progress, transmit, transmit_with};
 pub use wire::*;
 

@@ -49,7 +49,7 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// Lists exports.
 pub const OPT_LIST: u32 = 3;
-/// TLS (not offered).
+/// Starts TLS.
 pub const OPT_STARTTLS: u32 = 5;
 /// Export information.
 pub const OPT_INFO: u32 = 6;
@@ -78,6 +78,8 @@ pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 /// Malformed option.
 pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+/// TLS must be started first.
+pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
 /// No such export.
 pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 /// Option data too large.
