@@ -305,6 +305,16 @@ fn remote_backings_refuse_what_is_wrong() {
     let uri = remote.uri("");
     let by_link = format!("nbd+unix:///?socket={}", s(&link));
     refuse(&[&uri, &by_link], "are the same backing device");
+    // A second attach (another pmem device) in front of the same export,
+    // under another spelling, while the first runs.
+    let other_dev = rig.d.path("other.img");
+    assert_eq!(code(&pcache(&["format", s(&other_dev), "--size", "1G"])), 0);
+    let first = Attach::start(&rig.dev, &[Path::new(&uri)], &rig.socket(), &[]);
+    let mut second = attach_cmd(&other_dev, &[Path::new(&by_link)], &format!("unix:{}", s(&rig.d.path("2.sock"))), &[]);
+    let o = run_for(&mut second, 60).expect("refused, not hung");
+    assert_eq!(code(&o), 1);
+    assert!(stderr(&o).contains("in use by another pcache on this host"), "{}", stderr(&o));
+    assert_eq!(first.stop().0, 0);
     refuse(&["nbd+unix:///nope?socket=/nonexistent/s"], "is the NBD server running?");
     refuse(&[&format!("nbds+unix:///?socket={}", s(&sock))], "nbds needs ?tls-certificates=DIR");
     refuse(&["nbd+unix:///disk"], "needs ?socket=PATH");

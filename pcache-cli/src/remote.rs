@@ -99,6 +99,45 @@ pub struct NbdBacking {
     /// Unaligned writes (read-modify-write) exclusive, the rest shared.
     rmw: RwLock<()>,
     reconnects: AtomicU64,
+    /// Held for as long as the backing is open: one cache per export on
+    /// this host.
+    _lock: Option<std::fs::File>,
+}
+
+/// Takes this host's lock on the export `id` names: a file under
+/// `/run/lock` (or the temporary directory) locked with `flock`, as a local
+/// backing is. NBD has no locking of its own, so two caches on two hosts
+/// in front of one export are the operator's to prevent.
+fn lock_export(id: Option<BackingId>, name: &str) -> Result<Option<std::fs::File>, String> {
+    let Some(BackingId::Remote { hash }) = id else { return Ok(None) };
+    let dir = Path::new("/run/lock");
+    let dir = if dir.is_dir() && std::fs::metadata(dir).is_ok_and(|m| !m.permissions().readonly()) {
+        dir.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!("pcache-nbd-{hash:016x}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{name}: cannot create the lock {}: {e}", path.display()))?;
+    if pcache_pmem::sys::lock_exclusive(&file).is_err() {
+        let holder = file
+            .metadata()
+            .ok()
+            .and_then(|m| pcache_pmem::sys::holder_of(&m))
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
+        return Err(format!(
+            "{name}: the export is in use by another pcache on this host{holder}: one export, one cache \
+             (lock {})",
+            path.display()
+        ));
+    }
+    Ok(Some(file))
 }
 
 impl NbdBacking {
@@ -130,8 +169,11 @@ impl NbdBacking {
                 pcache_format::PATH_LEN - 1
             ));
         }
+        let id = uri.identity();
+        let lock = lock_export(id, &name)?;
         Ok(Self {
-            id: uri.identity(),
+            _lock: lock,
+            id,
             uri: uri.clone(),
             path: PathBuf::from(name),
             info,
