@@ -168,3 +168,32 @@ fn listening_beyond_loopback_needs_insecure() {
     assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
     assert_eq!(a.stop().0, 0);
 }
+
+/// WRITE_ZEROES over NBD where the cache holds nothing costs no pmem: the
+/// backing file is zeroed in place (status and metrics count it), and where
+/// the cache holds data the zeroes go through the cache; both read back as
+/// zeroes, before and after a restart.
+#[test]
+fn zeroes_over_nbd_cost_no_pmem_where_nothing_is_cached() {
+    let r = Rig::new();
+    let disk = r.backing("disk.img", 64 << 20);
+    std::fs::write(&disk, vec![0x55u8; 64 << 20]).unwrap();
+    let ctl = r.d.path("ctl");
+    let a = Attach::start(&r.dev, &[&disk], &r.socket(), &["--control", s(&ctl)]);
+    let uri = a.uri("disk.img");
+    let o = qemu_io(&uri, &["write -P 0x66 40m 1m", "write -z 0 32m", "write -z 40m 1m", "flush"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json(&pcache(&["status", "--control", s(&ctl), "--json"]));
+    let e = &v["exports"][0];
+    assert_eq!(e["zeroed_on_backing_bytes"], 32 << 20, "{e}");
+    assert!(e["cached_bytes"].as_u64().unwrap() <= 2 << 20, "only the 1 MiB write and its zeroes: {e}");
+    let o = qemu_io(&uri, &["read -P 0 0 32m", "read -P 0 40m 1m", "read -P 0x55 32m 8m"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    let back = std::fs::read(&disk).unwrap();
+    assert!(back[..32 << 20].iter().all(|&b| b == 0), "the backing file holds the zeroes");
+    assert_eq!(a.stop().0, 0);
+    let a = Attach::start(&r.dev, &[&disk], &r.socket(), &[]);
+    let o = qemu_io(&a.uri("disk.img"), &["read -P 0 0 32m", "read -P 0 40m 1m", "read -P 0x55 41m 1m"]);
+    assert!(o.status.success() && !stdout(&o).contains("failed"), "{}", stdout(&o));
+    assert_eq!(a.stop().0, 0);
+}

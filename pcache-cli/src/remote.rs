@@ -70,10 +70,19 @@ impl InFlight {
     }
 }
 
+/// A write no flush has covered yet.
+#[derive(Debug, Clone)]
+enum Written {
+    /// These bytes.
+    Data(Arc<[u8]>),
+    /// This many zeroes (`WRITE_ZEROES`).
+    Zeroes(u64),
+}
+
 /// The writes no flush has covered yet, in order.
 #[derive(Debug, Default)]
 struct Journal {
-    writes: Vec<(u64, Arc<[u8]>)>,
+    writes: Vec<(u64, Written)>,
     bytes: usize,
     /// More was written than is kept.
     overflow: bool,
@@ -339,7 +348,7 @@ impl NbdBacking {
                 *j = Journal { overflow: true, ..Journal::default() };
             } else {
                 j.bytes += data.len();
-                j.writes.push((off, data.clone()));
+                j.writes.push((off, Written::Data(data.clone())));
             }
         }
         let mut q = lock(&self.in_flight);
@@ -409,11 +418,30 @@ impl NbdBacking {
         if j.overflow {
             return Ok(false);
         }
-        for (off, data) in &j.writes {
-            let pieces = self.pieces_of(*off, data);
-            self.retry("write", |c, deadline| c.write_many(&pieces, deadline))?;
+        for (off, w) in &j.writes {
+            match w {
+                Written::Data(data) => {
+                    let pieces = self.pieces_of(*off, data);
+                    self.retry("write", |c, deadline| c.write_many(&pieces, deadline))?;
+                }
+                Written::Zeroes(len) => self.send_zeroes(*off, *len)?,
+            }
         }
         Ok(true)
+    }
+
+    /// `WRITE_ZEROES` of `[off, off + len)`, split at the server's maximum,
+    /// waited for.
+    fn send_zeroes(&self, off: u64, len: u64) -> Result<(), BackingError> {
+        let max = u64::from(self.info.max_block);
+        let mut at = off;
+        while at < off + len {
+            let n = (off + len - at).min(max);
+            let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+            self.retry("zero", |c, deadline| c.zero(at, n32, deadline))?;
+            at += n;
+        }
+        Ok(())
     }
 }
 
@@ -498,6 +526,23 @@ impl BackingDev for NbdBacking {
     fn identity(&self) -> Option<BackingId> {
         self.id
     }
+
+    /// `NBD_CMD_WRITE_ZEROES`, where the server offers it (and only on
+    /// whole blocks of its minimum size).
+    fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        self.check("zero", off, usize::try_from(len).unwrap_or(usize::MAX))?;
+        if !self.info.has(TF_SEND_WRITE_ZEROES) || len == 0 || self.widen(off, len as usize).is_some() {
+            return Ok(false);
+        }
+        let _shared = self.rmw.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.settle_overlapping(&mut lock(&self.in_flight), off, len)?;
+        self.send_zeroes(off, len)?;
+        let mut j = lock(&self.journal);
+        if !j.overflow {
+            j.writes.push((off, Written::Zeroes(len)));
+        }
+        Ok(true)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -565,6 +610,9 @@ impl BackingDev for AnyBacking {
     }
     fn data_ranges(&self, off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
         self.dev().data_ranges(off, len)
+    }
+    fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        self.dev().zero(off, len)
     }
 }
 

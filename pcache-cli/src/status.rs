@@ -100,12 +100,13 @@ fn print_text(v: &Value) {
             human(u(&e["bytes_from_backing"]))
         );
         println!(
-            "  cached    {} dirty, {} clean in {} keys; {} of {} segments",
+            "  cached    {} dirty, {} clean in {} keys; {} of {} segments; {} zeroed on the backing alone",
             human(u(&e["dirty_bytes"])),
             human(u(&e["clean_bytes"])),
             u(&e["keys"]),
             u(&e["segments_used"]),
-            u(&e["segments"])
+            u(&e["segments"]),
+            human(u(&e["zeroed_on_backing_bytes"]))
         );
         println!(
             "  writeback {}/s, backlog {} (limit {limit}); {} written back in {} ksets, {} errors",

@@ -129,6 +129,12 @@ pub trait BackingDev: Send + Sync {
     fn data_ranges(&self, _off: u64, _len: u64) -> Option<Vec<(u64, u64)>> {
         None
     }
+    /// Zeroes `[off, off + len)` without writing zeros, if the device can
+    /// (`fallocate` `ZERO_RANGE`, an NBD `WRITE_ZEROES`): `Ok(false)` when
+    /// it cannot, and nothing was done. Durable at the next [`sync`](Self::sync).
+    fn zero(&self, _off: u64, _len: u64) -> Result<bool, BackingError> {
+        Ok(false)
+    }
 }
 
 impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
@@ -158,6 +164,10 @@ impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
 
     fn data_ranges(&self, off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
         (**self).data_ranges(off, len)
+    }
+
+    fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        (**self).zero(off, len)
     }
 }
 
@@ -257,6 +267,18 @@ impl BackingDev for FileBacking {
 
     fn identity(&self) -> Option<BackingId> {
         self.id
+    }
+
+    /// `fallocate(FALLOC_FL_ZERO_RANGE)`, on files and block devices alike
+    /// (a file system or driver without it: `Ok(false)`).
+    fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        self.check("zero", off, usize::try_from(len).unwrap_or(usize::MAX))?;
+        match fallocate(&self.file, FallocateFlags::ZERO_RANGE, off, len) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => Ok(false),
+            Err(e) => Err(self.err("fallocate ZERO_RANGE", e.into())),
+        }
     }
 
     /// `SEEK_DATA`/`SEEK_HOLE` (a block device, or a file system without

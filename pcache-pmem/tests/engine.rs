@@ -301,7 +301,10 @@ fn data_crc_catches_corrupt_cache_data() {
 fn write_zeroes_and_discard() {
     let rig = Rig::new(16 * MIB);
     let c = rig.start(&opts());
+    // Cached data under the zeroes: they go through the cache (dirty).
+    c.write(1000, &[5u8; 10000], false).unwrap();
     c.write_zeroes(1000, 10000, true).unwrap();
+    assert_eq!(c.stats().zeroed_on_backing, 0);
     assert_eq!(read(&c, 1000, 10000), vec![0u8; 10000]);
     assert_eq!(read(&c, 0, 1000), orig(0, 1000));
     // Discard drops clean keys only; content stays what it was.
@@ -583,4 +586,45 @@ fn concurrent_misses_of_one_range_read_the_backing_device_once() {
     assert_eq!(backing.reads.load(std::sync::atomic::Ordering::SeqCst), 1, "the others waited for the first");
     let s = c.stats();
     assert_eq!(s.misses + s.full_hits, 4, "{s:?}");
+}
+
+/// A write of zeroes where the cache holds nothing costs no pmem: the
+/// backing device zeroes the range itself (and is synced before the write
+/// is acknowledged). Where the cache holds anything of the range — dirty
+/// data, clean data, or clean data a discard dropped that replay would
+/// bring back — the zeroes go through the cache, and every read, before
+/// and after a crash, sees zeroes.
+#[test]
+fn zeroes_cost_no_pmem_where_the_cache_holds_nothing() {
+    let mut rig = Rig::new(64 * MIB);
+    let c = rig.start(&opts());
+    let before = c.stats();
+    c.write_zeroes(8 * MIB, 16 * MIB, false).unwrap();
+    let after = c.stats();
+    assert_eq!(after.keys, before.keys, "no key");
+    assert_eq!(after.cached_bytes, before.cached_bytes, "no pmem data");
+    assert_eq!(after.zeroed_on_backing, 16 * MIB);
+    let mut b = vec![1u8; (16 * MIB) as usize];
+    rig.backing.read_at(8 * MIB, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0), "the backing device holds the zeroes");
+    assert!(read(&c, 8 * MIB, 16 * MIB as usize).iter().all(|&x| x == 0));
+    // Dirty data in the range: through the cache, so writeback cannot
+    // write the old data over the zeroes later.
+    c.write(30 * MIB, &[7u8; 4096], false).unwrap();
+    c.write_zeroes(30 * MIB, 64 * 1024, false).unwrap();
+    assert_eq!(c.stats().zeroed_on_backing, 16 * MIB);
+    // Clean data filled by a read, made durable in the log, then dropped
+    // by a discard: replay would bring it back, so through the cache too.
+    assert_eq!(read(&c, 40 * MIB, 8192), orig(40 * MIB, 8192));
+    c.flush().unwrap();
+    c.discard(40 * MIB, 8192).unwrap();
+    c.write_zeroes(40 * MIB, 8192, false).unwrap();
+    assert_eq!(c.stats().zeroed_on_backing, 16 * MIB, "not past a discarded clean key");
+    c.flush().unwrap();
+    rig.crash(c, CrashStrategy::NothingExtra);
+    let c = rig.start(&opts());
+    assert!(read(&c, 8 * MIB, 16 * MIB as usize).iter().all(|&x| x == 0));
+    assert_eq!(read(&c, 30 * MIB, 64 * 1024), vec![0u8; 64 * 1024]);
+    assert_eq!(read(&c, 40 * MIB, 8192), vec![0u8; 8192], "the discarded clean key is not served");
+    assert_eq!(read(&c, 48 * MIB, 4096), orig(48 * MIB, 4096));
 }

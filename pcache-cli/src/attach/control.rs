@@ -233,6 +233,7 @@ pub fn export_status(name: &str, c: &PmemCache, writeback_rate: f64) -> Value {
         "segments_used": s.segments_used,
         "segments": s.segments,
         "ksets_closed": s.ksets_closed,
+        "zeroed_on_backing_bytes": s.zeroed_on_backing,
         "writeback": {
             "backlog_bytes": s.dirty_bytes,
             "bytes_written_back": s.bytes_written_back,

@@ -39,6 +39,12 @@ const METRICS: &[(&str, &str, MetricType, Read)] = &[
     ("writeback_bytes", "Bytes written back to the backing device", MetricType::Counter, |s, _| s.bytes_written_back),
     ("writeback_ksets", "Ksets written back", MetricType::Counter, |s, _| s.ksets_written_back),
     ("writeback_errors", "Failed writeback attempts", MetricType::Counter, |s, _| s.writeback_errors),
+    (
+        "zeroed_on_backing_bytes",
+        "Bytes zeroed on the backing device alone, costing no pmem",
+        MetricType::Counter,
+        |s, _| s.zeroed_on_backing,
+    ),
     ("writeback_rate_limit_bytes", "Writeback rate limit, bytes a second (0: none)", MetricType::Gauge, |_, c| {
         c.writeback_rate().unwrap_or(0)
     }),

@@ -414,6 +414,13 @@ impl Conn {
         self.wait_all(&pending, deadline)
     }
 
+    /// `NBD_CMD_WRITE_ZEROES` of `len` bytes at `offset`, waited for.
+    pub fn zero(&self, offset: u64, len: u32, deadline: Instant) -> Result<(), ReqError> {
+        self.unflushed.store(true, Ordering::Release);
+        let rx = self.send(CMD_WRITE_ZEROES, 0, offset, len, &[]);
+        self.wait(&rx, deadline).map(drop)
+    }
+
     /// `NBD_CMD_FLUSH`: every write completed before it is durable.
     pub fn flush(&self, deadline: Instant) -> Result<(), ReqError> {
         self.unflushed.store(false, Ordering::Release);

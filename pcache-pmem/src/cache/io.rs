@@ -49,6 +49,10 @@ pub(super) struct Io<B> {
     cache_reads: bool,
     index: Index,
     fills: Fills,
+    /// Ranges whose clean keys a discard dropped from the index since the
+    /// cache started (start → end): replay would bring them back, so a
+    /// range that overlaps one is never zeroed on the backing device alone.
+    discarded: std::sync::Mutex<std::collections::BTreeMap<u64, u64>>,
 }
 
 /// Bytes of one read: from the cache and from the backing device.
@@ -69,7 +73,7 @@ struct OwnFill {
 impl<B: BackingDev> Io<B> {
     pub(super) fn new(backing: B, data_crc: Option<Dialect>, cache_reads: bool, index: Index) -> Self {
         let dev_size = backing.size();
-        Self { backing, dev_size, data_crc, cache_reads, index, fills: Fills::default() }
+        Self { backing, dev_size, data_crc, cache_reads, index, fills: Fills::default(), discarded: Default::default() }
     }
 
     pub(super) fn backing(&self) -> &B {
@@ -168,12 +172,30 @@ impl<B: BackingDev> Io<B> {
         fua: bool,
         r: Roles<'_, P>,
     ) -> Result<(), EngineError> {
-        let zeros = vec![0u8; len.min(CACHE_SUBTREE_SIZE) as usize];
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.write(off + done, &zeros[..n as usize], false, r)?;
-            done += n;
+        let mut zeros = Vec::new();
+        let mut on_backing = false;
+        let (end, mut at) = (off + len, off);
+        while at < end {
+            let to = slice_end(at).min(end);
+            if self.zero_on_backing(at, to, r.ctx)? {
+                on_backing = true;
+            } else {
+                if zeros.is_empty() {
+                    zeros = vec![0u8; len.min(CACHE_SUBTREE_SIZE) as usize];
+                }
+                let mut done = at;
+                while done < to {
+                    let n = (to - done).min(zeros.len() as u64);
+                    self.write(done, &zeros[..n as usize], false, r)?;
+                    done += n;
+                }
+            }
+            at = to;
+        }
+        // Zeroes written past the cache are durable before they are
+        // acknowledged, so that a flush need never sync the backing device.
+        if on_backing {
+            self.backing.sync()?;
         }
         if fua {
             r.log.flush_all(r.space, r.ctx)?;
@@ -181,8 +203,45 @@ impl<B: BackingDev> Io<B> {
         Ok(())
     }
 
+    /// Zeroes `[at, to)` (inside one slice) on the backing device alone,
+    /// costing no pmem, if that is both cheap (the device zeroes without
+    /// writing zeros) and right: the cache holds nothing of the range —
+    /// no key, dirty, clean or being filled, and none that a discard
+    /// dropped and replay would bring back — so nothing older can be
+    /// served or written back over the zeroes. The slice stays locked
+    /// meanwhile, so no write or fill of the range can start.
+    fn zero_on_backing(&self, at: u64, to: u64, ctx: &Ctx) -> Result<bool, EngineError> {
+        {
+            let discarded = self.discarded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if discarded.range(..to).next_back().is_some_and(|(_, &e)| e > at) {
+                return Ok(false);
+            }
+        }
+        let slice = self.index.slice(at);
+        if slice.overlapping(at, to).next().is_some() {
+            return Ok(false);
+        }
+        let zeroed = self.backing.zero(at, to - at)?;
+        drop(slice);
+        if zeroed {
+            ctx.stats.zeroed_on_backing.fetch_add(to - at, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(zeroed)
+    }
+
     /// Drops clean cached copies of `[off, off + len)`.
     pub(super) fn discard(&self, off: u64, len: u64, ctx: &Ctx) {
+        {
+            let mut d = self.discarded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (mut s, mut e) = (off, off + len);
+            let touching: Vec<(u64, u64)> =
+                d.range(..=e).filter(|&(_, &end)| end >= s).map(|(&a, &b)| (a, b)).collect();
+            for (a, b) in touching {
+                d.remove(&a);
+                (s, e) = (s.min(a), e.max(b));
+            }
+            d.insert(s, e);
+        }
         let end = off + len;
         let mut at = off;
         while at < end {

@@ -126,6 +126,9 @@ pub struct Stats {
     /// Requests waiting, now, for writeback and GC to free a segment (a
     /// full cache; they fail when the cache stops).
     pub space_waiters: u32,
+    /// Bytes of `write_zeroes` done on the backing device alone, costing no
+    /// pmem (ranges the cache held nothing of), since start.
+    pub zeroed_on_backing: u64,
 }
 
 /// Errors of the background work, in words.
@@ -159,6 +162,7 @@ pub(super) struct Counters {
     pub(super) ksets_collected: AtomicU64,
     pub(super) segments_freed: AtomicU64,
     pub(super) writeback_errors: AtomicU64,
+    pub(super) zeroed_on_backing: AtomicU64,
 }
 
 impl Counters {
@@ -196,6 +200,7 @@ impl Counters {
             segments_freed: self.segments_freed.load(Ordering::Relaxed),
             writeback_errors: self.writeback_errors.load(Ordering::Relaxed),
             space_waiters,
+            zeroed_on_backing: self.zeroed_on_backing.load(Ordering::Relaxed),
         }
     }
 

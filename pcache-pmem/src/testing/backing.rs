@@ -110,6 +110,11 @@ impl<B: BackingDev> BackingDev for FaultyBacking<B> {
         self.inner.sync()
     }
 
+    fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        self.check(WRITES, "zero")?;
+        self.inner.zero(off, len)
+    }
+
     fn path(&self) -> &Path {
         self.inner.path()
     }
@@ -183,6 +188,15 @@ impl BackingDev for MemBacking {
 
     fn sync(&self) -> Result<(), BackingError> {
         Ok(())
+    }
+
+    /// Zeroes without a buffer, as `fallocate(ZERO_RANGE)` does.
+    fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let size = data.len();
+        let r = self.range("zero", off, usize::try_from(len).unwrap_or(usize::MAX), size)?;
+        data[r].fill(0);
+        Ok(true)
     }
 
     fn path(&self) -> &Path {
@@ -328,6 +342,15 @@ impl BackingDev for SimBacking {
             s.pending.clear();
         }
         Ok(())
+    }
+
+    /// Zeroes like any write: lost in a crash unless synced.
+    fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        if off.checked_add(len).is_none_or(|end| end > self.size) {
+            return Ok(false);
+        }
+        self.write_at(off, &vec![0u8; len as usize])?;
+        Ok(true)
     }
 
     fn path(&self) -> &Path {
