@@ -450,6 +450,14 @@ fn nbd_client(out: &mut Out) {
             v.extend(simple(0, 3));
         }
         v.extend(simple(0, 4));
+        if structured {
+            let mut bs = 1u32.to_be_bytes().to_vec();
+            for (len, flags) in [(4096u32, 3u32), (4096, 0)] {
+                bs.extend_from_slice(&len.to_be_bytes());
+                bs.extend_from_slice(&flags.to_be_bytes());
+            }
+            v.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 5, &bs));
+        }
         out.put("nbd_client", if structured { "structured" } else { "simple" }, &v);
     }
     let mut v = hello.as_bytes().to_vec();

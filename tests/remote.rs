@@ -514,3 +514,37 @@ fn qemu_io_qcow2(image: &Path, cmds: &[&str]) -> std::process::Output {
     }
     run(c.arg(image))
 }
+
+fn map(uri: &str) -> Vec<(u64, u64, u32)> {
+    let o = ok(Command::new(tool("nbdinfo", "libnbd-bin")).args(["--map", uri]));
+    stdout(&o)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+        })
+        .collect()
+}
+
+/// Block status through the cache of a remote backing: cached data, and
+/// between it the remote server's own allocation; a server without block
+/// status makes the rest data.
+#[test]
+fn block_status_of_a_remote_backing_asks_its_server() {
+    const M: u64 = 1 << 20;
+    let rig = Rig::new();
+    let back = rig.backing("remote.img", 64 * M);
+    let o = qemu_io(s(&back), &["write -P 0x42 5m 3m"]);
+    assert!(o.status.success());
+    let remote = Server::nbdkit(&rig.d.path("remote.sock"), &["file", s(&back)]);
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri(""))], &rig.socket(), &[]);
+    assert!(qemu_io(&a.uri("disk"), &["write -P 1 20m 1m"]).status.success());
+    let want = vec![(0, 5 * M, 3), (5 * M, 3 * M, 0), (8 * M, 12 * M, 3), (20 * M, M, 0), (21 * M, 43 * M, 3)];
+    assert_eq!(map(&a.uri("disk")), want);
+    assert_eq!(a.stop().0, 0);
+    drop(remote);
+    let blind = Server::nbdkit(&rig.d.path("blind.sock"), &["--filter=noextents", "file", s(&back)]);
+    let a = Attach::start(&rig.dev, &[Path::new(&blind.uri(""))], &rig.socket(), &[]);
+    assert_eq!(map(&a.uri("disk")), vec![(0, 64 * M, 0)]);
+    assert_eq!(a.stop().0, 0);
+}

@@ -527,6 +527,38 @@ impl BackingDev for NbdBacking {
         self.id
     }
 
+    /// The server's own `base:allocation`, where it serves block status
+    /// (a hint: any failure is "cannot tell").
+    fn data_ranges(&self, off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+        self.info.block_status?;
+        let end = off.checked_add(len)?.min(self.info.size);
+        let deadline = Instant::now() + self.timeout.min(Duration::from_secs(5));
+        let conn = self.conn().ok()?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = off;
+        while at < end {
+            let ask = u32::try_from(end - at).unwrap_or(!4095);
+            let extents = conn.block_status(at, ask, deadline).ok()?;
+            if extents.is_empty() {
+                return None;
+            }
+            for (l, flags) in extents {
+                let l = u64::from(l).min(end - at);
+                if l == 0 {
+                    break;
+                }
+                if flags & crate::nbd::STATE_HOLE == 0 {
+                    match out.last_mut() {
+                        Some(last) if last.0 + last.1 == at => last.1 += l,
+                        _ => out.push((at, l)),
+                    }
+                }
+                at += l;
+            }
+        }
+        Some(out)
+    }
+
     /// `NBD_CMD_WRITE_ZEROES`, where the server offers it (and only on
     /// whole blocks of its minimum size).
     fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {

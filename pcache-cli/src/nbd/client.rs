@@ -36,6 +36,8 @@ pub const TF_READ_ONLY: u16 = 1 << 1;
 /// The largest request sent when the server names no maximum (what the
 /// protocol says every server takes).
 const DEFAULT_MAX: u32 = 32 << 20;
+/// The most bytes of block status descriptors believed for one request.
+const MAX_BLOCK_STATUS: usize = 1 << 20;
 /// The longest option reply believed.
 const MAX_OPTION_REPLY: u32 = 64 << 10;
 
@@ -105,6 +107,8 @@ pub struct ExportInfo {
     pub preferred_block: u32,
     /// Largest request it takes.
     pub max_block: u32,
+    /// The id of `base:allocation`, if the server serves block status.
+    pub block_status: Option<u32>,
 }
 
 impl ExportInfo {
@@ -199,7 +203,8 @@ struct Waiter {
     tx: SyncSender<Result<Vec<u8>, ReqError>>,
     offset: u64,
     len: u32,
-    read: bool,
+    /// The request's command (`CMD_*`).
+    kind: u16,
     /// A read's data, filled chunk by chunk (structured replies).
     buf: Vec<u8>,
     /// The first error chunk.
@@ -319,8 +324,7 @@ impl Conn {
             return rx;
         }
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
-        let read = kind == CMD_READ;
-        let waiter = Waiter { tx: tx.clone(), offset, len, read, buf: Vec::new(), err: None };
+        let waiter = Waiter { tx: tx.clone(), offset, len, kind, buf: Vec::new(), err: None };
         self.shared.pending().insert(handle, waiter);
         let header = RequestHeader::new(kind, flags, handle, offset, len);
         let sent = {
@@ -421,6 +425,21 @@ impl Conn {
         self.wait(&rx, deadline).map(drop)
     }
 
+    /// `NBD_CMD_BLOCK_STATUS` of `base:allocation` from `offset`: the
+    /// extents the server reports (length, `STATE_*` flags), in order; empty
+    /// if it serves no block status.
+    pub fn block_status(&self, offset: u64, len: u32, deadline: Instant) -> Result<Vec<(u32, u32)>, ReqError> {
+        if self.info.block_status.is_none() {
+            return Ok(Vec::new());
+        }
+        let rx = self.send(CMD_BLOCK_STATUS, 0, offset, len, &[]);
+        let raw = self.wait(&rx, deadline)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|d| (u32::from_be_bytes([d[0], d[1], d[2], d[3]]), u32::from_be_bytes([d[4], d[5], d[6], d[7]])))
+            .collect())
+    }
+
     /// `NBD_CMD_FLUSH`: every write completed before it is durable.
     pub fn flush(&self, deadline: Instant) -> Result<(), ReqError> {
         self.unflushed.store(false, Ordering::Release);
@@ -509,6 +528,7 @@ fn haggle<S: Read + Write>(s: &mut S, export: &[u8], no_zeroes: bool) -> Result<
     s.write_all(&encode_option(OPT_STRUCTURED_REPLY, &[])).map_err(io_err)?;
     let (kind, _) = option_reply(s, OPT_STRUCTURED_REPLY)?;
     let structured = kind == REP_ACK;
+    let block_status = if structured { meta_context(s, export)? } else { None };
     let mut go = U32::new(len32(export.len())).as_bytes().to_vec();
     go.extend_from_slice(export);
     go.extend_from_slice(U16::new(1).as_bytes());
@@ -531,7 +551,9 @@ fn haggle<S: Read + Write>(s: &mut S, export: &[u8], no_zeroes: bool) -> Result<
                 }
                 _ => {}
             },
-            REP_ERR_UNSUP => return export_name(s, export, no_zeroes).map(|i| (i, structured)),
+            REP_ERR_UNSUP => {
+                return export_name(s, export, no_zeroes).map(|i| (ExportInfo { block_status, ..i }, structured));
+            }
             REP_ERR_UNKNOWN => {
                 return Err(format!(
                     "the server has no export named {:?} (list them with `nbdinfo --list`)",
@@ -550,7 +572,32 @@ fn haggle<S: Read + Write>(s: &mut S, export: &[u8], no_zeroes: bool) -> Result<
         return Err(format!("the server's block sizes make no sense (minimum {min}, preferred {pref}, maximum {max})"));
     }
     let max_block = (max - max % min).min(DEFAULT_MAX.max(min));
-    Ok((ExportInfo { size, flags, min_block: min, preferred_block: pref, max_block }, structured))
+    Ok((ExportInfo { size, flags, min_block: min, preferred_block: pref, max_block, block_status }, structured))
+}
+
+/// Asks for `base:allocation` on `export`: its context id, if the server
+/// has it.
+fn meta_context<S: Read + Write>(s: &mut S, export: &[u8]) -> Result<Option<u32>, String> {
+    let mut q = U32::new(len32(export.len())).as_bytes().to_vec();
+    q.extend_from_slice(export);
+    q.extend_from_slice(U32::new(1).as_bytes());
+    q.extend_from_slice(U32::new(len32(BASE_ALLOCATION.len())).as_bytes());
+    q.extend_from_slice(BASE_ALLOCATION.as_bytes());
+    s.write_all(&encode_option(OPT_SET_META_CONTEXT, &q)).map_err(io_err)?;
+    let mut id = None;
+    loop {
+        let (kind, data) = option_reply(s, OPT_SET_META_CONTEXT)?;
+        match kind {
+            REP_META_CONTEXT if data.get(4..) == Some(BASE_ALLOCATION.as_bytes()) => {
+                id = U32::read_from_prefix(&data).ok().map(|(i, _)| i.get());
+            }
+            REP_META_CONTEXT => {}
+            REP_ACK => return Ok(id),
+            // Refused or unknown: no block status, and the handshake goes on.
+            k if k & (1 << 31) != 0 => return Ok(None),
+            k => return Err(format!("unexpected option reply {k} to NBD_OPT_SET_META_CONTEXT")),
+        }
+    }
 }
 
 /// The old way into transmission, for a server without `NBD_OPT_GO`.
@@ -567,6 +614,7 @@ fn export_name<S: Read + Write>(s: &mut S, export: &[u8], no_zeroes: bool) -> Re
         min_block: 1,
         preferred_block: PREFERRED_BLOCK,
         max_block: DEFAULT_MAX,
+        block_status: None,
     })
 }
 
@@ -651,18 +699,27 @@ pub fn replay_server(bytes: &[u8]) {
     };
     let shared = Shared::default();
     let mut rxs = Vec::new();
-    for (handle, (offset, len, read)) in
-        [(0u64, 512u32, true), (4096, 4096, true), (0, 4096, false), (0, 0, false)].into_iter().enumerate()
-    {
+    let reqs = [
+        (0u64, 512u32, CMD_READ),
+        (4096, 4096, CMD_READ),
+        (0, 4096, CMD_WRITE),
+        (0, 0, CMD_FLUSH),
+        (0, 8192, CMD_BLOCK_STATUS),
+    ];
+    for (handle, (offset, len, kind)) in reqs.into_iter().enumerate() {
         let (tx, rx) = sync_channel(1);
-        shared.pending().insert(handle as u64 + 1, Waiter { tx, offset, len, read, buf: Vec::new(), err: None });
-        rxs.push((rx, len, read));
+        shared.pending().insert(handle as u64 + 1, Waiter { tx, offset, len, kind, buf: Vec::new(), err: None });
+        rxs.push((rx, len, kind));
     }
     let why = read_replies(&mut s, &shared, structured);
     shared.kill(why);
-    for (rx, len, read) in rxs {
+    for (rx, len, kind) in rxs {
         if let Ok(Ok(data)) = rx.try_recv() {
-            assert_eq!(data.len(), if read { len as usize } else { 0 });
+            match kind {
+                CMD_READ => assert_eq!(data.len(), len as usize),
+                CMD_BLOCK_STATUS => assert!(data.len().is_multiple_of(8) && data.len() <= MAX_BLOCK_STATUS),
+                _ => assert!(data.is_empty()),
+            }
         }
     }
 }
@@ -696,7 +753,7 @@ fn simple_reply<R: Read>(s: &mut R, shared: &Shared) -> Result<(), String> {
         return Ok(());
     }
     let mut data = Vec::new();
-    if w.read {
+    if w.kind == CMD_READ {
         data = vec![0; w.len as usize];
         read_exact(s, &mut data)?;
     }
@@ -717,7 +774,12 @@ fn chunk<R: Read>(s: &mut R, shared: &Shared) -> Result<(), String> {
     let Some(w) = pending.get_mut(&handle) else {
         return violation("a reply chunk for a request not in flight".into());
     };
-    let limit = if w.read { u64::from(w.len) + 8 } else { 0 }.max(u64::from(MAX_ERROR_MESSAGE as u32) + 16);
+    let limit = match w.kind {
+        CMD_READ => u64::from(w.len) + 8,
+        CMD_BLOCK_STATUS => MAX_BLOCK_STATUS as u64,
+        _ => 0,
+    }
+    .max(u64::from(MAX_ERROR_MESSAGE as u32) + 16);
     if u64::from(length) > limit {
         return violation(format!("a chunk of {length} bytes"));
     }
@@ -728,7 +790,15 @@ fn chunk<R: Read>(s: &mut R, shared: &Shared) -> Result<(), String> {
     let Some(w) = pending.get_mut(&handle) else { return Ok(()) };
     match kind {
         REPLY_TYPE_NONE if length == 0 => {}
-        REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE if w.read => {
+        REPLY_TYPE_BLOCK_STATUS if w.kind == CMD_BLOCK_STATUS => {
+            let n = payload.len();
+            if n < 12 || !(n - 4).is_multiple_of(8) || w.buf.len() + n > MAX_BLOCK_STATUS {
+                return violation(format!("a block status chunk of {length} bytes"));
+            }
+            // One context was asked for: its descriptors, whatever the id.
+            w.buf.extend_from_slice(&payload[4..]);
+        }
+        REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE if w.kind == CMD_READ => {
             let Ok((off, rest)) = U64::read_from_prefix(&payload) else {
                 return violation("a short data chunk".into());
             };
@@ -764,7 +834,7 @@ fn chunk<R: Read>(s: &mut R, shared: &Shared) -> Result<(), String> {
         let w = pending.remove(&handle).expect("looked up above");
         let r = match w.err {
             Some(e) => Err(e),
-            None if w.read && w.buf.is_empty() => Ok(vec![0; w.len as usize]),
+            None if w.kind == CMD_READ && w.buf.is_empty() => Ok(vec![0; w.len as usize]),
             None => Ok(w.buf),
         };
         let _ = w.tx.try_send(r);
@@ -855,7 +925,7 @@ mod tests {
             let (c, mut s) = pair();
             let shared = Arc::new(Shared::default());
             let (tx, rx) = sync_channel(1);
-            shared.pending().insert(1, Waiter { tx, offset: 0, len: 512, read: true, buf: Vec::new(), err: None });
+            shared.pending().insert(1, Waiter { tx, offset: 0, len: 512, kind: CMD_READ, buf: Vec::new(), err: None });
             s.write_all(&bytes).unwrap();
             drop(s);
             let mut c = c;
@@ -867,7 +937,7 @@ mod tests {
         let (c, mut s) = pair();
         let shared = Arc::new(Shared::default());
         let (tx, rx) = sync_channel(1);
-        shared.pending().insert(1, Waiter { tx, offset: 100, len: 8, read: true, buf: Vec::new(), err: None });
+        shared.pending().insert(1, Waiter { tx, offset: 100, len: 8, kind: CMD_READ, buf: Vec::new(), err: None });
         s.write_all(&chunk(0, REPLY_TYPE_OFFSET_DATA, 1, &data_at(104, b"abcd"))).unwrap();
         s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 1, &data_at(100, &4u32.to_be_bytes()))).unwrap();
         drop(s);
