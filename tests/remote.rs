@@ -490,6 +490,13 @@ fn remote_backings_over_tls() {
     refused(&remote.uri(""), "requires TLS: use an nbds:// URI");
     let plain = Server::nbdkit(&rig.d.path("plain.sock"), &["memory", "64M"]);
     refused(&format!("nbds+unix:///?socket={}&tls-certificates={}", s(&plain.socket), s(&dir)), "does not offer TLS");
+    // No client certificate for a server that verifies clients; a name the
+    // server's certificate does not carry.
+    let bare = rig.d.path("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(dir.join("ca-cert.pem"), bare.join("ca-cert.pem")).unwrap();
+    refused(&nbds.replace(s(&dir), s(&bare)), "needs client-cert.pem and client-key.pem");
+    refused(&format!("{nbds}&tls-hostname=store.example"), "not valid for name \"store.example\"");
     // qemu-nbd of a qcow2 image, with TLS and client certificates.
     let image = rig.d.path("disk.qcow2");
     ok(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", s(&image), "64M"]));

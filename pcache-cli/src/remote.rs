@@ -159,10 +159,13 @@ impl NbdBacking {
         let info = conn.info();
         let name = uri.normal();
         if info.has(TF_READ_ONLY) {
-            return Err(format!("{name}: the export is read-only; a cache writes back to its backing"));
+            return Err(format!(
+                "{name}: the export is read-only, and a cache writes back to its backing: serve it writable \
+                 (without nbdkit -r or qemu-nbd --read-only)"
+            ));
         }
         if info.size == 0 {
-            return Err(format!("{name}: the export is empty"));
+            return Err(format!("{name}: the export is empty (0 bytes): check the server's export and its size"));
         }
         if !info.has(TF_SEND_FLUSH) {
             warn!(

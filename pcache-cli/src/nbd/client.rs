@@ -271,8 +271,17 @@ impl Conn {
             s = start_tls(s, uri, timeout).map_err(|e| format!("{name}: {e}"))?;
             s.set_timeouts(Some(timeout), Some(timeout)).map_err(|e| e.to_string())?;
         }
-        let (info, structured) =
-            haggle(&mut s, uri.export.as_bytes(), no_zeroes).map_err(|e| format!("{name}: {e}"))?;
+        let (info, structured) = haggle(&mut s, uri.export.as_bytes(), no_zeroes).map_err(|e| {
+            // A server that refuses a client's certificate (or its absence)
+            // does so after the client thinks TLS is up: the session ends.
+            let hint = if uri.tls && e.starts_with("handshake:") {
+                " (the server ended the TLS session: if it verifies clients, tls-certificates= needs \
+                 client-cert.pem and client-key.pem signed by a CA it trusts)"
+            } else {
+                ""
+            };
+            format!("{name}: {e}{hint}")
+        })?;
         // Replies may take as long as they take (each request has its own
         // deadline); a write that cannot be sent within the timeout is a
         // dead server.
@@ -484,13 +493,24 @@ fn start_tls(mut s: Stream, uri: &NbdUri, timeout: Duration) -> Result<Stream, S
     s.write_all(&encode_option(OPT_STARTTLS, &[])).map_err(io_err)?;
     let (kind, data) = option_reply(&mut s, OPT_STARTTLS)?;
     if kind != REP_ACK {
-        return Err(format!("the server does not offer TLS ({})", rep_error(kind, &data)));
+        return Err(format!(
+            "the server does not offer TLS ({}): start it with TLS, or use nbd:// on a network you trust",
+            rep_error(kind, &data)
+        ));
     }
     let session = super::tls::client_session(config, &hostname)?;
     let plain = match s {
         Stream::Tcp(t) => super::tls::tunnel(t, session, timeout),
         Stream::Unix(u) => super::tls::tunnel(u, session, timeout),
-    }?;
+    }
+    .map_err(|e| {
+        let dir = uri.tls_certificates.as_deref().unwrap_or(std::path::Path::new("?")).display().to_string();
+        format!(
+            "{e} (check {dir}: ca-cert.pem must be the CA that signed the server's certificate, which must name \
+             {hostname:?} (or say tls-hostname=); client-cert.pem and client-key.pem if the server verifies \
+             clients)"
+        )
+    })?;
     Ok(Stream::Unix(plain))
 }
 
