@@ -86,7 +86,8 @@ fn bash_completes_commands_and_their_options() {
     }
     assert_eq!(complete("pcache at").trim(), "attach");
     let options = complete("pcache attach --back");
-    assert_eq!(options.trim(), "--backing");
+    assert_eq!(options.trim(), "--backing\n--backing-timeout");
+    assert_eq!(complete("pcache attach --tls-c").trim(), "--tls-cert");
 }
 
 #[test]
