@@ -555,3 +555,27 @@ fn block_status_of_a_remote_backing_asks_its_server() {
     assert_eq!(map(&a.uri("disk")), vec![(0, 64 * M, 0)]);
     assert_eq!(a.stop().0, 0);
 }
+
+/// A discard through the cache is passed on: a local backing file gets a
+/// hole punched, a remote export an NBD TRIM (its block status shows it).
+#[test]
+fn discards_reach_the_backing() {
+    use std::os::unix::fs::MetadataExt;
+    const M: u64 = 1 << 20;
+    let rig = Rig::new();
+    let disk = rig.d.path("disk.img");
+    std::fs::write(&disk, vec![0x77u8; (16 * M) as usize]).unwrap();
+    let blocks = std::fs::metadata(&disk).unwrap().blocks();
+    let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
+    assert!(qemu_io(&a.uri("disk.img"), &["discard 4m 8m"]).status.success());
+    let after = std::fs::metadata(&disk).unwrap().blocks();
+    assert!(after * 512 <= blocks * 512 - 7 * M, "8 MiB punched out: {blocks} -> {after} blocks");
+    assert_eq!(map(&a.uri("disk.img")), vec![(0, 4 * M, 0), (4 * M, 8 * M, 3), (12 * M, 4 * M, 0)]);
+    assert_eq!(a.stop().0, 0);
+    let remote = Server::nbdkit(&rig.d.path("remote.sock"), &["memory", "32M"]);
+    assert!(qemu_io(&remote.uri(""), &["write -P 9 0 32m"]).status.success());
+    let a = Attach::start(&rig.dev, &[Path::new(&remote.uri(""))], &rig.socket(), &[]);
+    assert!(qemu_io(&a.uri("disk"), &["discard 8m 16m"]).status.success());
+    assert_eq!(a.stop().0, 0);
+    assert_eq!(map(&remote.uri("")), vec![(0, 8 * M, 0), (8 * M, 16 * M, 3), (24 * M, 8 * M, 0)]);
+}

@@ -37,7 +37,7 @@ use pcache_pmem::{BackingDev, BackingError, BackingId};
 use tracing::{info, warn};
 
 use crate::nbd::client::{Conn, ExportInfo, Pending, ReqError, TF_READ_ONLY};
-use crate::nbd::{TF_SEND_FLUSH, TF_SEND_WRITE_ZEROES};
+use crate::nbd::{TF_SEND_FLUSH, TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
 
 /// How long requests to a remote backing are retried by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -530,6 +530,27 @@ impl BackingDev for NbdBacking {
         self.id
     }
 
+    /// `NBD_CMD_TRIM`, where the server offers it, on whole blocks of its
+    /// minimum size (the rest of a discard is left alone).
+    fn trim(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        self.check("trim", off, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let min = u64::from(self.info.min_block);
+        let (start, end) = (off.div_ceil(min) * min, (off + len) / min * min);
+        if !self.info.has(TF_SEND_TRIM) || start >= end {
+            return Ok(false);
+        }
+        let _shared = self.rmw.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.settle_overlapping(&mut lock(&self.in_flight), start, end - start)?;
+        let step = u64::from(u32::MAX) / min * min;
+        let mut at = start;
+        while at < end {
+            let n = u32::try_from((end - at).min(step)).unwrap_or(u32::MAX);
+            self.retry("trim", |c, deadline| c.trim(at, n, deadline))?;
+            at += u64::from(n);
+        }
+        Ok(true)
+    }
+
     /// The server's own `base:allocation`, where it serves block status
     /// (a hint: any failure is "cannot tell").
     fn data_ranges(&self, off: u64, len: u64) -> Option<Vec<(u64, u64)>> {
@@ -648,6 +669,9 @@ impl BackingDev for AnyBacking {
     }
     fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
         self.dev().zero(off, len)
+    }
+    fn trim(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        self.dev().trim(off, len)
     }
 }
 

@@ -135,6 +135,12 @@ pub trait BackingDev: Send + Sync {
     fn zero(&self, _off: u64, _len: u64) -> Result<bool, BackingError> {
         Ok(false)
     }
+    /// The contents of `[off, off + len)` no longer matter (a discard
+    /// passed on: `fallocate` `PUNCH_HOLE`, an NBD `TRIM`); `Ok(false)` when
+    /// the device cannot, and nothing was done. Advice only.
+    fn trim(&self, _off: u64, _len: u64) -> Result<bool, BackingError> {
+        Ok(false)
+    }
 }
 
 impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
@@ -168,6 +174,10 @@ impl<T: BackingDev + ?Sized> BackingDev for std::sync::Arc<T> {
 
     fn zero(&self, off: u64, len: u64) -> Result<bool, BackingError> {
         (**self).zero(off, len)
+    }
+
+    fn trim(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        (**self).trim(off, len)
     }
 }
 
@@ -278,6 +288,18 @@ impl BackingDev for FileBacking {
             Ok(()) => Ok(true),
             Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => Ok(false),
             Err(e) => Err(self.err("fallocate ZERO_RANGE", e.into())),
+        }
+    }
+
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`: the file
+    /// system frees the blocks, a block device discards them.
+    fn trim(&self, off: u64, len: u64) -> Result<bool, BackingError> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        self.check("trim", off, usize::try_from(len).unwrap_or(usize::MAX))?;
+        match fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, off, len) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS | rustix::io::Errno::INVAL) => Ok(false),
+            Err(e) => Err(self.err("fallocate PUNCH_HOLE", e.into())),
         }
     }
 

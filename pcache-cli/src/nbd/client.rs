@@ -434,6 +434,12 @@ impl Conn {
         self.wait(&rx, deadline).map(drop)
     }
 
+    /// `NBD_CMD_TRIM` of `len` bytes at `offset`, waited for.
+    pub fn trim(&self, offset: u64, len: u32, deadline: Instant) -> Result<(), ReqError> {
+        let rx = self.send(CMD_TRIM, 0, offset, len, &[]);
+        self.wait(&rx, deadline).map(drop)
+    }
+
     /// `NBD_CMD_BLOCK_STATUS` of `base:allocation` from `offset`: the
     /// extents the server reports (length, `STATE_*` flags), in order; empty
     /// if it serves no block status.

@@ -258,11 +258,16 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
     }
 
     /// Tells the cache the range's contents no longer matter: clean cached
-    /// copies are dropped (dirty data still reaches the backing device).
+    /// copies are dropped (dirty data still reaches the backing device), and
+    /// the discard is passed on to the backing device where it takes one
+    /// (a failure there is logged, not returned: a discard is advice).
     pub fn discard(&self, off: u64, len: u64) -> Result<(), EngineError> {
         let _req = self.inner.ctx.enter()?;
         self.inner.io.check_range(off, len)?;
         self.inner.io.discard(off, len, &self.inner.ctx);
+        if let Err(e) = self.inner.io.backing().trim(off, len) {
+            tracing::warn!(error = %e, "discard not passed on to the backing device");
+        }
         Ok(())
     }
 
