@@ -127,31 +127,25 @@ pub trait Socket: Read + Write + AsFd + Send + 'static {
     fn close(&self);
 }
 
-impl Socket for UnixStream {
-    fn nonblocking(&self, on: bool) -> io::Result<()> {
-        self.set_nonblocking(on)
-    }
-    fn timeouts(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)?;
-        self.set_write_timeout(t)
-    }
-    fn close(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
+/// Both kinds of socket have the same calls under the same names.
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn nonblocking(&self, on: bool) -> io::Result<()> {
+                self.set_nonblocking(on)
+            }
+            fn timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+                self.set_read_timeout(t)?;
+                self.set_write_timeout(t)
+            }
+            fn close(&self) {
+                let _ = self.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    };
 }
-
-impl Socket for std::net::TcpStream {
-    fn nonblocking(&self, on: bool) -> io::Result<()> {
-        self.set_nonblocking(on)
-    }
-    fn timeouts(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)?;
-        self.set_write_timeout(t)
-    }
-    fn close(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-}
+socket!(UnixStream);
+socket!(std::net::TcpStream);
 
 /// Runs the TLS handshake on `sock` (within `timeout`), then hands the
 /// session to a pump thread; returns the plaintext end.
