@@ -98,8 +98,16 @@ pub struct NbdBacking {
     id: Option<BackingId>,
     timeout: Duration,
     conn: Mutex<Option<Arc<Conn>>>,
-    /// A connection ended with writes no flush covered.
+    /// The journal must be written again before a flush counts: a
+    /// connection ended with writes no flush covered, a write in flight
+    /// failed, or a flush did. Cleared only once a rewrite and a flush
+    /// after it succeed.
     lost_unflushed: AtomicBool,
+    /// Writes were lost with more written since the last flush than the
+    /// journal keeps: no flush can cover them any more, so every `sync`
+    /// fails until the cache is restarted (and writes back again from its
+    /// dirty tail).
+    poisoned: AtomicBool,
     journal: Mutex<Journal>,
     /// Writes sent, oldest first; no two overlap.
     in_flight: Mutex<std::collections::VecDeque<InFlight>>,
@@ -164,6 +172,13 @@ impl NbdBacking {
                  (without nbdkit -r or qemu-nbd --read-only)"
             ));
         }
+        if info.size % u64::from(info.min_block) != 0 {
+            return Err(format!(
+                "{name}: the export's size ({}) is not a multiple of its minimum block size ({}): its last \
+                 block cannot be written whole",
+                info.size, info.min_block
+            ));
+        }
         if info.size == 0 {
             return Err(format!("{name}: the export is empty (0 bytes): check the server's export and its size"));
         }
@@ -192,6 +207,7 @@ impl NbdBacking {
             timeout,
             conn: Mutex::new(Some(Arc::new(conn))),
             lost_unflushed: AtomicBool::new(false),
+            poisoned: AtomicBool::new(false),
             journal: Mutex::new(Journal::default()),
             in_flight: Mutex::new(std::collections::VecDeque::new()),
             failing: AtomicBool::new(false),
@@ -345,15 +361,6 @@ impl NbdBacking {
     /// module's introduction).
     fn write_aligned(&self, off: u64, data: &[u8]) -> Result<(), BackingError> {
         let data: Arc<[u8]> = data.into();
-        {
-            let mut j = lock(&self.journal);
-            if j.overflow || j.bytes + data.len() > JOURNAL_MAX {
-                *j = Journal { overflow: true, ..Journal::default() };
-            } else {
-                j.bytes += data.len();
-                j.writes.push((off, Written::Data(data.clone())));
-            }
-        }
         let mut q = lock(&self.in_flight);
         self.settle_overlapping(&mut q, off, data.len() as u64)?;
         while q.len() >= MAX_IN_FLIGHT {
@@ -361,6 +368,10 @@ impl NbdBacking {
                 self.settle(w)?;
             }
         }
+        // Journaled in the order sent (sends are serialised by the queue's
+        // lock, and an overlapping write in flight was settled first), so
+        // a rewrite leaves what the server was left with.
+        self.journal(off, Written::Data(data.clone()));
         match self.conn() {
             Ok(conn) => {
                 let pending = conn.send_writes(&self.pieces_of(off, &data));
@@ -375,14 +386,35 @@ impl NbdBacking {
         }
     }
 
+    /// Notes a write no flush has covered yet.
+    fn journal(&self, off: u64, w: Written) {
+        let mut j = lock(&self.journal);
+        let len = match &w {
+            Written::Data(d) => d.len(),
+            Written::Zeroes(_) => 0,
+        };
+        if j.overflow || j.bytes + len > JOURNAL_MAX {
+            *j = Journal { overflow: true, ..Journal::default() };
+        } else {
+            j.bytes += len;
+            j.writes.push((off, w));
+        }
+    }
+
     /// Waits for the replies of a write sent; writes it again (with
-    /// retries) if it failed or its connection was lost.
+    /// retries) if it failed or its connection was lost. A write that
+    /// still fails is remembered for the next `sync` (the journal is
+    /// written again before a flush counts), whoever settles it.
     fn settle(&self, w: InFlight) -> Result<(), BackingError> {
         if w.conn.wait_all(&w.pending, Instant::now() + self.timeout).is_ok() {
             return Ok(());
         }
         let pieces = self.pieces_of(w.off, &w.data);
-        self.retry("write", |c, deadline| c.write_many(&pieces, deadline))
+        let r = self.retry("write", |c, deadline| c.write_many(&pieces, deadline));
+        if r.is_err() {
+            self.lost_unflushed.store(true, Ordering::Release);
+        }
+        r
     }
 
     /// Settles every write in flight that overlaps `off..off+len`.
@@ -492,25 +524,56 @@ impl BackingDev for NbdBacking {
 
     fn sync(&self) -> Result<(), BackingError> {
         let _writes = self.rmw.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let poisoned = || {
+            self.err(
+                "flush",
+                io::Error::other(
+                    "writes were lost with a connection after more than the journal keeps was written since \
+                     the last flush: restart the cache (it writes back again from its dirty tail)",
+                ),
+            )
+        };
         self.settle_all()?;
         let deadline = Instant::now() + self.timeout;
+        let mut backoff = Duration::from_millis(2);
         loop {
-            // Writes a lost connection took with it are written again
-            // first; a reconnect while flushing means the same.
-            if self.lost_unflushed.swap(false, Ordering::AcqRel) && !self.rewrite_journal()? {
-                return Err(self.err(
-                    "flush",
-                    io::Error::other(
-                        "the connection to the server was lost before a flush covered more writes than are kept \
-                         to write again; writeback writes them again",
-                    ),
-                ));
+            if self.poisoned.load(Ordering::Acquire) {
+                return Err(poisoned());
             }
-            if self.info.has(TF_SEND_FLUSH) {
-                self.retry("flush", |c, deadline| c.flush(deadline))?;
+            // Writes a lost connection took with it, a failed write, a
+            // failed flush: the journal again first. The flag is taken
+            // before the rewrite, so a connection lost during it sets it
+            // again (and the loop rewrites again); a failed rewrite puts
+            // it back.
+            if self.lost_unflushed.swap(false, Ordering::AcqRel) {
+                match self.rewrite_journal() {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.poisoned.store(true, Ordering::Release);
+                        return Err(poisoned());
+                    }
+                    Err(e) => {
+                        self.lost_unflushed.store(true, Ordering::Release);
+                        return Err(e);
+                    }
+                }
             }
-            // A connection lost during the flush is seen by the next
-            // `conn()`; look now.
+            let flushed =
+                if self.info.has(TF_SEND_FLUSH) { self.conn().and_then(|c| c.flush(deadline)).err() } else { None };
+            if let Some(e) = flushed {
+                // A failed flush may have dropped what it was to save.
+                self.lost_unflushed.store(true, Ordering::Release);
+                if Instant::now() >= deadline {
+                    return Err(self.err(
+                        "flush",
+                        io::Error::new(io::ErrorKind::TimedOut, format!("{e}; gave up (--backing-timeout)")),
+                    ));
+                }
+                std::thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            // A connection lost since the flush is seen by `conn()`.
             let _ = self.conn();
             if !self.lost_unflushed.load(Ordering::Acquire) {
                 *lock(&self.journal) = Journal::default();
@@ -566,6 +629,7 @@ impl BackingDev for NbdBacking {
             if extents.is_empty() {
                 return None;
             }
+            let before = at;
             for (l, flags) in extents {
                 let l = u64::from(l).min(end - at);
                 if l == 0 {
@@ -578,6 +642,9 @@ impl BackingDev for NbdBacking {
                     }
                 }
                 at += l;
+            }
+            if at == before {
+                return None;
             }
         }
         Some(out)
@@ -592,10 +659,10 @@ impl BackingDev for NbdBacking {
         }
         let _shared = self.rmw.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.settle_overlapping(&mut lock(&self.in_flight), off, len)?;
-        self.send_zeroes(off, len)?;
-        let mut j = lock(&self.journal);
-        if !j.overflow {
-            j.writes.push((off, Written::Zeroes(len)));
+        self.journal(off, Written::Zeroes(len));
+        if let Err(e) = self.send_zeroes(off, len) {
+            self.lost_unflushed.store(true, Ordering::Release);
+            return Err(e);
         }
         Ok(true)
     }

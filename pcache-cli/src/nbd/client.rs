@@ -207,6 +207,8 @@ struct Waiter {
     kind: u16,
     /// A read's data, filled chunk by chunk (structured replies).
     buf: Vec<u8>,
+    /// Bytes of a read its data and hole chunks covered.
+    covered: u64,
     /// The first error chunk.
     err: Option<ReqError>,
 }
@@ -333,7 +335,7 @@ impl Conn {
             return rx;
         }
         let handle = self.next.fetch_add(1, Ordering::Relaxed);
-        let waiter = Waiter { tx: tx.clone(), offset, len, kind, buf: Vec::new(), err: None };
+        let waiter = Waiter { tx: tx.clone(), offset, len, kind, buf: Vec::new(), covered: 0, err: None };
         self.shared.pending().insert(handle, waiter);
         let header = RequestHeader::new(kind, flags, handle, offset, len);
         let sent = {
@@ -448,7 +450,10 @@ impl Conn {
             return Ok(Vec::new());
         }
         let rx = self.send(CMD_BLOCK_STATUS, 0, offset, len, &[]);
-        let raw = self.wait(&rx, deadline)?;
+        // A hint: a slow answer is given up on, and the connection (with
+        // the writes it carries) is left alone.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let raw = rx.recv_timeout(left).map_err(|_| ReqError::Timeout(left))??;
         Ok(raw
             .chunks_exact(8)
             .map(|d| (u32::from_be_bytes([d[0], d[1], d[2], d[3]]), u32::from_be_bytes([d[4], d[5], d[6], d[7]])))
@@ -562,7 +567,10 @@ fn haggle<S: Read + Write>(s: &mut S, export: &[u8], no_zeroes: bool) -> Result<
     s.write_all(&encode_option(OPT_GO, &go)).map_err(io_err)?;
     let mut info: Option<(u64, u16)> = None;
     let mut blocks = (1u32, PREFERRED_BLOCK, DEFAULT_MAX);
-    loop {
+    for n in 0.. {
+        if n == MAX_OPTION_REPLIES {
+            return Err(format!("more than {MAX_OPTION_REPLIES} replies to NBD_OPT_GO"));
+        }
         let (kind, data) = option_reply(s, OPT_GO)?;
         match kind {
             REP_ACK => break,
@@ -611,7 +619,7 @@ fn meta_context<S: Read + Write>(s: &mut S, export: &[u8]) -> Result<Option<u32>
     q.extend_from_slice(BASE_ALLOCATION.as_bytes());
     s.write_all(&encode_option(OPT_SET_META_CONTEXT, &q)).map_err(io_err)?;
     let mut id = None;
-    loop {
+    for _ in 0..MAX_OPTION_REPLIES {
         let (kind, data) = option_reply(s, OPT_SET_META_CONTEXT)?;
         match kind {
             REP_META_CONTEXT if data.get(4..) == Some(BASE_ALLOCATION.as_bytes()) => {
@@ -624,6 +632,7 @@ fn meta_context<S: Read + Write>(s: &mut S, export: &[u8]) -> Result<Option<u32>
             k => return Err(format!("unexpected option reply {k} to NBD_OPT_SET_META_CONTEXT")),
         }
     }
+    Err(format!("more than {MAX_OPTION_REPLIES} replies to NBD_OPT_SET_META_CONTEXT"))
 }
 
 /// The old way into transmission, for a server without `NBD_OPT_GO`.
@@ -649,6 +658,9 @@ fn io_err(e: io::Error) -> String {
 }
 
 /// Reads one option reply to `option`: its kind and data.
+/// The most replies believed to one option (`REP_INFO`, `REP_META_CONTEXT`).
+const MAX_OPTION_REPLIES: usize = 64;
+
 fn option_reply<S: Read>(s: &mut S, option: u32) -> Result<(u32, Vec<u8>), String> {
     let h: OptionReplyHeader = read_header(s).map_err(io_err)?;
     if h.magic.get() != REP_MAGIC {
@@ -734,7 +746,9 @@ pub fn replay_server(bytes: &[u8]) {
     ];
     for (handle, (offset, len, kind)) in reqs.into_iter().enumerate() {
         let (tx, rx) = sync_channel(1);
-        shared.pending().insert(handle as u64 + 1, Waiter { tx, offset, len, kind, buf: Vec::new(), err: None });
+        shared
+            .pending()
+            .insert(handle as u64 + 1, Waiter { tx, offset, len, kind, buf: Vec::new(), covered: 0, err: None });
         rxs.push((rx, len, kind));
     }
     let why = read_replies(&mut s, &shared, structured);
@@ -846,6 +860,9 @@ fn chunk<R: Read>(s: &mut R, shared: &Shared) -> Result<(), String> {
             } else {
                 w.buf[start as usize..(start + n) as usize].fill(0);
             }
+            // Chunks of one read may not overlap (the protocol says so), so
+            // their lengths add up to what was covered.
+            w.covered += n;
         }
         k if k & (1 << 15) != 0 => {
             let errno = U32::read_from_prefix(&payload).map(|(e, _)| e.get()).unwrap_or(EIO);
@@ -860,7 +877,11 @@ fn chunk<R: Read>(s: &mut R, shared: &Shared) -> Result<(), String> {
         let w = pending.remove(&handle).expect("looked up above");
         let r = match w.err {
             Some(e) => Err(e),
-            None if w.kind == CMD_READ && w.buf.is_empty() => Ok(vec![0; w.len as usize]),
+            // A read its chunks did not cover whole is no success.
+            None if w.kind == CMD_READ && w.covered != u64::from(w.len) => Err(ReqError::Server {
+                errno: EIO,
+                message: format!("the reply covered {} of the {} bytes read", w.covered, w.len),
+            }),
             None => Ok(w.buf),
         };
         let _ = w.tx.try_send(r);
@@ -946,12 +967,16 @@ mod tests {
             ("chunk type", chunk(REPLY_FLAG_DONE, 77, 1, &[0; 4])),
             ("short", chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1, &[0; 3])),
             ("hole", chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 1, &data_at(0, &4096u32.to_be_bytes()))),
+            ("uncovered", chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, &[])),
+            ("half", chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1, &data_at(0, &[1; 256]))),
         ];
         for (what, bytes) in cases {
             let (c, mut s) = pair();
             let shared = Arc::new(Shared::default());
             let (tx, rx) = sync_channel(1);
-            shared.pending().insert(1, Waiter { tx, offset: 0, len: 512, kind: CMD_READ, buf: Vec::new(), err: None });
+            shared
+                .pending()
+                .insert(1, Waiter { tx, offset: 0, len: 512, kind: CMD_READ, buf: Vec::new(), covered: 0, err: None });
             s.write_all(&bytes).unwrap();
             drop(s);
             let mut c = c;
@@ -963,7 +988,9 @@ mod tests {
         let (c, mut s) = pair();
         let shared = Arc::new(Shared::default());
         let (tx, rx) = sync_channel(1);
-        shared.pending().insert(1, Waiter { tx, offset: 100, len: 8, kind: CMD_READ, buf: Vec::new(), err: None });
+        shared
+            .pending()
+            .insert(1, Waiter { tx, offset: 100, len: 8, kind: CMD_READ, buf: Vec::new(), covered: 0, err: None });
         s.write_all(&chunk(0, REPLY_TYPE_OFFSET_DATA, 1, &data_at(104, b"abcd"))).unwrap();
         s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, 1, &data_at(100, &4u32.to_be_bytes()))).unwrap();
         drop(s);

@@ -216,13 +216,30 @@ fn pump<S: Socket>(sock: &mut S, mut plain: UnixStream, tls: rustls::Connection)
             // Nothing left to wait for on either side.
             return Ok(());
         }
-        let mut fds = [PollFd::new(sock, sock_ev), PollFd::new(&plain, plain_ev)];
-        match poll(&mut fds, None) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
+        // Only a side with something to wait for is polled: a closed end
+        // reports HUP on every poll, wanted or not, and would spin the pump.
+        // Once the local side is gone, a peer that takes nothing for
+        // CLOSING_WAIT is given up on.
+        let timeout = rustix::event::Timespec { tv_sec: CLOSING_WAIT.as_secs() as i64, tv_nsec: 0 };
+        let timeout = p.plain_eof.then_some(&timeout);
+        let (sock_rev, plain_rev) = match (sock_ev.is_empty(), plain_ev.is_empty()) {
+            (false, false) => {
+                let mut fds = [PollFd::new(sock, sock_ev), PollFd::new(&plain, plain_ev)];
+                wait(&mut fds, timeout)?;
+                (fds[0].revents(), fds[1].revents())
+            }
+            (false, true) => {
+                let mut fds = [PollFd::new(sock, sock_ev)];
+                wait(&mut fds, timeout)?;
+                (fds[0].revents(), PollFlags::empty())
+            }
+            _ => {
+                let mut fds = [PollFd::new(&plain, plain_ev)];
+                wait(&mut fds, timeout)?;
+                (PollFlags::empty(), fds[0].revents())
+            }
+        };
         let ready = PollFlags::IN | PollFlags::HUP | PollFlags::ERR;
-        let (sock_rev, plain_rev) = (fds[0].revents(), fds[1].revents());
         if read_sock && sock_rev.intersects(ready) {
             match p.tls.read_tls(sock) {
                 Ok(0) => p.sock_eof = true,
@@ -240,6 +257,19 @@ fn pump<S: Socket>(sock: &mut S, mut plain: UnixStream, tls: rustls::Connection)
         if read_plain && plain_rev.intersects(ready) {
             p.read_plain(&mut plain);
         }
+    }
+}
+
+/// How long a session whose local side is gone may take to hand its last
+/// bytes and its close to the peer.
+const CLOSING_WAIT: Duration = Duration::from_secs(10);
+
+/// `poll`, a timeout being the end (only ever set while closing).
+fn wait(fds: &mut [PollFd<'_>], timeout: Option<&rustix::event::Timespec>) -> io::Result<()> {
+    match poll(fds, timeout) {
+        Ok(0) if timeout.is_some() => Err(io::Error::new(io::ErrorKind::TimedOut, "the peer took nothing")),
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -399,6 +399,11 @@ fn extents(dev: &dyn BlockDevice, off: u64, len: u64, one: bool, extended: bool)
                     break;
                 }
                 out.push(Extent { len: n.min(cap), flags: e.flags });
+                // An extent cut at the cap ends the reply: what follows it
+                // would be reported at the wrong offset.
+                if n > cap {
+                    break;
+                }
             }
         }
     }
