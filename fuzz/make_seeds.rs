@@ -326,7 +326,8 @@ fn image(out: &mut Out) {
     out.put("image", "empty", &[]);
 }
 
-/// Client byte streams for the `nbd` target: handshakes that reach
+/// Client byte streams for the `nbd` target (after its first byte, which
+/// says whether the server requires TLS): handshakes that reach
 /// transmission, then requests of every kind.
 fn nbd(out: &mut Out) {
     use pcache_cli::nbd::*;
@@ -353,7 +354,7 @@ fn nbd(out: &mut Out) {
         v.extend(opt(OPT_INFO, &go));
         v.extend(opt(OPT_GO, &go));
         v.extend(requests.iter());
-        out.put("nbd", name, &v);
+        out.put("nbd", name, &[&[0u8][..], &v].concat());
     }
     // Extended headers and base:allocation: 64-bit requests, block status.
     let mut meta = 1u32.to_be_bytes().to_vec();
@@ -379,14 +380,22 @@ fn nbd(out: &mut Out) {
             v.extend(req(CMD_BLOCK_STATUS, 0, 2, 0, 1 << 16));
             v.extend(req(CMD_READ, 0, 5, 0, 4096));
         }
-        out.put("nbd", if extended { "extended-block-status" } else { "block-status" }, &v);
+        out.put("nbd", if extended { "extended-block-status" } else { "block-status" }, &[&[0u8][..], &v].concat());
     }
     let mut v = 0u32.to_be_bytes().to_vec();
     v.extend(opt(OPT_EXPORT_NAME, b"b"));
     v.extend(req(CMD_READ, 0, 1, 0, 512));
     v.extend(req(CMD_WRITE, 0, 2, 0, 4));
     v.extend_from_slice(b"abcd");
-    out.put("nbd", "export-name", &v);
+    out.put("nbd", "export-name", &[&[0u8][..], &v].concat());
+    // A server that requires TLS: refusals, then STARTTLS.
+    let mut v = vec![1u8];
+    v.extend(3u32.to_be_bytes());
+    v.extend(opt(OPT_LIST, &[]));
+    v.extend(opt(OPT_GO, &go));
+    v.extend(opt(OPT_STARTTLS, b"x"));
+    v.extend(opt(OPT_STARTTLS, &[]));
+    out.put("nbd", "tls-required", &v);
 }
 
 /// Server byte streams for the `nbd_client` target: a handshake (with and
