@@ -311,16 +311,7 @@ impl NbdBacking {
     }
 
     fn check(&self, op: &'static str, off: u64, len: usize) -> Result<(), BackingError> {
-        match off.checked_add(len as u64) {
-            Some(end) if end <= self.info.size => Ok(()),
-            _ => Err(self.err(
-                op,
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{len} bytes at {off} pass the end ({})", self.info.size),
-                ),
-            )),
-        }
+        pcache_pmem::backing::check_range(&self.path, op, off, len, self.info.size)
     }
 
     /// The aligned range around `off..off+len`, if it is not aligned.

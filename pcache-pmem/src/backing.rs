@@ -239,16 +239,20 @@ impl FileBacking {
     }
 
     fn check(&self, op: &'static str, off: u64, len: usize) -> Result<(), BackingError> {
-        match off.checked_add(len as u64) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(self.err(
-                op,
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{len} bytes at {off} pass the end ({})", self.size),
-                ),
-            )),
-        }
+        check_range(&self.path, op, off, len, self.size)
+    }
+}
+
+/// Refuses `len` bytes at `off` on a device of `size` bytes that pass its
+/// end (every backing checks before it touches the device).
+pub fn check_range(path: &Path, op: &'static str, off: u64, len: usize, size: u64) -> Result<(), BackingError> {
+    match off.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BackingError {
+            op,
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, format!("{len} bytes at {off} pass the end ({size})")),
+        }),
     }
 }
 
