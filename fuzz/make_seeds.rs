@@ -404,20 +404,8 @@ fn nbd(out: &mut Out) {
 fn nbd_client(out: &mut Out) {
     use pcache_cli::nbd::*;
     use zerocopy::IntoBytes;
-    let hello = ServerHello {
-        magic: NBDMAGIC.into(),
-        option_magic: IHAVEOPT.into(),
-        flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
-    };
-    let rep = |option: u32, kind: u32, data: &[u8]| {
-        let h = OptionReplyHeader {
-            magic: REP_MAGIC.into(),
-            option: option.into(),
-            kind: kind.into(),
-            length: (data.len() as u32).into(),
-        };
-        [h.as_bytes(), data].concat()
-    };
+    let hello = encode_hello();
+    let rep = encode_option_reply;
     let export = InfoExport { info: INFO_EXPORT.into(), size: (1u64 << 20).into(), flags: TRANSMISSION_FLAGS.into() };
     let blocks = InfoBlockSize {
         info: INFO_BLOCK_SIZE.into(),
@@ -425,21 +413,9 @@ fn nbd_client(out: &mut Out) {
         preferred: 4096.into(),
         maximum: (1u32 << 20).into(),
     };
-    let chunk = |flags: u16, kind: u16, handle: u64, payload: &[u8]| {
-        let h = StructuredReplyHeader {
-            magic: STRUCTURED_REPLY_MAGIC.into(),
-            flags: flags.into(),
-            kind: kind.into(),
-            handle: handle.into(),
-            length: (payload.len() as u32).into(),
-        };
-        [h.as_bytes(), payload].concat()
-    };
-    let simple = |error: u32, handle: u64| {
-        SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: error.into(), handle: handle.into() }.as_bytes().to_vec()
-    };
+    let (chunk, simple) = (encode_chunk, encode_simple_reply);
     for structured in [true, false] {
-        let mut v = hello.as_bytes().to_vec();
+        let mut v = hello.clone();
         v.extend(rep(OPT_STRUCTURED_REPLY, if structured { REP_ACK } else { REP_ERR_UNSUP }, &[]));
         v.extend(rep(OPT_GO, REP_INFO, export.as_bytes()));
         v.extend(rep(OPT_GO, REP_INFO, blocks.as_bytes()));
@@ -469,7 +445,7 @@ fn nbd_client(out: &mut Out) {
         }
         out.put("nbd_client", if structured { "structured" } else { "simple" }, &v);
     }
-    let mut v = hello.as_bytes().to_vec();
+    let mut v = hello;
     v.extend(rep(OPT_STRUCTURED_REPLY, REP_ERR_UNSUP, &[]));
     v.extend(rep(OPT_GO, REP_ERR_UNSUP, &[]));
     v.extend(ExportNameReply { size: 4096.into(), flags: 1.into() }.as_bytes());

@@ -789,22 +789,11 @@ mod tests {
         use zerocopy::IntoBytes;
 
         use crate::nbd::*;
-        let hello = ServerHello {
-            magic: NBDMAGIC.into(),
-            option_magic: IHAVEOPT.into(),
-            flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
-        };
-        c.write_all(hello.as_bytes())?;
+        c.write_all(&encode_hello())?;
         let mut flags = [0u8; 4];
         c.read_exact(&mut flags)?;
         let reply = |c: &mut std::os::unix::net::UnixStream, opt: u32, kind: u32, data: &[u8]| {
-            let h = OptionReplyHeader {
-                magic: REP_MAGIC.into(),
-                option: opt.into(),
-                kind: kind.into(),
-                length: (data.len() as u32).into(),
-            };
-            c.write_all(&[h.as_bytes(), data].concat())
+            c.write_all(&encode_option_reply(opt, kind, data))
         };
         loop {
             let h: OptionHeader = read_header(c)?;
@@ -825,13 +814,12 @@ mod tests {
     /// held, at a flush, or when the client goes quiet); reads at once.
     fn serve_reordered(c: &mut std::os::unix::net::UnixStream, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
         use std::io::{Read, Write};
-        use zerocopy::{FromBytes, IntoBytes};
+        use zerocopy::FromBytes;
 
         use crate::nbd::*;
         let mut held: Vec<(u64, u64, Vec<u8>)> = Vec::new();
         let simple = |c: &mut std::os::unix::net::UnixStream, handle: u64, data: &[u8]| {
-            let r = SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: 0.into(), handle: handle.into() };
-            c.write_all(&[r.as_bytes(), data].concat())
+            c.write_all(&[&encode_simple_reply(0, handle)[..], data].concat())
         };
         let carry_out = |c: &mut std::os::unix::net::UnixStream, held: &mut Vec<(u64, u64, Vec<u8>)>| {
             for (handle, off, data) in held.drain(..).rev() {

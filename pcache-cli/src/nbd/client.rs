@@ -900,12 +900,7 @@ mod tests {
     }
 
     fn greet(server: &mut Stream) {
-        let hello = ServerHello {
-            magic: NBDMAGIC.into(),
-            option_magic: IHAVEOPT.into(),
-            flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
-        };
-        server.write_all(hello.as_bytes()).unwrap();
+        server.write_all(&encode_hello()).unwrap();
     }
 
     #[test]
@@ -948,16 +943,7 @@ mod tests {
     /// request in flight fails: it never panics or reads past its buffer.
     #[test]
     fn lying_replies_end_the_connection() {
-        let chunk = |flags: u16, kind: u16, handle: u64, payload: &[u8]| {
-            let h = StructuredReplyHeader {
-                magic: STRUCTURED_REPLY_MAGIC.into(),
-                flags: flags.into(),
-                kind: kind.into(),
-                handle: handle.into(),
-                length: len32(payload.len()).into(),
-            };
-            [h.as_bytes(), payload].concat()
-        };
+        let chunk = encode_chunk;
         let data_at = |off: u64, d: &[u8]| [&off.to_be_bytes()[..], d].concat();
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("outside", chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 1, &data_at(4096, &[1; 8]))),
@@ -1027,13 +1013,7 @@ mod tests {
                 assert_eq!(h.option.get(), expect);
                 let mut d = vec![0; h.length.get() as usize];
                 s.read_exact(&mut d).unwrap();
-                let r = OptionReplyHeader {
-                    magic: REP_MAGIC.into(),
-                    option: expect.into(),
-                    kind: REP_ERR_UNSUP.into(),
-                    length: 0.into(),
-                };
-                s.write_all(r.as_bytes()).unwrap();
+                s.write_all(&encode_option_reply(expect, REP_ERR_UNSUP, &[])).unwrap();
             }
             let h: OptionHeader = read_header(&mut s).unwrap();
             assert_eq!(h.option.get(), OPT_EXPORT_NAME);

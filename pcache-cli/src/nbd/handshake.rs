@@ -118,12 +118,7 @@ pub fn negotiate_with<R: Read, W: Write>(
     let no_zeroes = match resume {
         Some(no_zeroes) => no_zeroes,
         None => {
-            let hello = ServerHello {
-                magic: NBDMAGIC.into(),
-                option_magic: IHAVEOPT.into(),
-                flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
-            };
-            w.write_all(hello.as_bytes())?;
+            w.write_all(&encode_hello())?;
             w.flush()?;
             let client = read_header::<U32, _>(r)?.get();
             if client & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
@@ -163,13 +158,7 @@ pub fn negotiate_with<R: Read, W: Write>(
 
 /// Sends a reply to option `opt`, in one write.
 fn option_reply<W: Write>(w: &mut W, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
-    let header = OptionReplyHeader {
-        magic: REP_MAGIC.into(),
-        option: opt.into(),
-        kind: kind.into(),
-        length: len32(data).into(),
-    };
-    w.write_all(&[header.as_bytes(), data].concat())
+    w.write_all(&encode_option_reply(opt, kind, data))
 }
 
 /// The length of option data, which the server keeps far below 4 GiB.

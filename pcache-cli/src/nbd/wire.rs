@@ -578,6 +578,45 @@ pub fn encode_request(kind: u16, flags: u16, handle: u64, offset: u64, length: u
     RequestHeader::new(kind, flags, handle, offset, length).as_bytes().to_vec()
 }
 
+/// The server's greeting: fixed newstyle, no zeroes.
+pub fn encode_hello() -> Vec<u8> {
+    ServerHello {
+        magic: NBDMAGIC.into(),
+        option_magic: IHAVEOPT.into(),
+        flags: (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).into(),
+    }
+    .as_bytes()
+    .to_vec()
+}
+
+/// The bytes of an option reply of `kind` to `option`, with `data` (the
+/// server's side of [`encode_option`]).
+pub fn encode_option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    let header =
+        OptionReplyHeader { magic: REP_MAGIC.into(), option: option.into(), kind: kind.into(), length: len.into() };
+    [header.as_bytes(), data].concat()
+}
+
+/// The bytes of a simple reply (before a read's data).
+pub fn encode_simple_reply(error: u32, handle: u64) -> Vec<u8> {
+    SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: error.into(), handle: handle.into() }.as_bytes().to_vec()
+}
+
+/// The bytes of a structured reply chunk with `payload` (for tests, fuzz
+/// seeds and tools; the server writes its chunks in place).
+pub fn encode_chunk(flags: u16, kind: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let header = StructuredReplyHeader {
+        magic: STRUCTURED_REPLY_MAGIC.into(),
+        flags: flags.into(),
+        kind: kind.into(),
+        handle: handle.into(),
+        length: len.into(),
+    };
+    [header.as_bytes(), payload].concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
