@@ -28,7 +28,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -115,7 +115,6 @@ pub struct NbdBacking {
     failing: AtomicBool,
     /// Unaligned writes (read-modify-write) exclusive, the rest shared.
     rmw: RwLock<()>,
-    reconnects: AtomicU64,
     /// Held for as long as the backing is open: one cache per export on
     /// this host.
     _lock: Option<std::fs::File>,
@@ -212,23 +211,12 @@ impl NbdBacking {
             in_flight: Mutex::new(std::collections::VecDeque::new()),
             failing: AtomicBool::new(false),
             rmw: RwLock::new(()),
-            reconnects: AtomicU64::new(0),
         })
-    }
-
-    /// The export as the server described it.
-    pub fn info(&self) -> ExportInfo {
-        self.info
     }
 
     /// The export's name.
     pub fn export(&self) -> &str {
         &self.uri.export
-    }
-
-    /// Connections made again after one was lost.
-    pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
     }
 
     /// The connection, made anew if the last one is gone.
@@ -251,7 +239,6 @@ impl NbdBacking {
                 self.info.size
             )));
         }
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
         info!(backing = %self.path.display(), "reconnected");
         let c = Arc::new(c);
         *slot = Some(c.clone());

@@ -208,11 +208,6 @@ impl NbdUri {
         self.export.hash(&mut h);
         Some(BackingId::Remote { hash: h.finish() })
     }
-
-    /// A name for messages: the URI as given, normalised.
-    pub fn display(&self) -> String {
-        self.normal()
-    }
 }
 
 /// An address with IPv4-mapped IPv6 addresses as IPv4.

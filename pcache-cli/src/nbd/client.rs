@@ -371,15 +371,6 @@ impl Conn {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` (within the server's limits:
-    /// the caller splits and aligns).
-    pub fn read(&self, offset: u64, buf: &mut [u8], deadline: Instant) -> Result<(), ReqError> {
-        let rx = self.send(CMD_READ, 0, offset, len32(buf.len()), &[]);
-        let data = self.wait(&rx, deadline)?;
-        buf.copy_from_slice(&data);
-        Ok(())
-    }
-
     /// Sends the requests of `reads` (offset, length) all at once, then
     /// waits for each: the replies fill `buf` in order.
     pub fn read_many(&self, reads: &[(u64, usize)], buf: &mut [u8], deadline: Instant) -> Result<(), ReqError> {
@@ -500,7 +491,7 @@ fn len32(len: usize) -> u32 {
 fn start_tls(mut s: Stream, uri: &NbdUri, timeout: Duration) -> Result<Stream, String> {
     let dir = uri.tls_certificates.clone().ok_or("nbds needs ?tls-certificates=DIR")?;
     let hostname = uri.tls_name();
-    let config = super::tls::client_config(&super::tls::ClientTls { dir, hostname: hostname.clone() })?;
+    let config = super::tls::client_config(&dir)?;
     s.write_all(&encode_option(OPT_STARTTLS, &[])).map_err(io_err)?;
     let (kind, data) = option_reply(&mut s, OPT_STARTTLS)?;
     if kind != REP_ACK {

@@ -13,7 +13,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,27 +77,18 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// What a client needs for `nbds://`: the directory with `ca-cert.pem`
+/// The client's side, from the directory `nbds://` names: `ca-cert.pem`
 /// (the CA the server's certificate must chain to) and, for servers that
 /// verify clients, `client-cert.pem` and `client-key.pem` — the layout
-/// nbdkit, qemu and libnbd use — and the name the server's certificate must
-/// carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientTls {
-    /// The certificates' directory.
-    pub dir: PathBuf,
-    /// The server's name to verify (a host name or an IP address).
-    pub hostname: String,
-}
-
-/// The client's side.
-pub fn client_config(t: &ClientTls) -> Result<Arc<rustls::ClientConfig>, String> {
-    let ca = t.dir.join("ca-cert.pem");
+/// nbdkit, qemu and libnbd use. The name to verify goes to
+/// [`client_session`].
+pub fn client_config(dir: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let ca = dir.join("ca-cert.pem");
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots(&ca)?);
-    let (cert, key_path) = (t.dir.join("client-cert.pem"), t.dir.join("client-key.pem"));
+    let (cert, key_path) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
     let config = if cert.exists() && key_path.exists() {
         builder.with_client_auth_cert(certs(&cert)?, key(&key_path)?).map_err(|e| e.to_string())?
     } else {
