@@ -19,7 +19,8 @@ pub enum Mutation {
     OverwriteLiveCopy = 2,
     /// A metadata copy is flushed but not fenced.
     NoFenceAfterMetaCopy = 3,
-    /// A kset's terminator is not fenced before the kset is written.
+    /// A kset's terminator is not fenced before the kset is written (with
+    /// bulk sync: it is stored after the close's sync instead of before).
     NoFenceTerminator = 4,
     /// On a device with bulk sync (group commit), a kset is written
     /// without first making its keys' data durable.

@@ -90,3 +90,37 @@ fn a_fua_write_is_durable_when_it_returns_and_unflushed_ones_may_go() {
     assert_eq!(buf, vec![0u8; 4096], "never flushed, never durable");
     cache.stop().unwrap();
 }
+
+#[test]
+fn a_kset_close_costs_one_sync_and_a_flush_one_more() {
+    let pmem = SimPmem::new(1 << 30);
+    pmem.set_bulk_sync(true);
+    format(&pmem, false).unwrap();
+    let dev = CacheDev::open(pmem).unwrap();
+    let backing = Arc::new(MemBacking::new("/gc/backing", 64 * MIB));
+    let (cache, _) = Cache::start(dev.clone(), backing.clone(), &CacheOptions { queues: 1, ..opts() }).unwrap();
+    // The first write takes a data segment; the next 127 fill its kset.
+    cache.write(0, &block(0), false).unwrap();
+    let before = dev.pmem().fence_count();
+    for i in 1..128 {
+        cache.write(i * 8192, &block(i), false).unwrap();
+    }
+    let closing = dev.pmem().fence_count() - before;
+    assert_eq!(closing, 1, "one sync for the data, the terminator and the kset's close");
+    cache.flush().unwrap();
+    let flushing = dev.pmem().fence_count() - before - closing;
+    assert_eq!(flushing, 1, "one sync for the closed kset");
+    cache.flush().unwrap();
+    assert_eq!(dev.pmem().fence_count() - before, 2, "nothing stored since: no sync");
+    let img = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
+    img.set_bulk_sync(true);
+    drop(cache);
+    let dev = CacheDev::open(img).unwrap();
+    let (cache, _) = Cache::start(dev, backing, &opts()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..128 {
+        cache.read(i * 8192, &mut buf).unwrap();
+        assert_eq!(buf, block(i), "block {i}");
+    }
+    cache.stop().unwrap();
+}

@@ -7,6 +7,14 @@
 //! follows it was made durable, so that replay stops right after the newest
 //! kset; a segment without room for a kset and a LAST kset continues in a
 //! new segment.
+//!
+//! On a device with bulk sync (an msync'd file) a close costs one sync: the
+//! kset's terminator is stored, then one [`Pmem::sync_all`] makes it
+//! durable together with the data of the kset's keys (group commit) and the
+//! ksets stored before, and only then is the kset stored, without a sync of
+//! its own. A closed kset is then durable at the next sync: the one a flush
+//! or FUA write asks for ([`Log::sync_closed`]), the next close's, or the
+//! one before the dirty tail moves past it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -62,6 +70,11 @@ pub(super) struct Log {
     key_tail: Mutex<LogPos>,
     dirty_tail: Mutex<LogPos>,
     flush_delay: Duration,
+    /// Bulk sync only: ksets stored so far, counted after each is stored.
+    stored: AtomicU64,
+    /// Bulk sync only: every kset counted in `stored` up to this value is
+    /// durable (the value `stored` had before a sync that completed).
+    synced: AtomicU64,
 }
 
 fn pack(p: LogPos) -> u64 {
@@ -82,6 +95,8 @@ impl Log {
             key_tail: Mutex::new(key_tail),
             dirty_tail: Mutex::new(dirty_tail),
             flush_delay,
+            stored: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         }
     }
 
@@ -106,7 +121,10 @@ impl Log {
     }
 
     /// Persists tail `which` at `pos` (one copy, the older).
+    /// On a device with bulk sync, the ksets before `pos` are made durable
+    /// first: a tail never points past the durable end of the log.
     pub(super) fn persist_tail<P: Pmem>(&self, space: &Space<P>, which: Tail, pos: LogPos) -> Result<(), EngineError> {
+        self.sync_closed(space)?;
         let (key, dirty) = space.tail_addrs()?;
         let at = match which {
             Tail::Key => key,
@@ -151,24 +169,23 @@ impl Log {
         let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
         encode_kset(space.layout().dialect(), &kset.keys, &mut buf)?;
         let pmem = space.pmem();
-        if pmem.bulk_sync() && !crate::mutation::active(crate::mutation::Mutation::NoGroupCommitSync) {
-            // Group commit: the data of every key in this kset (and of any
-            // stored since) is made durable before the kset that names it;
-            // outside the key head's lock, as it may take a while.
-            pmem.sync_all()?;
-        }
         let mut head = lock(&self.key_head);
         let room = (CACHE_SEG_DATA_SIZE - head.off) as usize;
         if room < size + KSET_HEADER_SIZE {
             *head = self.chain_segment(*head, space, ctx)?;
         }
         let terminator = space.data_addr(head.seg, head.off + size as u32, KSET_HEADER_SIZE as u32)?;
-        if crate::mutation::active(crate::mutation::Mutation::NoFenceTerminator) {
-            pmem.copy_nodrain(terminator, &TERMINATOR)?;
+        let at = space.data_addr(head.seg, head.off, size as u32)?;
+        if pmem.bulk_sync() {
+            self.store_grouped(pmem, terminator, at, &buf[..size])?;
         } else {
-            pmem.copy_persist(terminator, &TERMINATOR)?;
+            if crate::mutation::active(crate::mutation::Mutation::NoFenceTerminator) {
+                pmem.copy_nodrain(terminator, &TERMINATOR)?;
+            } else {
+                pmem.copy_persist(terminator, &TERMINATOR)?;
+            }
+            pmem.copy_persist(at, &buf[..size])?;
         }
-        pmem.copy_persist(space.data_addr(head.seg, head.off, size as u32)?, &buf[..size])?;
         head.off += size as u32;
         self.end.store(pack(*head), Ordering::Release);
         drop(head);
@@ -179,6 +196,50 @@ impl Log {
         kset.closes += 1;
         kset.first_key_at = None;
         ctx.stats.ksets_closed.add(1);
+        Ok(())
+    }
+
+    /// Group commit (bulk sync): the terminator stored, one sync that makes
+    /// it durable with the data of the kset's keys (and of any stored since)
+    /// and the ksets stored before, then the kset stored over the previous
+    /// terminator, durable at the next sync. Under the key head's lock, so
+    /// that ksets are stored in log order.
+    fn store_grouped<P: Pmem>(&self, pmem: &P, terminator: u64, at: u64, kset: &[u8]) -> Result<(), EngineError> {
+        use crate::mutation::{Mutation, active};
+        if active(Mutation::NoFenceTerminator) {
+            // The terminator stored after the sync: nothing orders it
+            // before the kset.
+            if !active(Mutation::NoGroupCommitSync) {
+                self.sync(pmem)?;
+            }
+            pmem.write(terminator, &TERMINATOR)?;
+        } else {
+            pmem.write(terminator, &TERMINATOR)?;
+            if !active(Mutation::NoGroupCommitSync) {
+                self.sync(pmem)?;
+            }
+        }
+        pmem.write(at, kset)?;
+        self.stored.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// One [`Pmem::sync_all`], recording the ksets it made durable.
+    fn sync<P: Pmem>(&self, pmem: &P) -> Result<(), EngineError> {
+        let stored = self.stored.load(Ordering::Acquire);
+        pmem.sync_all()?;
+        self.synced.fetch_max(stored, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// On a device with bulk sync, makes every kset closed so far durable,
+    /// unless a sync since its close already did; on real pmem a closed
+    /// kset is durable already.
+    pub(super) fn sync_closed<P: Pmem>(&self, space: &Space<P>) -> Result<(), EngineError> {
+        let pmem = space.pmem();
+        if pmem.bulk_sync() && self.synced.load(Ordering::Acquire) < self.stored.load(Ordering::Acquire) {
+            self.sync(pmem)?;
+        }
         Ok(())
     }
 
@@ -204,28 +265,33 @@ impl Log {
         Ok(LogPos { seg: next, off: 0 })
     }
 
-    /// Closes every open kset.
+    /// Closes every open kset; every kset closed before is durable on
+    /// return.
     pub(super) fn flush_all<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
         for k in &self.ksets {
             self.close(&mut lock(k), space, ctx)?;
         }
-        Ok(())
+        self.sync_closed(space)
     }
 
-    /// Closes each kset of `tickets` that has not closed since the append.
+    /// Closes each kset of `tickets` that has not closed since the append;
+    /// the keys of every ticket are durable on return.
     pub(super) fn close_since<P: Pmem>(
         &self,
         tickets: &[Ticket],
         space: &Space<P>,
         ctx: &Ctx,
     ) -> Result<(), EngineError> {
+        if tickets.is_empty() {
+            return Ok(());
+        }
         for t in tickets {
             let mut kset = lock(&self.ksets[t.kset]);
             if kset.closes == t.closes {
                 self.close(&mut kset, space, ctx)?;
             }
         }
-        Ok(())
+        self.sync_closed(space)
     }
 
     /// Closes ksets whose first key is older than the flush delay, until
