@@ -28,6 +28,10 @@ const MAX_EXTENTS: usize = 1024;
 const QUEUE_DEPTH: usize = 64;
 /// Buffer of the reading side: many small requests per system call.
 const READ_BUFFER: usize = 256 << 10;
+/// Most bytes of replies held back while more requests are already read:
+/// they leave together, in one system call, before the reading thread
+/// could wait for the client.
+const HELD_REPLIES: usize = 64 << 10;
 
 const fn max(a: usize, b: usize) -> usize {
     if a > b { a } else { b }
@@ -120,7 +124,7 @@ pub fn transmit_with<R: Read, W: Write + Send + 'static>(
     let framing = Framing { structured: framing.structured || framing.extended, ..framing };
     let conn = Connection {
         r: io::BufReader::with_capacity(READ_BUFFER, r),
-        rep: Arc::new(Replier { w: Mutex::new(w), framing, progress }),
+        rep: Arc::new(Replier { w: Mutex::new(Out { w, held: Vec::new(), held_count: 0 }), framing, progress }),
         dev,
         failed: Arc::new(AtomicBool::new(false)),
         stats: ConnStats::default(),
@@ -156,7 +160,7 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
                 if failed.load(Ordering::SeqCst) {
                     continue;
                 }
-                if execute(&*dev, &rep, req, payload).is_err() {
+                if execute(&*dev, &rep, req, payload, false).is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
             }
@@ -166,7 +170,31 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
     /// Reads and dispatches requests until the client is done; slow reads
     /// go to the workers on `tx` if `pooled`.
     fn serve(mut self, pooled: bool, tx: &Sender<(Request, Vec<u8>)>) -> Result<ConnStats, NbdError> {
+        let rep = self.rep.clone();
+        let served = self.serve_requests(pooled, tx);
+        // Replies held back go out whatever ended the connection.
+        let released = rep.release();
+        let stats = served?;
+        released?;
+        Ok(stats)
+    }
+
+    /// Size of a request header on this connection.
+    fn header_len(&self) -> usize {
+        if self.rep.framing.extended { size_of::<ExtendedRequestHeader>() } else { size_of::<RequestHeader>() }
+    }
+
+    /// Sends the replies held back unless the next `need` bytes are read
+    /// already: the reading thread never waits for the client while a reply
+    /// it owes is held.
+    fn release_unless_buffered(&self, need: usize) -> io::Result<()> {
+        if self.r.buffer().len() < need { self.rep.release() } else { Ok(()) }
+    }
+
+    /// [`Connection::serve`], without the last release of held replies.
+    fn serve_requests(&mut self, pooled: bool, tx: &Sender<(Request, Vec<u8>)>) -> Result<ConnStats, NbdError> {
         loop {
+            self.release_unless_buffered(self.header_len())?;
             let header = if self.rep.framing.extended {
                 read_header::<ExtendedRequestHeader, _>(&mut self.r).map(|h| h.parse())
             } else {
@@ -193,9 +221,18 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
                 _ => false,
             };
             if !pooled || !slow {
-                execute(&*self.dev, &self.rep, req, payload)?;
-            } else if tx.send((req, payload)).is_err() {
-                return Err(Violation::WorkersStopped.into());
+                // With the next request read already, its reply may join
+                // this one's.
+                let hold = self.r.buffer().len() >= self.header_len();
+                execute(&*self.dev, &self.rep, req, payload, hold)?;
+            } else {
+                // Every worker busy: the reading thread may wait here.
+                if tx.is_full() {
+                    self.rep.release()?;
+                }
+                if tx.send((req, payload)).is_err() {
+                    return Err(Violation::WorkersStopped.into());
+                }
             }
         }
     }
@@ -213,9 +250,10 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
         }
         if req.length > u64::from(MAX_REQUEST) {
             let e = DevError { errno: EINVAL, message: format!("a payload of {} bytes", req.length) };
-            self.rep.send(req, Err(e))?;
+            self.rep.send(false, req, Err(e))?;
             return Err(Violation::WriteTooLarge { length: req.length }.into());
         }
+        self.release_unless_buffered(req.length as usize)?;
         let mut payload = vec![0u8; req.length as usize];
         self.r.read_exact(&mut payload)?;
         Ok(payload)
@@ -266,19 +304,61 @@ fn validate(req: &Request, size: u64, framing: Framing) -> Result<(), DevError> 
 
 /// Sends replies; shared by the workers of a connection.
 struct Replier<W> {
-    w: Mutex<W>,
+    w: Mutex<Out<W>>,
     framing: Framing,
     progress: Arc<Progress>,
 }
 
-impl<W: Write> Replier<W> {
-    /// Sends one whole reply.
-    fn write(&self, msg: &[u8]) -> io::Result<()> {
-        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
-        w.write_all(msg)?;
-        w.flush()?;
-        self.progress.answered.fetch_add(1, Ordering::SeqCst);
+/// The sending side, and the replies held back to leave with the next.
+struct Out<W> {
+    w: W,
+    held: Vec<u8>,
+    held_count: u64,
+}
+
+impl<W: Write> Out<W> {
+    /// Sends the held replies, then `msg` (counted as `n` replies).
+    fn send(&mut self, msg: &[u8], n: u64, progress: &Progress) -> io::Result<()> {
+        let count = self.held_count + n;
+        if self.held.is_empty() {
+            self.w.write_all(msg)?;
+        } else {
+            self.held.extend_from_slice(msg);
+            let held = std::mem::take(&mut self.held);
+            self.held_count = 0;
+            self.w.write_all(&held)?;
+            // The buffer is kept for the next replies held back.
+            self.held = held;
+            self.held.clear();
+        }
+        self.w.flush()?;
+        progress.answered.fetch_add(count, Ordering::SeqCst);
         Ok(())
+    }
+}
+
+impl<W: Write> Replier<W> {
+    /// Sends one whole reply, after those held back; with `hold`, a small
+    /// one may wait to leave with the next (the reading thread holds only
+    /// while it has the next request read, and releases before it could
+    /// wait for the client).
+    fn write(&self, hold: bool, msg: &[u8]) -> io::Result<()> {
+        let mut out = self.w.lock().unwrap_or_else(|e| e.into_inner());
+        if hold && out.held.len() + msg.len() <= HELD_REPLIES {
+            out.held.extend_from_slice(msg);
+            out.held_count += 1;
+            return Ok(());
+        }
+        out.send(msg, 1, &self.progress)
+    }
+
+    /// Sends the replies held back, if any.
+    fn release(&self) -> io::Result<()> {
+        let mut out = self.w.lock().unwrap_or_else(|e| e.into_inner());
+        if out.held_count == 0 {
+            return Ok(());
+        }
+        out.send(&[], 0, &self.progress)
     }
 
     /// The header of the last reply chunk of `req`, of `kind` with `length`
@@ -309,7 +389,7 @@ impl<W: Write> Replier<W> {
     }
 
     /// Replies with an error, or success without data.
-    fn send(&self, req: &Request, result: Result<(), DevError>) -> io::Result<()> {
+    fn send(&self, hold: bool, req: &Request, result: Result<(), DevError>) -> io::Result<()> {
         match (result, self.framing.structured) {
             (Err(e), true) => {
                 let text = &e.message.as_bytes()[..e.message.len().min(MAX_ERROR_MESSAGE)];
@@ -317,22 +397,22 @@ impl<W: Write> Replier<W> {
                 msg.extend_from_slice(U32::new(e.errno).as_bytes());
                 msg.extend_from_slice(U16::new(text.len() as u16).as_bytes());
                 msg.extend_from_slice(text);
-                self.write(&msg)
+                self.write(hold, &msg)
             }
             // Extended headers have no simple reply.
-            (Ok(()), true) if self.framing.extended => self.write(&self.chunk(req, REPLY_TYPE_NONE, 0)),
+            (Ok(()), true) if self.framing.extended => self.write(hold, &self.chunk(req, REPLY_TYPE_NONE, 0)),
             (result, _) => {
                 let errno = result.err().map_or(0, |e| e.errno);
                 let reply =
                     SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: errno.into(), handle: req.handle.into() };
-                self.write(reply.as_bytes())
+                self.write(hold, reply.as_bytes())
             }
         }
     }
 
     /// Replies to a successful read whose data fills `buf[READ_HEADER..]`:
     /// the header goes right in front, and the reply leaves in one write.
-    fn send_read(&self, req: &Request, buf: &mut [u8]) -> io::Result<()> {
+    fn send_read(&self, hold: bool, req: &Request, buf: &mut [u8]) -> io::Result<()> {
         let data_len = buf.len() - READ_HEADER;
         let header = if !self.framing.structured {
             SimpleReply { magic: SIMPLE_REPLY_MAGIC.into(), error: 0.into(), handle: req.handle.into() }
@@ -340,7 +420,7 @@ impl<W: Write> Replier<W> {
                 .to_vec()
         } else if data_len == 0 {
             // An OFFSET_DATA chunk must carry at least one byte.
-            return self.write(&self.chunk(req, REPLY_TYPE_NONE, 0));
+            return self.write(hold, &self.chunk(req, REPLY_TYPE_NONE, 0));
         } else {
             let mut h = self.chunk(req, REPLY_TYPE_OFFSET_DATA, 8 + data_len);
             h.extend_from_slice(U64::new(req.offset).as_bytes());
@@ -348,13 +428,13 @@ impl<W: Write> Replier<W> {
         };
         let start = READ_HEADER - header.len();
         buf[start..READ_HEADER].copy_from_slice(&header);
-        self.write(&buf[start..])
+        self.write(hold, &buf[start..])
     }
 
     /// Replies to a block status request with `extents` of
     /// `base:allocation`: 32-bit lengths in a compact reply, 64-bit ones
     /// with extended headers.
-    fn send_extents(&self, req: &Request, extents: &[Extent]) -> io::Result<()> {
+    fn send_extents(&self, hold: bool, req: &Request, extents: &[Extent]) -> io::Result<()> {
         let mut payload = U32::new(BASE_ALLOCATION_ID).as_bytes().to_vec();
         let kind = if self.framing.extended {
             payload.extend_from_slice(U32::new(extents.len() as u32).as_bytes());
@@ -372,7 +452,7 @@ impl<W: Write> Replier<W> {
         };
         let mut msg = self.chunk(req, kind, payload.len());
         msg.extend_from_slice(&payload);
-        self.write(&msg)
+        self.write(hold, &msg)
     }
 }
 
@@ -414,10 +494,17 @@ fn extents(dev: &dyn BlockDevice, off: u64, len: u64, one: bool, extended: bool)
     Ok(out)
 }
 
-/// Executes one request and replies to it.
-fn execute<W: Write>(dev: &dyn BlockDevice, rep: &Replier<W>, req: Request, payload: Vec<u8>) -> io::Result<()> {
+/// Executes one request and replies to it; with `hold`, the reply may wait
+/// to leave with the next ([`Replier::write`]).
+fn execute<W: Write>(
+    dev: &dyn BlockDevice,
+    rep: &Replier<W>,
+    req: Request,
+    payload: Vec<u8>,
+    hold: bool,
+) -> io::Result<()> {
     if let Err(e) = validate(&req, dev.size(), rep.framing) {
-        return rep.send(&req, Err(e));
+        return rep.send(hold, &req, Err(e));
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let (off, len) = (req.offset, req.length);
@@ -425,32 +512,32 @@ fn execute<W: Write>(dev: &dyn BlockDevice, rep: &Replier<W>, req: Request, payl
         CMD_READ => {
             let mut buf = vec![0u8; READ_HEADER + req.length as usize];
             match dev.read(off, &mut buf[READ_HEADER..]) {
-                Ok(()) => rep.send_read(&req, &mut buf),
-                Err(e) => rep.send(&req, Err(e)),
+                Ok(()) => rep.send_read(hold, &req, &mut buf),
+                Err(e) => rep.send(hold, &req, Err(e)),
             }
         }
-        CMD_WRITE => rep.send(&req, dev.write(off, &payload, fua)),
-        CMD_FLUSH => rep.send(&req, dev.flush()),
-        CMD_TRIM => rep.send(&req, dev.trim(off, len).and_then(|()| if fua { dev.flush() } else { Ok(()) })),
+        CMD_WRITE => rep.send(hold, &req, dev.write(off, &payload, fua)),
+        CMD_FLUSH => rep.send(hold, &req, dev.flush()),
+        CMD_TRIM => rep.send(hold, &req, dev.trim(off, len).and_then(|()| if fua { dev.flush() } else { Ok(()) })),
         // Zeros are stored through the cache like any write: never faster
         // than writing them, so a fast zero is refused at once, as the
         // protocol asks, and the client writes them itself (or need not).
         CMD_WRITE_ZEROES if req.flags & CMD_FLAG_FAST_ZERO != 0 => {
             let e = DevError { errno: ENOTSUP, message: "zeroing is not faster than writing zeros here".into() };
-            rep.send(&req, Err(e))
+            rep.send(hold, &req, Err(e))
         }
-        CMD_WRITE_ZEROES => rep.send(&req, dev.write_zeroes(off, len, fua)),
-        CMD_CACHE => rep.send(&req, dev.cache(off, len)),
+        CMD_WRITE_ZEROES => rep.send(hold, &req, dev.write_zeroes(off, len, fua)),
+        CMD_CACHE => rep.send(hold, &req, dev.cache(off, len)),
         CMD_BLOCK_STATUS => {
             let one = req.flags & CMD_FLAG_REQ_ONE != 0;
             match extents(dev, off, len, one, rep.framing.extended) {
-                Ok(e) => rep.send_extents(&req, &e),
-                Err(e) => rep.send(&req, Err(e)),
+                Ok(e) => rep.send_extents(hold, &req, &e),
+                Err(e) => rep.send(hold, &req, Err(e)),
             }
         }
         other => {
             let e = DevError { errno: EINVAL, message: format!("command {other} not supported") };
-            rep.send(&req, Err(e))
+            rep.send(hold, &req, Err(e))
         }
     }
 }
@@ -477,6 +564,79 @@ mod tests {
             rest = if handle == 100 && err == 0 { &tail[512..] } else { tail };
         }
         v
+    }
+
+    /// Hands out its chunks one per read, noting how many bytes of replies
+    /// had gone out each time it was asked for more: where a socket would
+    /// make the server wait for the client.
+    struct Chunks {
+        chunks: std::collections::VecDeque<Vec<u8>>,
+        out: CountedWrites,
+        seen: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl Read for Chunks {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.seen.lock().unwrap().push(self.out.bytes.lock().unwrap().len());
+            let Some(mut c) = self.chunks.pop_front() else { return Ok(0) };
+            let n = c.len().min(buf.len());
+            buf[..n].copy_from_slice(&c[..n]);
+            if n < c.len() {
+                self.chunks.push_front(c.split_off(n));
+            }
+            Ok(n)
+        }
+    }
+
+    /// A writer that counts its write calls.
+    #[derive(Clone, Default)]
+    struct CountedWrites {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        writes: Arc<AtomicU64>,
+    }
+
+    impl Write for CountedWrites {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.bytes.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn replies_to_requests_read_together_leave_together_before_the_server_waits() {
+        let (ex, _) = exports(1 << 20);
+        let batch = |first: u64| -> Vec<u8> {
+            let mut v = Vec::new();
+            for h in first..first + 8 {
+                v.extend(request(CMD_WRITE, 0, h, h * 512, 512));
+                v.extend_from_slice(&[h as u8; 512]);
+            }
+            v
+        };
+        // The second batch's last write arrives in two pieces.
+        let mut second = batch(8);
+        let tail = second.split_off(second.len() - 100);
+        let mut last = tail;
+        last.extend(request(CMD_DISC, 0, 99, 0, 0));
+        let out = CountedWrites::default();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let input = Chunks { chunks: [batch(0), second, last].into(), out: out.clone(), seen: seen.clone() };
+        let progress = Arc::new(Progress::default());
+        transmit_with(input, out.clone(), ex[0].device.clone(), false, 0, progress.clone()).unwrap();
+        let reply = size_of::<SimpleReply>();
+        let replies = simple_errors(&out.bytes.lock().unwrap());
+        assert_eq!(replies, (0..16).map(|h| (h, 0)).collect::<Vec<_>>());
+        assert_eq!(progress.unanswered(), 0);
+        // Before each read that could wait for the client, every reply owed
+        // had gone out: none before the first, the first batch's eight
+        // before the second, seven more before the rest of the last write.
+        assert_eq!(seen.lock().unwrap()[..3], [0, 8 * reply, 15 * reply]);
+        // Three sends for sixteen replies.
+        assert_eq!(out.writes.load(Ordering::SeqCst), 3);
     }
 
     #[test]
