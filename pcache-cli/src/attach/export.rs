@@ -15,17 +15,18 @@ pub(super) type PmemCache = pcache_pmem::Cache<pcache_pmem::DaxMapping, pcache_c
 /// The cache as an NBD device.
 pub struct CacheExport {
     cache: Arc<PmemCache>,
-    /// Every write waits for an `msync` (pmem emulated by an ordinary
-    /// file): a connection's writes in flight then run side by side on its
-    /// workers. On pmem a write takes microseconds, and handing it to a
-    /// worker costs more than it saves.
-    writes_sync: bool,
+    /// Durability costs an `msync` (pmem emulated by an ordinary file): a
+    /// FUA write waits for one, so a connection's FUA writes in flight run
+    /// side by side on its workers, and share syncs. Other writes only
+    /// store (group commit), and on pmem a FUA write takes microseconds:
+    /// handing those to a worker costs more than it saves.
+    fua_syncs: bool,
 }
 
 impl CacheExport {
     pub fn new(cache: Arc<PmemCache>) -> Self {
-        let writes_sync = cache.dev().pmem().mode() == pcache_pmem::MapMode::Emulated;
-        Self { cache, writes_sync }
+        let fua_syncs = cache.dev().pmem().mode() == pcache_pmem::MapMode::Emulated;
+        Self { cache, fua_syncs }
     }
 }
 
@@ -76,8 +77,8 @@ impl BlockDevice for CacheExport {
         Ok(allocation(off, len, &self.cache.cached_ranges(off, len), |o, l| self.cache.backing().data_ranges(o, l)))
     }
 
-    fn writes_may_block(&self) -> bool {
-        self.writes_sync
+    fn write_may_block(&self, _off: u64, _len: u64, fua: bool) -> bool {
+        fua && self.fua_syncs
     }
 }
 

@@ -65,10 +65,11 @@ pub trait BlockDevice: Send + Sync {
         Ok(vec![Extent { len, flags: 0 }])
     }
 
-    /// Whether writes may wait on something slow, so that a connection's
-    /// writes in flight should run on its workers side by side rather than
-    /// one after another on its reading thread.
-    fn writes_may_block(&self) -> bool {
+    /// Whether a write (or zeroing) of `[off, off + len)`, with or without
+    /// FUA, may wait on something slow, so that it should run on one of the
+    /// connection's workers, beside the other requests in flight, rather
+    /// than on its reading thread before them.
+    fn write_may_block(&self, _off: u64, _len: u64, _fua: bool) -> bool {
         false
     }
 }

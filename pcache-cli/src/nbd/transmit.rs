@@ -93,8 +93,8 @@ impl Progress {
 
 /// Serves the transmission phase on `r`/`w` until `NBD_CMD_DISC`, the end
 /// of the stream, or a protocol violation. Reads that may block
-/// ([`BlockDevice::read_may_block`]), and writes on a device whose writes
-/// may ([`BlockDevice::writes_may_block`]), run on up to `workers` threads
+/// ([`BlockDevice::read_may_block`]), and writes that may
+/// ([`BlockDevice::write_may_block`]), run on up to `workers` threads
 /// and reply when they complete, so replies go out of order; every other
 /// request runs at once on the reading thread. With `workers` 0 every
 /// request runs in order on the reading thread (for fuzzing). In-flight
@@ -217,7 +217,9 @@ impl<R: Read, W: Write + Send + 'static> Connection<R, W> {
             let slow = match req.kind {
                 CMD_READ | CMD_CACHE => self.dev.read_may_block(req.offset, req.length),
                 CMD_BLOCK_STATUS => true,
-                CMD_WRITE | CMD_WRITE_ZEROES => self.dev.writes_may_block(),
+                CMD_WRITE | CMD_WRITE_ZEROES => {
+                    self.dev.write_may_block(req.offset, req.length, req.flags & CMD_FLAG_FUA != 0)
+                }
                 _ => false,
             };
             if !pooled || !slow {
@@ -749,7 +751,7 @@ mod tests {
         fn read_may_block(&self, off: u64, _len: u64) -> bool {
             self.slow == CMD_READ && off == 0
         }
-        fn writes_may_block(&self) -> bool {
+        fn write_may_block(&self, _off: u64, _len: u64, _fua: bool) -> bool {
             self.slow == CMD_WRITE
         }
     }
