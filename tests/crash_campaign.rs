@@ -109,9 +109,22 @@ struct Workload {
     ops: Vec<Op>,
 }
 
+/// Writes without a flush that fill ksets: in short workloads of the second
+/// kind a kset of 128 keys; in those of the first (group commit) four
+/// ksets of one slice, so that the writer that seals the fourth stores them
+/// all, over 256 sectors, each written again in a later kset.
+fn fill(seed: u64, sectors: u64) -> Vec<Op> {
+    match seed % 4 {
+        1 => (0..140).map(|k| Op::Write { sector: (k * 7) % sectors, sectors: 1, fua: false }).collect(),
+        0 => (0..600).map(|k| Op::Write { sector: (k * 7) % 256, sectors: 1, fua: false }).collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn workload(seed: u64) -> Workload {
     let mut r = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1);
-    // Each group of four: two short ones on a previous life's segments, one
+    // Each group of four: two short ones on a previous life's segments (the
+    // first of them fills four ksets of one slice without a flush), one
     // short one that fills a kset without a flush, one long one. The long
     // one comes last, so that a small campaign (the mutation checks) runs
     // short workloads first.
@@ -161,11 +174,8 @@ fn workload(seed: u64) -> Workload {
             }
         }
         ops.push(op);
-        // Short workloads sometimes fill a kset of 128 keys without a flush.
-        if !long && i == 20 && seed % 4 == 1 {
-            for k in 0..140 {
-                ops.push(Op::Write { sector: (k * 7) % sectors, sectors: 1, fua: false });
-            }
+        if !long && i == 20 {
+            ops.extend(fill(seed, sectors));
         }
     }
     let previous_life = seed.is_multiple_of(2);

@@ -91,36 +91,64 @@ fn a_fua_write_is_durable_when_it_returns_and_unflushed_ones_may_go() {
     cache.stop().unwrap();
 }
 
-#[test]
-fn a_kset_close_costs_one_sync_and_a_flush_one_more() {
+type TestCache = Cache<SimPmem, Arc<MemBacking>>;
+
+/// A cache on a bulk-sync device with one queue, without background work
+/// (so that sealed ksets wait for the writer that seals the fourth).
+fn one_queue() -> (Arc<TestCache>, Arc<CacheDev<SimPmem>>, Arc<MemBacking>) {
     let pmem = SimPmem::new(1 << 30);
     pmem.set_bulk_sync(true);
     format(&pmem, false).unwrap();
     let dev = CacheDev::open(pmem).unwrap();
     let backing = Arc::new(MemBacking::new("/gc/backing", 64 * MIB));
     let (cache, _) = Cache::start(dev.clone(), backing.clone(), &CacheOptions { queues: 1, ..opts() }).unwrap();
-    // The first write takes a data segment; the next 127 fill its kset.
-    cache.write(0, &block(0), false).unwrap();
-    let before = dev.pmem().fence_count();
-    for i in 1..128 {
-        cache.write(i * 8192, &block(i), false).unwrap();
-    }
-    let closing = dev.pmem().fence_count() - before;
-    assert_eq!(closing, 1, "one sync for the data, the terminator and the kset's close");
-    cache.flush().unwrap();
-    let flushing = dev.pmem().fence_count() - before - closing;
-    assert_eq!(flushing, 1, "one sync for the closed kset");
-    cache.flush().unwrap();
-    assert_eq!(dev.pmem().fence_count() - before, 2, "nothing stored since: no sync");
+    (cache, dev, backing)
+}
+
+/// Power fails now, under `cache`: every block of `blocks` reads back
+/// after recovery.
+fn all_there<C>(cache: C, dev: &CacheDev<SimPmem>, backing: Arc<MemBacking>, blocks: std::ops::Range<u64>) {
     let img = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
-    img.set_bulk_sync(true);
     drop(cache);
+    img.set_bulk_sync(true);
     let dev = CacheDev::open(img).unwrap();
     let (cache, _) = Cache::start(dev, backing, &opts()).unwrap();
     let mut buf = vec![0u8; 4096];
-    for i in 0..128 {
+    for i in blocks {
         cache.read(i * 8192, &mut buf).unwrap();
         assert_eq!(buf, block(i), "block {i}");
     }
     cache.stop().unwrap();
+}
+
+#[test]
+fn full_ksets_are_sealed_and_stored_with_one_sync_each() {
+    let (cache, dev, backing) = one_queue();
+    // The first write takes a data segment; the next 127 fill its kset.
+    cache.write(0, &block(0), false).unwrap();
+    let before = dev.pmem().fence_count();
+    let fences = || dev.pmem().fence_count() - before;
+    for i in 1..128 * 3 {
+        cache.write(i * 8192, &block(i), false).unwrap();
+    }
+    assert_eq!(fences(), 0, "three full ksets sealed, no writer waited for a sync");
+    for i in 128 * 3..128 * 4 {
+        cache.write(i * 8192, &block(i), false).unwrap();
+    }
+    assert_eq!(fences(), 4, "the writer that sealed the fourth stored all four, one sync each");
+    cache.flush().unwrap();
+    assert_eq!(fences(), 5, "one sync for the kset stored last");
+    cache.flush().unwrap();
+    assert_eq!(fences(), 5, "nothing stored since: no sync");
+    all_there(cache, &dev, backing, 0..128 * 4);
+}
+
+#[test]
+fn a_fua_write_stores_the_sealed_ksets_before_it() {
+    let (cache, dev, backing) = one_queue();
+    for i in 0..128 * 2 {
+        cache.write(i * 8192, &block(i), false).unwrap();
+    }
+    cache.write(128 * 2 * 8192, &block(128 * 2), true).unwrap();
+    all_there(cache, &dev, backing, 0..128 * 2 + 1);
 }

@@ -186,7 +186,12 @@ impl<P: Pmem + 'static, B: BackingDev + 'static> Cache<P, B> {
             opts.queues,
             ci.gc_percent.get(),
         );
-        let log = Log::new(opts.queues, loaded.key_head, loaded.key_tail, loaded.dirty_tail, opts.kset_flush_delay);
+        let log = Log::new(
+            opts.queues,
+            (loaded.key_head, loaded.key_tail, loaded.dirty_tail),
+            opts.kset_flush_delay,
+            opts.background,
+        );
         Inner {
             id,
             ctx,

@@ -14,8 +14,13 @@
 //! ksets stored before, and only then is the kset stored, without a sync of
 //! its own. A closed kset is then durable at the next sync: the one a flush
 //! or FUA write asks for ([`Log::sync_closed`]), the next close's, or the
-//! one before the dirty tail moves past it.
+//! one before the dirty tail moves past it. There a full kset is sealed
+//! rather than stored by the writer that filled it: the flusher stores
+//! sealed ksets in the order they were sealed, so that no writer waits for
+//! an `msync` unless it asked for durability (or the flusher falls
+//! [`MAX_SEALED`] behind).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -32,22 +37,34 @@ use super::space::{For, Space};
 use crate::pmem::Pmem;
 use crate::records::write_record;
 
+/// Sealed ksets waiting to be stored (bulk sync) at which the writer that
+/// seals one stores them all itself.
+pub(super) const MAX_SEALED: usize = 4;
+
 /// A kset being filled in memory.
 #[derive(Debug, Default)]
 struct OpenKset {
     keys: Vec<Key>,
-    /// Number of closes so far: a key appended when this was `n` is durable
-    /// once it exceeds `n`.
-    closes: u64,
+    /// Its number among the ksets of this queue: the ones before it are
+    /// closed (stored, or sealed and waiting to be).
+    batch: u64,
     first_key_at: Option<Instant>,
 }
 
-/// Where a key went: its kset and that kset's close count at the append.
-/// The key is durable once the kset closed after it.
+/// A closed kset waiting to be stored (bulk sync).
+#[derive(Debug)]
+struct Sealed {
+    kset: usize,
+    batch: u64,
+    keys: Vec<Key>,
+}
+
+/// Where a key went: its open kset and that kset's batch number. The key
+/// is on the log once that batch is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Ticket {
     kset: usize,
-    closes: u64,
+    batch: u64,
 }
 
 /// Which tail.
@@ -63,6 +80,16 @@ pub(super) enum Tail {
 #[derive(Debug)]
 pub(super) struct Log {
     ksets: Vec<Mutex<OpenKset>>,
+    /// Per open kset: every batch numbered below this is stored.
+    stored_batches: Vec<AtomicU64>,
+    /// Sealed ksets, oldest first.
+    sealed: Mutex<VecDeque<Sealed>>,
+    /// Held while sealed ksets are stored, so that they are stored in the
+    /// order they were sealed.
+    storing: Mutex<()>,
+    /// Whether the flusher stores sealed ksets as they come; without
+    /// background work they wait for [`MAX_SEALED`], a flush or the delay.
+    background: bool,
     key_head: Mutex<LogPos>,
     /// The end of the closed ksets, published after each close so that
     /// writeback and GC never wait for a close in progress.
@@ -86,10 +113,20 @@ fn unpack(v: u64) -> LogPos {
 }
 
 impl Log {
-    /// The log of a loaded cache with `queues` open ksets.
-    pub(super) fn new(queues: u32, head: LogPos, key_tail: LogPos, dirty_tail: LogPos, flush_delay: Duration) -> Self {
+    /// The log of a loaded cache with `queues` open ksets, whose flusher
+    /// stores sealed ksets as they come if `background`.
+    pub(super) fn new(
+        queues: u32,
+        (head, key_tail, dirty_tail): (LogPos, LogPos, LogPos),
+        flush_delay: Duration,
+        background: bool,
+    ) -> Self {
         Self {
             ksets: (0..queues).map(|_| Mutex::new(OpenKset::default())).collect(),
+            stored_batches: (0..queues).map(|_| AtomicU64::new(0)).collect(),
+            sealed: Mutex::new(VecDeque::new()),
+            storing: Mutex::new(()),
+            background,
             key_head: Mutex::new(head),
             end: AtomicU64::new(pack(head)),
             key_tail: Mutex::new(key_tail),
@@ -139,7 +176,8 @@ impl Log {
     }
 
     /// Appends `key` (for backing offset `off`) to its kset, closing the
-    /// kset when full. Called under the slice lock of `off`.
+    /// kset when full: stored at once on pmem, sealed for the flusher on a
+    /// device with bulk sync. Called under the slice lock of `off`.
     pub(super) fn append<P: Pmem>(&self, key: Key, space: &Space<P>, ctx: &Ctx) -> Result<Ticket, EngineError> {
         let idx = self.kset_index(key.off.get());
         let mut kset = lock(&self.ksets[idx]);
@@ -148,26 +186,80 @@ impl Log {
         if kset.first_key_at.is_none() {
             kset.first_key_at = Some(Instant::now());
         }
-        let closes = kset.closes;
+        let ticket = Ticket { kset: idx, batch: kset.batch };
         ctx.stats.dirty_pending.add(dirty);
-        if kset.keys.len() == KSET_KEYS_MAX
-            && let Err(e) = self.close(&mut kset, space, ctx)
-        {
-            kset.keys.pop();
-            ctx.stats.dirty_pending.add(-dirty);
-            return Err(e);
+        if kset.keys.len() < KSET_KEYS_MAX {
+            return Ok(ticket);
         }
-        Ok(Ticket { kset: idx, closes })
+        if !space.pmem().bulk_sync() {
+            if let Err(e) = self.close(idx, &mut kset, space, ctx) {
+                kset.keys.pop();
+                ctx.stats.dirty_pending.add(-dirty);
+                return Err(e);
+            }
+            return Ok(ticket);
+        }
+        let waiting = self.seal(idx, &mut kset);
+        drop(kset);
+        if waiting >= MAX_SEALED {
+            // The flusher falls behind, or there is none: this writer
+            // stores them. A failure leaves them sealed, to be stored again
+            // by the next store; the flush or FUA write waiting for them
+            // reports it. The key itself is accepted either way.
+            let _ = self.store_sealed(space, ctx);
+        } else if self.background {
+            ctx.wake.notify();
+        }
+        Ok(ticket)
     }
 
-    /// Writes the open kset at the key head.
-    fn close<P: Pmem>(&self, kset: &mut OpenKset, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
+    /// Closes open kset `idx` (pmem: stored at once).
+    fn close<P: Pmem>(&self, idx: usize, kset: &mut OpenKset, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
         if kset.keys.is_empty() {
             return Ok(());
         }
-        let size = kset_size(kset.keys.len());
+        self.store(&kset.keys, space, ctx)?;
+        kset.keys.clear();
+        kset.batch += 1;
+        kset.first_key_at = None;
+        self.stored_batches[idx].store(kset.batch, Ordering::Release);
+        Ok(())
+    }
+
+    /// Seals open kset `idx` (bulk sync): its keys wait for
+    /// [`Log::store_sealed`] behind those sealed before. Returns how many
+    /// sealed ksets wait now.
+    fn seal(&self, idx: usize, kset: &mut OpenKset) -> usize {
+        if kset.keys.is_empty() {
+            return lock(&self.sealed).len();
+        }
+        let keys = std::mem::replace(&mut kset.keys, Vec::with_capacity(KSET_KEYS_MAX));
+        let mut sealed = lock(&self.sealed);
+        sealed.push_back(Sealed { kset: idx, batch: kset.batch, keys });
+        kset.batch += 1;
+        kset.first_key_at = None;
+        sealed.len()
+    }
+
+    /// Stores every sealed kset, oldest first. On a failure the ones not
+    /// stored stay sealed, in order, for the next call.
+    fn store_sealed<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
+        let _order = lock(&self.storing);
+        loop {
+            let Some(next) = lock(&self.sealed).pop_front() else { return Ok(()) };
+            if let Err(e) = self.store(&next.keys, space, ctx) {
+                lock(&self.sealed).push_front(next);
+                return Err(e);
+            }
+            self.stored_batches[next.kset].store(next.batch + 1, Ordering::Release);
+        }
+    }
+
+    /// Writes `keys` as one kset at the key head.
+    fn store<P: Pmem>(&self, keys: &[Key], space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
+        let size = kset_size(keys.len());
         let mut buf = [0u8; KSET_ONMEDIA_SIZE_MAX];
-        encode_kset(space.layout().dialect(), &kset.keys, &mut buf)?;
+        encode_kset(space.layout().dialect(), keys, &mut buf)?;
         let pmem = space.pmem();
         let mut head = lock(&self.key_head);
         let room = (CACHE_SEG_DATA_SIZE - head.off) as usize;
@@ -189,12 +281,9 @@ impl Log {
         head.off += size as u32;
         self.end.store(pack(*head), Ordering::Release);
         drop(head);
-        if kset.keys.iter().any(|k| k.is_dirty()) {
+        if keys.iter().any(Key::is_dirty) {
             ctx.wake.notify();
         }
-        kset.keys.clear();
-        kset.closes += 1;
-        kset.first_key_at = None;
         ctx.stats.ksets_closed.add(1);
         Ok(())
     }
@@ -268,8 +357,17 @@ impl Log {
     /// Closes every open kset; every kset closed before is durable on
     /// return.
     pub(super) fn flush_all<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
-        for k in &self.ksets {
-            self.close(&mut lock(k), space, ctx)?;
+        let bulk = space.pmem().bulk_sync();
+        for (idx, k) in self.ksets.iter().enumerate() {
+            let mut kset = lock(k);
+            if bulk {
+                self.seal(idx, &mut kset);
+            } else {
+                self.close(idx, &mut kset, space, ctx)?;
+            }
+        }
+        if bulk {
+            self.store_sealed(space, ctx)?;
         }
         self.sync_closed(space)
     }
@@ -285,11 +383,24 @@ impl Log {
         if tickets.is_empty() {
             return Ok(());
         }
+        let bulk = space.pmem().bulk_sync();
         for t in tickets {
-            let mut kset = lock(&self.ksets[t.kset]);
-            if kset.closes == t.closes {
-                self.close(&mut kset, space, ctx)?;
+            if self.stored_batches[t.kset].load(Ordering::Acquire) > t.batch {
+                continue;
             }
+            let mut kset = lock(&self.ksets[t.kset]);
+            if kset.batch == t.batch {
+                if bulk {
+                    self.seal(t.kset, &mut kset);
+                } else {
+                    self.close(t.kset, &mut kset, space, ctx)?;
+                }
+            }
+        }
+        // Every ticket's kset is stored or sealed: once the sealed ones
+        // are stored (after any store in progress), all are.
+        if bulk {
+            self.store_sealed(space, ctx)?;
         }
         self.sync_closed(space)
     }
@@ -307,24 +418,41 @@ impl Log {
             if ctx.stopping() {
                 return;
             }
-            for k in &self.ksets {
+            let bulk = space.pmem().bulk_sync();
+            let mut store = bulk && self.background;
+            for (idx, k) in self.ksets.iter().enumerate() {
                 let mut kset = lock(k);
                 // Closed at the last tick before the delay runs out, so no
                 // key waits longer than the delay for durability.
                 if kset.first_key_at.is_some_and(|t| t.elapsed() + tick >= self.flush_delay) {
-                    // A failure is retried on the next tick; flush() reports it.
-                    let _ = self.close(&mut kset, space, ctx);
+                    if bulk {
+                        self.seal(idx, &mut kset);
+                        store = true;
+                    } else {
+                        // A failure is retried on the next tick; flush()
+                        // reports it.
+                        let _ = self.close(idx, &mut kset, space, ctx);
+                    }
                 }
+            }
+            if store {
+                // Likewise.
+                let _ = self.store_sealed(space, ctx);
             }
         }
     }
 
-    /// The dirty keys of the open ksets not busy right now.
+    /// The dirty keys of the open and sealed ksets not busy right now.
     pub(super) fn open_dirty_keys(&self) -> Vec<Key> {
         let mut keys = Vec::new();
         for kset in &self.ksets {
             let Ok(kset) = kset.try_lock() else { continue };
             keys.extend(kset.keys.iter().filter(|k| k.is_dirty()).copied());
+        }
+        if let Ok(sealed) = self.sealed.try_lock() {
+            for s in sealed.iter() {
+                keys.extend(s.keys.iter().filter(|k| k.is_dirty()).copied());
+            }
         }
         keys
     }
