@@ -158,10 +158,15 @@ impl Log {
     }
 
     /// Persists tail `which` at `pos` (one copy, the older).
-    /// On a device with bulk sync, the ksets before `pos` are made durable
-    /// first: a tail never points past the durable end of the log.
+    /// On a device with bulk sync, the ksets before the dirty tail's new
+    /// position are made durable first: a tail never points past the
+    /// durable end of the log. The key tail needs no sync of its own: it
+    /// never passes the published dirty tail, whose persist made every
+    /// kset before it durable.
     pub(super) fn persist_tail<P: Pmem>(&self, space: &Space<P>, which: Tail, pos: LogPos) -> Result<(), EngineError> {
-        self.sync_closed(space)?;
+        if which == Tail::Dirty {
+            self.sync_closed(space)?;
+        }
         let (key, dirty) = space.tail_addrs()?;
         let at = match which {
             Tail::Key => key,
