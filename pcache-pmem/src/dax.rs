@@ -83,8 +83,15 @@ pub struct DaxMapping {
     msync: bool,
     path: PathBuf,
     read_only: bool,
+    /// Emulated pmem: stores are `pwrite`s to the file, and the mapping is
+    /// read-only. A store through a shared file mapping costs a write fault
+    /// per page after each `msync`, whose write-protection of the pages
+    /// costs a TLB shootdown on every CPU; a `pwrite` into the same page
+    /// cache costs neither, and a filesystem that cannot give it a block
+    /// answers with an error rather than SIGBUS.
+    pwrite: bool,
     id: u64,
-    _file: File,
+    file: File,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value until drop;
@@ -301,6 +308,18 @@ fn map_file(
         }
     };
     let mode = if mode == MapMode::Emulated && force { MapMode::ForcedPmem } else { mode };
+    if mode == MapMode::Emulated && !opts.read_only {
+        // Stores go through `pwrite` (see `DaxMapping::pwrite`): nothing is
+        // stored through the mapping, and a read-only one makes sure of it.
+        // SAFETY: mprotect of the mapping just made, whole; no reference
+        // into it exists yet.
+        if unsafe { libc::mprotect(addr, map_len, libc::PROT_READ) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: unmaps the mapping just made, which nothing uses.
+            unsafe { libc::munmap(addr, map_len) };
+            return Err(io_err("mprotect", path, e));
+        }
+    }
     if matches!(mode, MapMode::Emulated | MapMode::ForcedPmem | MapMode::FileDax) {
         // A cache reads and writes small records and blocks all over the
         // device: without this, each first touch of a page through the page
@@ -373,8 +392,9 @@ impl DaxMapping {
             msync,
             path: path.to_path_buf(),
             read_only: opts.read_only,
+            pwrite: mode == MapMode::Emulated && !opts.read_only,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            _file: file,
+            file,
         })
     }
 
@@ -411,6 +431,20 @@ impl DaxMapping {
             return Err(io_err("write", &self.path, io::Error::from_raw_os_error(libc::EROFS)));
         }
         self.check(off, len)
+    }
+
+    /// Stores `data` at `off` (`p` in the mapping, range-checked and
+    /// writable): a `pwrite` on emulated pmem, a copy into the mapping
+    /// otherwise.
+    fn store(&self, p: *mut u8, off: u64, data: &[u8]) -> Result<(), PmemError> {
+        if self.pwrite {
+            use std::os::unix::fs::FileExt;
+            return self.file.write_all_at(data, off).map_err(|e| io_err("pwrite", &self.path, e));
+        }
+        // SAFETY: `p..p + data.len()` is inside the writable mapping
+        // (checked by the caller) and `data` is a distinct DRAM buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+        Ok(())
     }
 
     fn note_msync(&self, p: *const u8, len: usize) {
@@ -486,10 +520,7 @@ impl Pmem for DaxMapping {
 
     fn write(&self, off: u64, data: &[u8]) -> Result<(), PmemError> {
         let p = self.check_writable(off, data.len() as u64)?;
-        // SAFETY: `p..p + data.len()` is inside the writable mapping
-        // (checked above) and `data` is a distinct DRAM buffer.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-        Ok(())
+        self.store(p, off, data)
     }
 
     fn flush(&self, off: u64, len: u64) -> Result<(), PmemError> {
@@ -534,8 +565,7 @@ impl Pmem for DaxMapping {
     fn copy_nodrain(&self, off: u64, src: &[u8]) -> Result<(), PmemError> {
         let p = self.check_writable(off, src.len() as u64)?;
         if self.msync {
-            // SAFETY: as in `write`.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+            self.store(p, off, src)?;
             self.note_msync(p, src.len());
         } else {
             // SAFETY: the destination range is inside the writable mapping
