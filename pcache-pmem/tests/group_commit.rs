@@ -26,14 +26,44 @@ fn block(i: u64) -> Vec<u8> {
     (0..4096u64).map(|b| (b as u8) ^ (i as u8).wrapping_mul(7)).collect()
 }
 
-/// 100 writes and a flush; returns the fences that took and the device.
-fn hundred_writes(bulk: bool) -> (u64, Arc<CacheDev<SimPmem>>, Arc<MemBacking>) {
+type TestCache = Cache<SimPmem, Arc<MemBacking>>;
+
+/// A cache with `opts` on a fresh simulated device (making everything
+/// durable in one call if `bulk`), in front of a 64 MiB backing.
+fn start(bulk: bool, opts: &CacheOptions) -> (Arc<TestCache>, Arc<CacheDev<SimPmem>>, Arc<MemBacking>) {
     let pmem = SimPmem::new(1 << 30);
     pmem.set_bulk_sync(bulk);
     format(&pmem, false).unwrap();
     let dev = CacheDev::open(pmem).unwrap();
     let backing = Arc::new(MemBacking::new("/gc/backing", 64 * MIB));
-    let (cache, _) = Cache::start(dev.clone(), backing.clone(), &opts()).unwrap();
+    let (cache, _) = Cache::start(dev.clone(), backing.clone(), opts).unwrap();
+    (cache, dev, backing)
+}
+
+/// Power fails now, under `cache`: the cache recovered from what survives.
+fn after_power_failure<C>(cache: C, dev: &CacheDev<SimPmem>, backing: Arc<MemBacking>) -> Arc<TestCache> {
+    let img = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
+    drop(cache);
+    img.set_bulk_sync(true);
+    let dev = CacheDev::open(img).unwrap();
+    Cache::start(dev, backing, &opts()).unwrap().0
+}
+
+/// Power fails now, under `cache`: every block of `blocks` reads back
+/// after recovery.
+fn all_there<C>(cache: C, dev: &CacheDev<SimPmem>, backing: Arc<MemBacking>, blocks: std::ops::Range<u64>) {
+    let cache = after_power_failure(cache, dev, backing);
+    let mut buf = vec![0u8; 4096];
+    for i in blocks {
+        cache.read(i * 8192, &mut buf).unwrap();
+        assert_eq!(buf, block(i), "block {i}");
+    }
+    cache.stop().unwrap();
+}
+
+/// 100 writes and a flush; returns the fences that took and the device.
+fn hundred_writes(bulk: bool) -> (u64, Arc<CacheDev<SimPmem>>, Arc<MemBacking>) {
+    let (cache, dev, backing) = start(bulk, &opts());
     let before = dev.pmem().fence_count();
     for i in 0..100 {
         cache.write(i * 8192, &block(i), false).unwrap();
@@ -51,35 +81,17 @@ fn a_flush_commits_many_writes_with_one_sync() {
     assert!(per_write >= 100, "{per_write} fences: one per write at least");
     assert!(grouped <= 5, "{grouped} fences for 100 writes and a flush");
     // Power fails right after the flush: all of it is there.
-    let img = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
-    img.set_bulk_sync(true);
-    let dev = CacheDev::open(img).unwrap();
-    let (cache, _) = Cache::start(dev, backing, &opts()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    for i in 0..100 {
-        cache.read(i * 8192, &mut buf).unwrap();
-        assert_eq!(buf, block(i), "block {i}");
-    }
-    cache.stop().unwrap();
+    all_there((), &dev, backing, 0..100);
 }
 
 #[test]
 fn a_fua_write_is_durable_when_it_returns_and_unflushed_ones_may_go() {
-    let pmem = SimPmem::new(1 << 30);
-    pmem.set_bulk_sync(true);
-    format(&pmem, false).unwrap();
-    let dev = CacheDev::open(pmem).unwrap();
-    let backing = Arc::new(MemBacking::new("/gc/backing", 64 * MIB));
-    let (cache, _) = Cache::start(dev.clone(), backing.clone(), &opts()).unwrap();
+    let (cache, dev, backing) = start(true, &opts());
     cache.write(0, &block(1), false).unwrap();
     cache.write(8192, &block(2), true).unwrap();
     // Stored, never committed: a power failure may take it (and here does).
     cache.write(16384, &block(3), false).unwrap();
-    let img = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
-    img.set_bulk_sync(true);
-    drop(cache);
-    let dev = CacheDev::open(img).unwrap();
-    let (cache, _) = Cache::start(dev, backing, &opts()).unwrap();
+    let cache = after_power_failure(cache, &dev, backing);
     let mut buf = vec![0u8; 4096];
     // The FUA write closed the kset holding both earlier writes' keys.
     cache.read(0, &mut buf).unwrap();
@@ -91,34 +103,10 @@ fn a_fua_write_is_durable_when_it_returns_and_unflushed_ones_may_go() {
     cache.stop().unwrap();
 }
 
-type TestCache = Cache<SimPmem, Arc<MemBacking>>;
-
 /// A cache on a bulk-sync device with one queue, without background work
 /// (so that sealed ksets wait for the writer that seals the fourth).
 fn one_queue() -> (Arc<TestCache>, Arc<CacheDev<SimPmem>>, Arc<MemBacking>) {
-    let pmem = SimPmem::new(1 << 30);
-    pmem.set_bulk_sync(true);
-    format(&pmem, false).unwrap();
-    let dev = CacheDev::open(pmem).unwrap();
-    let backing = Arc::new(MemBacking::new("/gc/backing", 64 * MIB));
-    let (cache, _) = Cache::start(dev.clone(), backing.clone(), &CacheOptions { queues: 1, ..opts() }).unwrap();
-    (cache, dev, backing)
-}
-
-/// Power fails now, under `cache`: every block of `blocks` reads back
-/// after recovery.
-fn all_there<C>(cache: C, dev: &CacheDev<SimPmem>, backing: Arc<MemBacking>, blocks: std::ops::Range<u64>) {
-    let img = dev.pmem().snapshot().image(CrashStrategy::NothingExtra);
-    drop(cache);
-    img.set_bulk_sync(true);
-    let dev = CacheDev::open(img).unwrap();
-    let (cache, _) = Cache::start(dev, backing, &opts()).unwrap();
-    let mut buf = vec![0u8; 4096];
-    for i in blocks {
-        cache.read(i * 8192, &mut buf).unwrap();
-        assert_eq!(buf, block(i), "block {i}");
-    }
-    cache.stop().unwrap();
+    start(true, &CacheOptions { queues: 1, ..opts() })
 }
 
 #[test]

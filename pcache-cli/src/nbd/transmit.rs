@@ -321,17 +321,15 @@ struct Out<W> {
 impl<W: Write> Out<W> {
     /// Sends the held replies, then `msg` (counted as `n` replies).
     fn send(&mut self, msg: &[u8], n: u64, progress: &Progress) -> io::Result<()> {
-        let count = self.held_count + n;
+        let count = std::mem::take(&mut self.held_count) + n;
         if self.held.is_empty() {
             self.w.write_all(msg)?;
         } else {
             self.held.extend_from_slice(msg);
-            let held = std::mem::take(&mut self.held);
-            self.held_count = 0;
-            self.w.write_all(&held)?;
-            // The buffer is kept for the next replies held back.
-            self.held = held;
+            let sent = self.w.write_all(&self.held);
+            // Sent or not, they are gone; the buffer is kept for the next.
             self.held.clear();
+            sent?;
         }
         self.w.flush()?;
         progress.answered.fetch_add(count, Ordering::SeqCst);

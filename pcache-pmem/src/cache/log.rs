@@ -359,22 +359,39 @@ impl Log {
         Ok(LogPos { seg: next, off: 0 })
     }
 
-    /// Closes every open kset; every kset closed before is durable on
-    /// return.
-    pub(super) fn flush_all<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
-        let bulk = space.pmem().bulk_sync();
-        for (idx, k) in self.ksets.iter().enumerate() {
-            let mut kset = lock(k);
-            if bulk {
-                self.seal(idx, &mut kset);
-            } else {
-                self.close(idx, &mut kset, space, ctx)?;
-            }
+    /// Ends open kset `idx`'s batch: stored at once on pmem, sealed for
+    /// [`Log::store_sealed`] on a device with bulk sync.
+    fn close_or_seal<P: Pmem>(
+        &self,
+        idx: usize,
+        kset: &mut OpenKset,
+        space: &Space<P>,
+        ctx: &Ctx,
+    ) -> Result<(), EngineError> {
+        if space.pmem().bulk_sync() {
+            self.seal(idx, kset);
+            Ok(())
+        } else {
+            self.close(idx, kset, space, ctx)
         }
-        if bulk {
+    }
+
+    /// Stores the sealed ksets (bulk sync), then makes every kset closed
+    /// so far durable.
+    fn commit_closed<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
+        if space.pmem().bulk_sync() {
             self.store_sealed(space, ctx)?;
         }
         self.sync_closed(space)
+    }
+
+    /// Closes every open kset; every kset closed before is durable on
+    /// return.
+    pub(super) fn flush_all<P: Pmem>(&self, space: &Space<P>, ctx: &Ctx) -> Result<(), EngineError> {
+        for (idx, k) in self.ksets.iter().enumerate() {
+            self.close_or_seal(idx, &mut lock(k), space, ctx)?;
+        }
+        self.commit_closed(space, ctx)
     }
 
     /// Closes each kset of `tickets` that has not closed since the append;
@@ -388,26 +405,18 @@ impl Log {
         if tickets.is_empty() {
             return Ok(());
         }
-        let bulk = space.pmem().bulk_sync();
         for t in tickets {
             if self.stored_batches[t.kset].load(Ordering::Acquire) > t.batch {
                 continue;
             }
             let mut kset = lock(&self.ksets[t.kset]);
             if kset.batch == t.batch {
-                if bulk {
-                    self.seal(t.kset, &mut kset);
-                } else {
-                    self.close(t.kset, &mut kset, space, ctx)?;
-                }
+                self.close_or_seal(t.kset, &mut kset, space, ctx)?;
             }
         }
         // Every ticket's kset is stored or sealed: once the sealed ones
         // are stored (after any store in progress), all are.
-        if bulk {
-            self.store_sealed(space, ctx)?;
-        }
-        self.sync_closed(space)
+        self.commit_closed(space, ctx)
     }
 
     /// Closes ksets whose first key is older than the flush delay, until
@@ -430,14 +439,10 @@ impl Log {
                 // Closed at the last tick before the delay runs out, so no
                 // key waits longer than the delay for durability.
                 if kset.first_key_at.is_some_and(|t| t.elapsed() + tick >= self.flush_delay) {
-                    if bulk {
-                        self.seal(idx, &mut kset);
-                        store = true;
-                    } else {
-                        // A failure is retried on the next tick; flush()
-                        // reports it.
-                        let _ = self.close(idx, &mut kset, space, ctx);
-                    }
+                    // A failure is retried on the next tick; flush()
+                    // reports it.
+                    let _ = self.close_or_seal(idx, &mut kset, space, ctx);
+                    store |= bulk;
                 }
             }
             if store {
