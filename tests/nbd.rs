@@ -212,8 +212,7 @@ fn flushed_data_survives_kill_9() {
 #[test]
 fn a_graceful_restart_keeps_hits() {
     let rig = Rig::new();
-    let disk = rig.backing("disk.img", 64 << 20);
-    std::fs::write(&disk, vec![0x42u8; 64 << 20]).unwrap();
+    let disk = rig.backing_filled("disk.img", 64 << 20, 0x42);
     let mut a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
     // Read misses fill the cache.
     assert!(qemu_io(&a.uri("disk.img"), &["read -P 0x42 0 8m"]).status.success());
@@ -456,8 +455,7 @@ fn writes_past_the_end_get_enospc() {
 #[test]
 fn cache_prefetches_and_fast_zero_is_refused_at_once() {
     let rig = Rig::new();
-    let disk = rig.backing("disk.img", 16 << 20);
-    std::fs::write(&disk, vec![0x5au8; 16 << 20]).unwrap();
+    let disk = rig.backing_filled("disk.img", 16 << 20, 0x5a);
     let ctl = rig.d.path("c.ctl");
     let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &["--control", s(&ctl)]);
     // A real client sees both advertised.

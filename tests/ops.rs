@@ -176,8 +176,7 @@ fn listening_beyond_loopback_needs_insecure() {
 #[test]
 fn zeroes_over_nbd_cost_no_pmem_where_nothing_is_cached() {
     let r = Rig::new();
-    let disk = r.backing("disk.img", 64 << 20);
-    std::fs::write(&disk, vec![0x55u8; 64 << 20]).unwrap();
+    let disk = r.backing_filled("disk.img", 64 << 20, 0x55);
     let ctl = r.d.path("ctl");
     let a = Attach::start(&r.dev, &[&disk], &r.socket(), &["--control", s(&ctl)]);
     let uri = a.uri("disk.img");

@@ -563,8 +563,7 @@ fn discards_reach_the_backing() {
     use std::os::unix::fs::MetadataExt;
     const M: u64 = 1 << 20;
     let rig = Rig::new();
-    let disk = rig.d.path("disk.img");
-    std::fs::write(&disk, vec![0x77u8; (16 * M) as usize]).unwrap();
+    let disk = rig.backing_filled("disk.img", 16 * M, 0x77);
     let blocks = std::fs::metadata(&disk).unwrap().blocks();
     let a = Attach::start(&rig.dev, &[&disk], &rig.socket(), &[]);
     assert!(qemu_io(&a.uri("disk.img"), &["discard 4m 8m"]).status.success());

@@ -101,6 +101,14 @@ impl Rig {
         p
     }
 
+    /// A new backing file of `size` bytes, every one of them `byte`, all
+    /// of it allocated.
+    pub fn backing_filled(&self, name: &str, size: u64, byte: u8) -> PathBuf {
+        let p = self.d.path(name);
+        std::fs::write(&p, vec![byte; size as usize]).unwrap();
+        p
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.d.path("nbd.sock")
     }
